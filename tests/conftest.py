@@ -1,0 +1,59 @@
+"""Shared test helpers: run a script as a user would (a subprocess, optionally under torchrun), read what it wrote.
+
+Everything runs offline on the tiny models in data/ and the synthetic SST-2 corpus in data/sst2."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled", HF_HUB_DISABLE_PROGRESS_BARS="1",
+                  TOKENIZERS_PARALLELISM="false", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATA = ROOT / "data"
+SST2 = DATA / "sst2"
+TINY_GPT2 = DATA / "tiny-gpt2"
+TINY_LLAMA = DATA / "tiny-llama3-chat"
+
+
+def run(script, *args, nproc=1, check=True, env=None):
+    """Run a top-level script with `python` (nproc 1) or `torchrun --nproc_per_node nproc`; return the process."""
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    "--nproc_per_node", str(nproc)]
+    cmd = [*launcher, str(ROOT / script), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
+                             f"--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def metrics(run_dir):
+    with open(Path(run_dir) / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def weights(run_dir):
+    return load_file(str(Path(run_dir) / "model.safetensors"))
+
+
+def assert_weights_equal(a_dir, b_dir, exact=True, atol=1e-5):
+    a, b = weights(a_dir), weights(b_dir)
+    assert a.keys() == b.keys()
+    for name in a:
+        if exact:
+            assert torch.equal(a[name], b[name]), f"{name} differs between {a_dir} and {b_dir}"
+        else:
+            torch.testing.assert_close(a[name], b[name], atol=atol, rtol=1e-4, msg=f"{name}: {a_dir} vs {b_dir}")
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")

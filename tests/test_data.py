@@ -1,0 +1,58 @@
+"""The offline corpus and tiny models are what their generators produce, and have the promised shape."""
+
+import filecmp
+import json
+
+from conftest import DATA, SST2, TINY_GPT2, TINY_LLAMA
+
+
+def read(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_corpus_regenerates_byte_for_byte(tmp_path):
+    from data import make_sst2
+
+    make_sst2.main(make_sst2.Args(output_dir=str(tmp_path)))
+    for split in ("train", "validation"):
+        assert filecmp.cmp(tmp_path / f"{split}.jsonl", SST2 / f"{split}.jsonl", shallow=False), split
+
+
+def test_corpus_is_sst2_shaped_balanced_and_disjoint():
+    splits = {name: read(SST2 / f"{name}.jsonl") for name in ("train", "validation")}
+    for name, rows in splits.items():
+        assert [set(r) for r in rows[:1]] == [{"idx", "sentence", "label"}]
+        assert [r["idx"] for r in rows] == list(range(len(rows)))
+        assert sum(r["label"] for r in rows) * 2 == len(rows), f"{name} is not balanced"
+        assert len({r["sentence"] for r in rows}) == len(rows)
+    assert len(splits["train"]) >= 5000 and len(splits["validation"]) >= 500
+    assert not {r["sentence"] for r in splits["train"]} & {r["sentence"] for r in splits["validation"]}
+
+
+def test_tiny_models_regenerate_identically(tmp_path):
+    from data import make_tiny_models
+
+    make_tiny_models.main(make_tiny_models.Args(output_dir=str(tmp_path)))
+    for folder in (TINY_GPT2, TINY_LLAMA):
+        for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+            assert filecmp.cmp(tmp_path / folder.name / name, folder / name, shallow=False), f"{folder.name}/{name}"
+
+
+def test_tiny_tokenizers_behave_like_the_real_ones():
+    from transformers import AutoTokenizer
+
+    gpt2 = AutoTokenizer.from_pretrained(TINY_GPT2)
+    assert gpt2.pad_token is None and gpt2.eos_token == "<|endoftext|>"  # GPT-2: no pad token
+    text = "the film is a delight ."
+    assert gpt2.decode(gpt2(text).input_ids) == text
+    llama = AutoTokenizer.from_pretrained(TINY_LLAMA)
+    messages = [{"role": "user", "content": "write a review"}]
+    templated = llama.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert templated.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n")
+    assert templated.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    bos = llama.bos_token_id
+    assert llama(templated).input_ids[:2] == [bos, bos]  # the double-BOS hazard is real here, as with Llama-3
+    assert llama(templated, add_special_tokens=False).input_ids[:2] != [bos, bos]
+    assert llama.eos_token == "<|eot_id|>"
+    assert (DATA / "tiny-llama3-chat" / "generation_config.json").exists()
