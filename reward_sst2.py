@@ -452,7 +452,7 @@ def pair_batch(positives, negatives, batch_size, update, seed):
 
 
 def collate(examples, pad_id):
-    """Right-pad to the longest example."""
+    """Right-pad to the longest example. The mask comes from lengths, so EOS counts even when pad_id == EOS."""
     width = max(len(x) for x in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)

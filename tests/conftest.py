@@ -57,3 +57,23 @@ def assert_weights_equal(a_dir, b_dir, exact=True, atol=1e-5):
 @pytest.fixture(scope="session")
 def session_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("runs")
+
+
+RM_ARGS = ["--model_name_or_path", TINY_GPT2, "--from_scratch", "--dataset", SST2, "--lr", "3e-3",
+           "--warmup_ratio", "0.1", "--batch_size", "32", "--local_micro_batch_size", "16", "--eval_freq", "50"]
+
+
+@pytest.fixture(scope="session")
+def reward_model(session_dir):
+    """A reward model trained for one epoch of the offline corpus (about 0.98 pairwise accuracy)."""
+    run("reward_sst2.py", *RM_ARGS, "--output_dir", session_dir / "rm")
+    return session_dir / "rm"
+
+
+@pytest.fixture(scope="session")
+def sft_policy(session_dir):
+    """A tiny SFT policy that writes passable sentences and ends them with EOS (60 updates, val loss about 3.1)."""
+    run("sft_sst2.py", "--model_name_or_path", TINY_GPT2, "--from_scratch", "--dataset", SST2, "--lr", "2e-3",
+        "--warmup_ratio", "0.1", "--batch_size", "32", "--local_micro_batch_size", "32", "--total_episodes", "1920",
+        "--eval_freq", "1000", "--num_samples", "8", "--output_dir", session_dir / "sft_policy")
+    return session_dir / "sft_policy"

@@ -2,20 +2,11 @@
 
 import pytest
 import torch
-from conftest import SST2, TINY_GPT2, assert_weights_equal, metrics, run
+from conftest import RM_ARGS, SST2, TINY_GPT2, assert_weights_equal, metrics, run
 
 import reward_sst2
 
-RM_ARGS = ["--model_name_or_path", TINY_GPT2, "--from_scratch", "--dataset", SST2, "--lr", "3e-3",
-           "--warmup_ratio", "0.1", "--batch_size", "32", "--local_micro_batch_size", "16", "--eval_freq", "50"]
 SHORT = ["--total_episodes", "320", "--local_micro_batch_size", "8", "--save_freq", "5", "--keep_checkpoints", "5"]
-
-
-@pytest.fixture(scope="session")
-def reward_model(session_dir):
-    """One epoch of the offline corpus."""
-    run("reward_sst2.py", *RM_ARGS, "--output_dir", session_dir / "rm")
-    return session_dir / "rm"
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,9 @@ folder under --output_dir (args.json, metrics.jsonl and the saved model or datas
 
     sft/       sft_sst2.py     a tiny GPT-2 (random init) learns to write SST-2-style sentences
     reward/    reward_sst2.py  a reward model on the SFT backbone learns to prefer positive sentences
+    ppo/       ppo.py          PPO makes the SFT policy write what the reward model likes, under a KL penalty
+    report/    tools/report.py held-out reward-model score, judge score and KL against episodes (report.png), and a
+                               before/after table of sample sentences (report.md)
 
 A stage whose folder already holds a finished run is skipped, so an interrupted quickstart continues where it stopped;
 --overwrite redoes everything.
@@ -43,6 +46,9 @@ def stages(args):
         ("reward", "reward_sst2.py", ["--model_name_or_path", out("sft"), "--dataset", data, "--lr", "3e-3",
                                       "--warmup_ratio", "0.1", "--batch_size", "32", "--local_micro_batch_size", "16",
                                       "--eval_freq", "50"]),
+        ("ppo", "ppo.py", ["--model_name_or_path", out("sft"), "--reward_model_name_or_path", out("reward"),
+                           "--task.dataset", data, "--lr", "3e-5", "--batch_size", "64", "--local_micro_batch_size",
+                           "32", "--total_episodes", "6400", "--eval_freq", "10", "--eval_size", "128"]),
     ]
 
 
@@ -61,9 +67,15 @@ def main(args: Args):
         stage_start = time.time()
         subprocess.run(cmd, check=True, env=env)
         print(f"[quickstart] {name}: done in {time.time() - stage_start:.0f} s -> {folder}", flush=True)
+    report = os.path.join(args.output_dir, "report")
+    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "report.py"), "--runs",
+                    os.path.join(args.output_dir, "ppo"), "--labels", "PPO", "--output_dir", report],
+                   check=True, env=env)
     print(f"\n[quickstart] finished in {time.time() - start:.0f} s. Everything is under {args.output_dir}/:")
     for name, _, _ in stages(args):
         print(f"  {name + '/':<10} args.json, metrics.jsonl, model + tokenizer (from_pretrained loads the folder)")
+    print(f"  {'ppo/':<10} also eval_samples.jsonl: every held-out answer with its reward-model and judge scores")
+    print(f"  {'report/':<10} report.png (curves) and report.md (numbers and before/after sentences)")
 
 
 if __name__ == "__main__":

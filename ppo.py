@@ -1,0 +1,944 @@
+"""PPO with a KL penalty to the reference policy (RLHF as in Ziegler et al. 2019 and Stiennon et al. 2020).
+
+Each update: 1. sample `batch_size` responses of exactly `task.response_length` tokens from the policy (prompts
+left-padded, `position_ids = cumsum(attention_mask) - 1`) and cut each after its first EOS; 2. score them with the
+reward model (a response without EOS gets `task.penalty_reward_value` instead of its score when
+`task.non_eos_penalty`); 3. per-token reward = -kl_coef * KL(policy || reference) (k1, or k3), plus the score at the
+last real token (the EOS); GAE (gamma, lam) on a value model initialised from the reward model; advantages whitened
+over all real tokens of the global batch; 4. `noptepochs` passes of `nminibatches` minibatches with the clipped
+policy loss and clipped value loss (`vf_coef`), gradients accumulated over micro-batches and normalised by the real
+tokens of the whole minibatch, clipped, AdamW. Logprobs are computed by the same function in the rollout and in the
+update (fp32, logits / temperature, the same padding), so the ratio is exactly 1 before the first step.
+
+Sampling is seeded per (update, step, global row) through Gumbel-max noise drawn for the whole global batch, so one
+rank and N ranks sample the same responses. Every `eval_freq` updates held-out prompts are answered and scored by the
+reward model and by an independent judge (VADER's compound sentiment): a rising reward with a flat judge is reward
+hacking. The default task is the SST-2 example: continue the first words of an SST-2 review positively.
+
+    python ppo.py --model_name_or_path runs/sft_sst2 --reward_model_name_or_path runs/reward_sst2
+    torchrun --nproc_per_node 8 ppo.py --model_name_or_path runs/sft_sst2 --reward_model_name_or_path runs/reward_sst2
+"""
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import datasets
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+import tyro
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.nn.parallel import DistributedDataParallel as DDP
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+INVALID_LOGPROB = 1.0  # logprob written at padding, for policy and reference alike, so the KL there is exactly 0
+
+
+@dataclass
+class TaskArgs:
+    dataset: str = "stanfordnlp/sst2"
+    """prompt dataset: hub id, `save_to_disk` folder, folder of data files, or a .jsonl/.json/.csv/.parquet file"""
+    train_split: str = "train"
+    """split the training prompts come from"""
+    eval_split: str = "validation"
+    """split of the held-out evaluation prompts"""
+    prompt_column: str = "sentence"
+    """column holding the prompt text"""
+    prompt_words: int = 4
+    """keep the first this many whitespace-separated words of each prompt (the SST-2 task); 0 keeps all of it"""
+    maxlen_prompt: int = 32
+    """prompts longer than this many tokens are dropped (and counted)"""
+    response_length: int = 24
+    """tokens sampled per response (no early stop); the response is cut after its first EOS"""
+    temperature: float = 0.7
+    """sampling temperature; the logprobs of rollout and update use the same logits / temperature"""
+    non_eos_penalty: bool = True
+    """replace the score of a response with no EOS by penalty_reward_value"""
+    penalty_reward_value: float = -1.0
+    """the score a response with no EOS gets when non_eos_penalty"""
+
+
+@dataclass
+class PPOArgs:
+    noptepochs: int = 4
+    """passes over each rollout batch"""
+    nminibatches: int = 1
+    """minibatches per pass (each one optimizer step)"""
+    kl_coef: float = 0.05
+    """weight of the per-token KL penalty in the reward"""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """k1: logp - ref_logp; k3: (r - 1) - log r with r = exp(ref_logp - logp), non-negative and lower variance"""
+    gamma: float = 1.0
+    """discount factor"""
+    lam: float = 0.95
+    """GAE lambda"""
+    cliprange: float = 0.2
+    """policy ratio clip range"""
+    cliprange_value: float = 0.2
+    """value prediction clip range (around the rollout's values)"""
+    vf_coef: float = 0.1
+    """weight of the value loss"""
+
+
+@dataclass
+class Args:
+    # experiment
+    exp_name: str = "ppo"
+    """name of this experiment (wandb run name prefix)"""
+    seed: int = 1
+    """seed of data order and sampling (sampling noise is keyed by update, step and global row, not by rank)"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project_name: str = "rlhf"
+    """wandb project"""
+    wandb_entity: str | None = None
+    """wandb entity (team); None uses your default"""
+    output_dir: str = "runs/ppo"
+    """run folder: args.json, metrics.jsonl, eval_samples.jsonl, checkpoints/ and, at the end, the policy"""
+    overwrite: bool = False
+    """delete whatever output_dir holds and start over"""
+    resume: str | None = None
+    """a checkpoint folder to continue from, or "auto" for the latest in output_dir (a fresh start if none)"""
+    save_freq: int = 50
+    """write a resumable checkpoint every this many updates (0: only on preemption or a stop)"""
+    keep_checkpoints: int = 2
+    """how many of the newest checkpoints to keep"""
+    max_bad_updates: int = 5
+    """stop after this many updates in a row with a non-finite loss or gradient norm (each one is skipped)"""
+
+    # models
+    model_name_or_path: str = "runs/sft_sst2"
+    """the SFT policy PPO starts from (hub id or local folder), with its tokenizer"""
+    ref_model_name_or_path: str | None = None
+    """the reference policy of the KL penalty; None: the same as model_name_or_path"""
+    reward_model_name_or_path: str = "runs/reward_sst2"
+    """a sequence-classification reward model (hub id or local folder) with its tokenizer"""
+    value_model_name_or_path: str | None = None
+    """the value model's initialisation (a sequence classifier with a `score` head); None: the reward model, or the
+    policy with a new scalar head when the reward model's tokenizer differs from the policy's"""
+    trust_remote_code: bool = False
+    """allow custom model code for the reward model (e.g. ArmoRM)"""
+    attn_implementation: str = "sdpa"
+    """attention kernel: sdpa, eager, or flash_attention_2 (GPU)"""
+    bf16: bool = True
+    """bf16 autocast on GPU (weights and optimizer stay fp32); ignored on CPU, which runs fp32"""
+
+    # optimisation
+    lr: float = 3e-6
+    """peak learning rate"""
+    warmup_ratio: float = 0.0
+    """fraction of the updates with linear warmup; then cosine decay to 0"""
+    adam_eps: float = 1e-5
+    """AdamW epsilon"""
+    max_grad_norm: float = 1.0
+    """gradient clipping threshold (inf disables clipping)"""
+    batch_size: int = 64
+    """rollouts (prompt + response) per update, over all ranks"""
+    local_micro_batch_size: int = 8
+    """sequences per forward/backward pass on one rank (also the chunk of the rollout's logprob passes)"""
+    local_rollout_forward_batch_size: int = 64
+    """sequences per sampling and reward-model pass on one rank"""
+    total_episodes: int = 20_000
+    """rollouts to train on"""
+    eval_freq: int = 20
+    """evaluate on held-out prompts every this many updates (and before the first and after the last)"""
+    eval_size: int = 256
+    """held-out prompts per evaluation"""
+    eval_greedy: bool = False
+    """evaluate greedy responses instead of samples at the training temperature (its eval/kl is then not a KL
+    estimate, only a log-ratio)"""
+
+    task: TaskArgs = field(default_factory=TaskArgs)
+    """the task: prompts, response length, sampling temperature, EOS penalty"""
+    ppo: PPOArgs = field(default_factory=PPOArgs)
+    """PPO's own hyperparameters"""
+
+    # computed at run time
+    world_size: tyro.conf.Suppress[int | None] = None
+    """computed at run time: number of processes"""
+    local_batch_size: tyro.conf.Suppress[int | None] = None
+    """computed at run time: batch_size // world_size, rollouts per update on one rank"""
+    mini_batch_size: tyro.conf.Suppress[int | None] = None
+    """computed at run time: batch_size // ppo.nminibatches, rollouts per optimizer step"""
+    local_mini_batch_size: tyro.conf.Suppress[int | None] = None
+    """computed at run time: mini_batch_size // world_size"""
+    gradient_accumulation_steps: tyro.conf.Suppress[int | None] = None
+    """computed at run time: local_mini_batch_size // local_micro_batch_size"""
+    num_updates: tyro.conf.Suppress[int | None] = None
+    """computed at run time: total_episodes // batch_size"""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers shared, as identical copies, by the training scripts (tests/test_shared_helpers.py checks they agree)
+
+
+def init_distributed():
+    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; a plain `python script.py` is one process. gloo on CPU, nccl on GPU."""
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")  # dcp in one process
+    return rank, world_size, device
+
+
+def all_reduce(tensor, op=dist.ReduceOp.SUM):
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_split(path, split, arg):
+    """One split of a hub dataset, a `save_to_disk` folder, a folder of data files (split from file names), or a
+    single .jsonl/.json/.csv/.parquet file (which holds only the split "train"). `arg` names the argument in errors."""
+    builders = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+    if os.path.isfile(path):
+        builder = builders.get(os.path.splitext(path)[1])
+        if builder is None:
+            raise ValueError(f"{arg} {path}: expected a .jsonl, .json, .csv or .parquet file")
+        splits = {"train": datasets.load_dataset(builder, data_files=path, split="train")}
+    elif any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")):
+        loaded = datasets.load_from_disk(path)
+        splits = loaded if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+    elif os.path.isdir(path):
+        splits = datasets.load_dataset(path)
+    elif path.startswith((".", "/", "~")) or os.path.splitext(path)[1] in builders:
+        raise FileNotFoundError(f"{arg} {path}: no such file or folder")
+    else:
+        splits = datasets.load_dataset(path)
+    if split not in splits:
+        raise ValueError(f"{arg} {path}: no split {split!r}; it has {sorted(splits)}")
+    return splits[split]
+
+
+def require_columns(dataset, columns, what):
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{what}: missing column(s) {missing}; it has {dataset.column_names}")
+    if len(dataset) == 0:
+        raise ValueError(f"{what}: no rows")
+
+
+def load_tokenizer(path, arg="--model_name_or_path"):
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{arg} {path}: cannot load a tokenizer from it ({type(e).__name__}: {e})") from None
+
+
+def lr_at(update, args):
+    """Linear warmup then cosine decay to 0, a function of the update number only (no dependence on ranks)."""
+    warmup = int(args.warmup_ratio * args.num_updates)
+    if update < warmup:
+        return args.lr * (update + 1) / warmup
+    progress = (update - warmup) / max(1, args.num_updates - warmup)
+    return args.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def batch_indices(num_examples, batch_size, update, seed):
+    """Example indices of global batch `update`. Each epoch is a seeded permutation, so the order depends on the
+    update number alone: the same for every world size, and restored exactly on resume."""
+    epoch, step = divmod(update, num_examples // batch_size)
+    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return order[step * batch_size:(step + 1) * batch_size].tolist()
+
+
+def check_output_dir(args):
+    """Refuse to clobber a finished run or to restart an unfinished one silently; return the checkpoint to resume.
+    Writes nothing: the folder is made by create_output_dir once the inputs have been checked."""
+    if args.overwrite and args.resume:
+        raise ValueError("--overwrite and --resume contradict each other")
+    if args.overwrite:
+        return None
+    if os.path.exists(os.path.join(args.output_dir, "config.json")):
+        raise FileExistsError(f"--output_dir {args.output_dir} already holds a finished run (config.json); "
+                              "pass another --output_dir or --overwrite")
+    latest = latest_checkpoint(args.output_dir)
+    if latest and args.resume is None:
+        raise FileExistsError(f"--output_dir {args.output_dir} holds checkpoints of an unfinished run; "
+                              "pass --resume auto to continue it or --overwrite to start over")
+    resume = latest if args.resume == "auto" else args.resume
+    if resume and not os.path.exists(os.path.join(resume, "state.json")):
+        raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (no state.json)")
+    return resume
+
+
+def create_output_dir(args, rank):
+    barrier()
+    if rank == 0:
+        if args.overwrite:
+            shutil.rmtree(args.output_dir, ignore_errors=True)
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+    barrier()
+
+
+def latest_checkpoint(output_dir):
+    root = os.path.join(output_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return None
+    names = sorted(n for n in os.listdir(root) if n.startswith("update_") and "." not in n)
+    return os.path.join(root, names[-1]) if names else None
+
+
+def save_checkpoint(args, model, optimizer, state, rank, generators=None):
+    """Write a resumable checkpoint atomically (a temporary folder renamed when complete): model and optimizer through
+    torch.distributed.checkpoint (FSDP2 shards are written by their owners), `state` (counters, wandb run id) and
+    each rank's RNG states. Keeps the newest `keep_checkpoints`."""
+    root = os.path.join(args.output_dir, "checkpoints")
+    path = os.path.join(root, f"update_{state['update']:07d}")
+    tmp = path + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=os.path.join(tmp, "dcp"))
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+           "generators": {name: g.get_state() for name, g in (generators or {}).items()}}
+    torch.save(rng, os.path.join(tmp, f"rng_rank{rank}.pt"))
+    barrier()
+    if rank == 0:
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump(state, f)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+        old = sorted(n for n in os.listdir(root) if n.startswith("update_") and "." not in n)
+        for name in old[:max(0, len(old) - args.keep_checkpoints)]:
+            shutil.rmtree(os.path.join(root, name))
+    barrier()
+    return path
+
+
+def load_checkpoint(path, model, optimizer, rank, world_size, generators=None):
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    if state["world_size"] != world_size:
+        raise ValueError(f"--resume {path}: written by {state['world_size']} ranks, resumed with {world_size}; "
+                         "exact resume needs the same number of ranks")
+    model_state, optim_state = get_state_dict(model, optimizer)
+    loaded = {"model": model_state, "optimizer": optim_state}
+    dcp.load(loaded, checkpoint_id=os.path.join(path, "dcp"))
+    set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
+    rng = torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    for name, g in (generators or {}).items():
+        g.set_state(rng["generators"][name])
+    return state
+
+
+class Preemption:
+    """SIGTERM, what cluster schedulers send before killing a job, only raises a flag: the training loop finishes the
+    update, all ranks agree to stop, a checkpoint is written and the run exits non-zero. (torchrun forwards SIGTERM to
+    its workers and kills them 30 s later, so an update plus a checkpoint must fit in that window.)"""
+
+    def __init__(self):
+        self.flag = False
+        signal.signal(signal.SIGTERM, self.handler)
+
+    def handler(self, signum, frame):
+        self.flag = True
+
+    def requested(self, device):
+        return bool(all_reduce(torch.tensor(float(self.flag), device=device), op=dist.ReduceOp.MAX).item())
+
+
+def step_if_finite(model, optimizer, loss, args, device):
+    """Clip gradients and step, unless the loss or the gradient norm is non-finite on any rank: then the gradients
+    are dropped and the weights are not touched. Returns (stepped, grad_norm)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+        grad_norm = grad_norm.full_tensor()
+    bad = torch.logical_not(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)).float().to(device)
+    finite = all_reduce(bad, op=dist.ReduceOp.MAX).item() == 0
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return finite, grad_norm.item()
+
+
+def count_update(state, stepped):
+    state["update"] += 1
+    state["bad_in_a_row"] = 0 if stepped else state["bad_in_a_row"] + 1
+    state["skipped_updates"] += 0 if stepped else 1
+
+
+def checkpoint_or_stop(args, model, optimizer, state, rank, device, preemption, generators=None):
+    """After an update: stop with a checkpoint after max_bad_updates skipped updates in a row or on SIGTERM;
+    otherwise write the periodic checkpoint."""
+    if state["bad_in_a_row"] >= args.max_bad_updates:  # the weights are the last good ones: none of these stepped
+        path = save_checkpoint(args, model, optimizer, {**state, "bad_in_a_row": 0}, rank, generators)
+        raise SystemExit(f"stopping: {state['bad_in_a_row']} updates in a row had a non-finite loss or gradient norm "
+                         f"and were skipped; the last good weights are in {path}. Lower --lr or check the data, then "
+                         f"continue with --resume {path}")
+    if preemption.requested(device):
+        path = save_checkpoint(args, model, optimizer, state, rank, generators)
+        if rank == 0:
+            print(f"preempted: checkpoint written to {path}; continue with the same command plus --resume auto",
+                  flush=True)
+        sys.exit(143)
+    if args.save_freq and state["update"] % args.save_freq == 0 and state["update"] < args.num_updates:
+        save_checkpoint(args, model, optimizer, state, rank, generators)
+
+
+class Logger:
+    """Every logged scalar goes to the console and `<output_dir>/metrics.jsonl`, and to wandb with --track (a resumed
+    run continues the same wandb run). Only rank 0 writes."""
+
+    def __init__(self, args, rank, run_id, resumed_update):
+        self.rank, self.wandb = rank, None
+        self.path = os.path.join(args.output_dir, "metrics.jsonl")
+        if rank != 0:
+            return
+        if resumed_update is not None and os.path.exists(self.path):  # drop lines logged after the checkpoint
+            with open(self.path) as f:
+                kept = [line for line in f if json.loads(line)["update"] <= resumed_update]
+            with open(self.path, "w") as f:
+                f.writelines(kept)
+        if args.track:
+            import wandb
+
+            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args),
+                                    name=f"{args.exp_name}__{args.seed}__{run_id}", id=run_id, resume="allow")
+
+    def log(self, metrics, update):
+        if self.rank != 0:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"update": update, **metrics}) + "\n")
+        print(f"update {update}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=update)
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def save_model_atomically(model, tokenizer, args, rank):
+    """`save_pretrained` (safetensors) plus the tokenizer into output_dir; config.json, the file that marks a finished
+    run, is moved in last, so an interrupted save never looks finished."""
+    tmp = os.path.join(args.output_dir, "final.tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        names = sorted(os.listdir(tmp), key=lambda name: name == "config.json")
+        for name in names:
+            os.replace(os.path.join(tmp, name), os.path.join(args.output_dir, name))
+        os.rmdir(tmp)
+    barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PPO
+
+
+def derive_ppo_batch_sizes(args, world_size):
+    """Fill in the computed fields; the global batch and minibatch are fixed, so 1 or N ranks make the same updates."""
+    args.world_size = world_size
+    if args.batch_size % (args.ppo.nminibatches * world_size):
+        raise ValueError(f"--batch_size {args.batch_size} does not split into --ppo.nminibatches "
+                         f"{args.ppo.nminibatches} minibatches over {world_size} ranks")
+    args.local_batch_size = args.batch_size // world_size
+    args.mini_batch_size = args.batch_size // args.ppo.nminibatches
+    args.local_mini_batch_size = args.mini_batch_size // world_size
+    if args.local_mini_batch_size % args.local_micro_batch_size:
+        raise ValueError(f"a minibatch has {args.local_mini_batch_size} rollouts per rank, not a multiple of "
+                         f"--local_micro_batch_size {args.local_micro_batch_size}")
+    args.gradient_accumulation_steps = args.local_mini_batch_size // args.local_micro_batch_size
+    args.num_updates = args.total_episodes // args.batch_size
+    if args.num_updates == 0:
+        raise ValueError(f"--total_episodes {args.total_episodes} is less than one --batch_size {args.batch_size}")
+
+
+def load_prompts(tokenizer, split, args):
+    """Prompt texts (the first task.prompt_words words) and their token ids; drops empty and over-long prompts."""
+    dataset = load_split(args.task.dataset, split, "--task.dataset")
+    require_columns(dataset, [args.task.prompt_column], f"--task.dataset {args.task.dataset} split {split}")
+    texts = [str(t) for t in dataset[args.task.prompt_column]]
+    if args.task.prompt_words:
+        texts = [" ".join(t.split()[:args.task.prompt_words]) for t in texts]
+    ids = tokenizer(texts).input_ids
+    kept = [(t, x) for t, x in zip(texts, ids) if t.strip() and len(x) <= args.task.maxlen_prompt]
+    if not kept:
+        raise ValueError(f"--task.dataset {args.task.dataset} split {split}: no prompt left after dropping empty ones "
+                         f"and those over --task.maxlen_prompt {args.task.maxlen_prompt} tokens")
+    return [t for t, _ in kept], [x for _, x in kept], len(texts) - len(kept)
+
+
+def left_pad(sequences, pad_id, width=None):
+    """Left-pad token lists into (ids, mask)."""
+    width = width or max(len(x) for x in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, x in enumerate(sequences):
+        if x:
+            ids[i, width - len(x):] = torch.tensor(x)
+            mask[i, width - len(x):] = 1
+    return ids, mask
+
+
+def right_pad(sequences, pad_id):
+    width = max(1, max(len(x) for x in sequences))
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    for i, x in enumerate(sequences):
+        ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
+    return ids, (torch.arange(width)[None] < torch.tensor([len(x) for x in sequences])[:, None]).long()
+
+
+def seed_of(*parts):
+    """A generator seed from several integers (seed, update, step, ...)."""
+    value = 0
+    for part in parts:
+        value = (value * 1_000_003 + part) % (2**63 - 1)
+    return value
+
+
+def sampling_noise(seed, stream, step, rows, global_rows, vocab, device):
+    """Uniform noise for Gumbel-max sampling of `rows` (global row indices) at one step. It is drawn for all
+    `global_rows` rows from a generator keyed by (seed, stream, step), so a row's sample does not depend on which
+    rank holds it or how the batch is chunked: one rank and N ranks sample identical responses."""
+    generator = torch.Generator(device=device).manual_seed(seed_of(seed, stream, step))
+    return torch.rand((global_rows, vocab), generator=generator, device=device)[rows]
+
+
+def gumbel_max(logits, noise, temperature):
+    """argmax(logits / T + Gumbel noise) is an exact sample of softmax(logits / T)."""
+    return (logits / temperature - torch.log(-torch.log(noise.clamp(min=torch.finfo(noise.dtype).tiny)))).argmax(-1)
+
+
+@torch.no_grad()
+def sample(policy, queries, query_mask, rows, global_rows, stream, args, greedy=False):
+    """`task.response_length` tokens per query, sampled at `task.temperature` from left-padded queries (KV cache)."""
+    position_ids = (query_mask.cumsum(1) - 1).clamp(min=0)
+    out = policy(input_ids=queries, attention_mask=query_mask, position_ids=position_ids, use_cache=True,
+                 logits_to_keep=1)
+    mask, position, tokens = query_mask, position_ids[:, -1:], []
+    for step in range(args.task.response_length):
+        logits = out.logits[:, -1].float()
+        if greedy:
+            token = logits.argmax(-1)
+        else:
+            noise = sampling_noise(args.seed, stream, step, rows, global_rows, logits.shape[-1], logits.device)
+            token = gumbel_max(logits, noise, args.task.temperature)
+        tokens.append(token)
+        if step + 1 < args.task.response_length:
+            mask, position = F.pad(mask, (0, 1), value=1), position + 1
+            out = policy(input_ids=token[:, None], attention_mask=mask, position_ids=position,
+                         past_key_values=out.past_key_values, use_cache=True)
+    return torch.stack(tokens, 1)
+
+
+def truncate_after_eos(responses, eos_id, pad_id):
+    """Replace every token after the first EOS by pad. Returns the responses, the mask of real tokens (EOS
+    included), the index of the last real token and whether the response has an EOS at all."""
+    is_eos = responses == eos_id
+    has_eos = is_eos.any(1)
+    first_eos = torch.where(has_eos, is_eos.int().argmax(1), responses.shape[1] - 1)
+    mask = torch.arange(responses.shape[1], device=responses.device)[None] <= first_eos[:, None]
+    return torch.where(mask, responses, pad_id), mask, first_eos, has_eos
+
+
+class PolicyAndValue(torch.nn.Module):
+    """The two trained models in one module, so one DDP wrapper and one optimizer serve both."""
+
+    def __init__(self, policy, value_model):
+        super().__init__()
+        self.policy, self.value_model = policy, value_model
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        hidden = self.value_model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                             position_ids=position_ids).last_hidden_state
+        return logits, self.value_model.score(hidden).squeeze(-1)
+
+
+def forward_response(model, queries, query_mask, responses, temperature, with_values=True):
+    """Logprobs (fp32, logits / temperature) of the response tokens, the full logits over them, and the values of
+    the states before them, from one pass over [left-padded query | response]."""
+    attention_mask = torch.cat([query_mask, torch.ones_like(responses)], 1)
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    input_ids = torch.cat([queries, responses], 1)
+    start = queries.shape[1] - 1
+    values = None
+    if with_values:
+        logits, values = model(input_ids, attention_mask, position_ids)
+        values = values[:, start:-1].float()
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    logits = logits[:, start:-1].float() / temperature
+    logprobs = torch.gather(logits.log_softmax(-1), 2, responses[..., None]).squeeze(-1)
+    return logprobs, logits, values
+
+
+def reward_inputs(queries, query_mask, responses, response_mask, has_eos, policy_tokenizer, rm_tokenizer, same):
+    """Token lists for the reward model: the real query tokens plus the response up to (not including) its EOS.
+    With a different reward-model tokenizer, the text is decoded and re-tokenized with the reward model's."""
+    inputs = []
+    for q, qm, r, rm, eos in zip(queries.tolist(), query_mask.tolist(), responses.tolist(), response_mask.tolist(),
+                                 has_eos.tolist()):
+        prompt = [t for t, m in zip(q, qm) if m]
+        response = [t for t, m in zip(r, rm) if m][:-1 if eos else None]
+        if same:
+            inputs.append(prompt + response)
+        else:
+            text = policy_tokenizer.decode(prompt, skip_special_tokens=True) + policy_tokenizer.decode(
+                response, skip_special_tokens=True)
+            inputs.append(rm_tokenizer(text).input_ids)
+    return inputs
+
+
+@torch.no_grad()
+def score(reward_model, sequences, pad_id, chunk, device):
+    """Rewards of token lists, right-padded, read by the model's own pooling (ArmoRM-style `.score` or logits[:, 0])."""
+    scores = []
+    for start in range(0, len(sequences), chunk):
+        input_ids, attention_mask = (t.to(device) for t in right_pad(sequences[start:start + chunk], pad_id))
+        out = reward_model(input_ids=input_ids, attention_mask=attention_mask)
+        scores.append((out.score if hasattr(out, "score") else out.logits[:, 0]).float().reshape(-1))
+    return torch.cat(scores)
+
+
+def masked_sum_and_count(x, mask):
+    """(sum of x where mask, number of such entries), summed over all ranks."""
+    return all_reduce(torch.stack([(x * mask).sum(), mask.sum()]).double())
+
+
+def masked_whiten(x, mask, eps=1e-8):
+    """Whiten x over its real entries across all ranks (unbiased variance), leaving padding at 0."""
+    total, count = masked_sum_and_count(x, mask)
+    mean = total / count
+    squares, _ = masked_sum_and_count((x - mean) ** 2, mask)
+    variance = squares / (count - 1)
+    return ((x - mean) * torch.rsqrt(variance + eps)).float() * mask
+
+
+def compute_gae(rewards, values, gamma, lam):
+    """Advantages by GAE over a response, with V = 0 after its end (values and rewards are 0 at padding)."""
+    advantages, last = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        advantages[:, t] = last
+    return advantages
+
+
+def ppo_losses(new_logprobs, old_logprobs, advantages, vpred, old_values, returns, args):
+    """Per-token clipped policy loss, clipped value loss (0.5 * max of the squared errors), and their clip flags."""
+    ratio = torch.exp(new_logprobs - old_logprobs)
+    pg_losses = -advantages * ratio
+    pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - args.ppo.cliprange, 1.0 + args.ppo.cliprange)
+    vpred_clipped = old_values + torch.clamp(vpred - old_values, -args.ppo.cliprange_value, args.ppo.cliprange_value)
+    vf_losses = (vpred - returns) ** 2
+    vf_losses_clipped = (vpred_clipped - returns) ** 2
+    return (torch.max(pg_losses, pg_losses_clipped), 0.5 * torch.max(vf_losses, vf_losses_clipped), ratio,
+            (pg_losses_clipped > pg_losses).float(), (vf_losses_clipped > vf_losses).float())
+
+
+def entropy_from_logits(logits):
+    probs = logits.softmax(-1)
+    return torch.logsumexp(logits, -1) - (probs * logits).sum(-1)
+
+
+def kl_per_token(logprobs, ref_logprobs, estimator):
+    if estimator == "k1":
+        return logprobs - ref_logprobs
+    log_ratio = ref_logprobs - logprobs
+    return torch.expm1(log_ratio) - log_ratio
+
+
+@torch.no_grad()
+def evaluate(policy, ref_policy, reward_model, prompts, prompt_ids, tokenizer, rm_tokenizer, same_tokenizer, judge,
+             args, rank, world_size, device, autocast):
+    """Answer held-out prompts (the same sampling noise at every evaluation) and report the reward model's score,
+    the judge's score (VADER compound sentiment of prompt + response, in [-1, 1]) and the KL to the reference.
+    Returns rank 0's metrics and the samples of all ranks (on rank 0)."""
+    rows = list(range(rank, len(prompts), world_size))
+    pad_id = tokenizer.pad_token_id
+    results = []
+    chunk = args.local_rollout_forward_batch_size
+    for start in range(0, len(rows), chunk):
+        mine = rows[start:start + chunk]
+        queries, query_mask = (t.to(device) for t in left_pad([prompt_ids[i] for i in mine], pad_id,
+                                                              max(len(x) for x in prompt_ids)))
+        with autocast:
+            responses = sample(policy, queries, query_mask, torch.tensor(mine, device=device), len(prompts), -1, args,
+                               greedy=args.eval_greedy)
+        responses, mask, _, has_eos = truncate_after_eos(responses, tokenizer.eos_token_id, pad_id)
+        kl = torch.zeros(len(mine), device=device)
+        for micro in range(0, len(mine), args.local_micro_batch_size):
+            part = slice(micro, micro + args.local_micro_batch_size)
+            with autocast:
+                logprobs, _, _ = forward_response(policy, queries[part], query_mask[part], responses[part],
+                                                  args.task.temperature, with_values=False)
+                ref_logprobs, _, _ = forward_response(ref_policy, queries[part], query_mask[part], responses[part],
+                                                      args.task.temperature, with_values=False)
+            kl[part] = ((logprobs - ref_logprobs) * mask[part]).sum(1)
+        with autocast:
+            scores = score(reward_model, reward_inputs(queries, query_mask, responses, mask, has_eos, tokenizer,
+                                                       rm_tokenizer, same_tokenizer), rm_tokenizer.pad_token_id,
+                           chunk, device)
+        for j, i in enumerate(mine):
+            response = tokenizer.decode(responses[j][mask[j]].tolist(), skip_special_tokens=True)
+            results.append({"index": i, "prompt": prompts[i], "response": response, "score": scores[j].item(),
+                            "judge": judge.polarity_scores(prompts[i] + response)["compound"], "kl": kl[j].item(),
+                            "length": int(mask[j].sum()), "eos": bool(has_eos[j])})
+    gathered = [None] * world_size if rank == 0 else None
+    if dist.is_initialized():
+        dist.gather_object(results, gathered, dst=0)
+    else:
+        gathered = [results]
+    if rank != 0:
+        return {}, []
+    samples = sorted((s for part in gathered for s in part), key=lambda s: s["index"])
+    mean = lambda key: float(np.mean([s[key] for s in samples]))  # noqa: E731
+    return {"eval/scores": mean("score"), "eval/judge": mean("judge"), "eval/kl": mean("kl"),
+            "eval/response_length": mean("length"), "eval/eos_rate": mean("eos")}, samples
+
+
+def print_samples(samples, update, count=6):
+    print(f"--- held-out samples at update {update} (reward model score | judge | text)")
+    for s in samples[:count]:
+        print(f"{s['score']:+7.3f} | {s['judge']:+.3f} | {s['prompt']}{s['response']}")
+
+
+def load_pretrained(cls, path, arg, args, **kwargs):
+    try:
+        return cls.from_pretrained(path, attn_implementation=args.attn_implementation, **kwargs)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{arg} {path}: cannot load it as {cls.__name__} ({e})") from None
+
+
+def freeze(model, device, train=False):
+    """Dropout off (policy, reference, value and reward model alike), moved to device; frozen unless `train`."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    model.requires_grad_(train)
+    return model.to(device).train(train)
+
+
+def main(args: Args):
+    rank, world_size, device = init_distributed()
+    derive_ppo_batch_sizes(args, world_size)
+    resume = check_output_dir(args)
+    tokenizer = load_tokenizer(args.model_name_or_path)
+    rm_tokenizer = load_tokenizer(args.reward_model_name_or_path, "--reward_model_name_or_path")
+    for tok in (tokenizer, rm_tokenizer):
+        if tok.pad_token is None:  # GPT-2: pad with EOS; masks are explicit, never inferred from pad ids
+            tok.pad_token = tok.eos_token
+    same_tokenizer = tokenizer.get_vocab() == rm_tokenizer.get_vocab() and tokenizer("a b").input_ids == rm_tokenizer(
+        "a b").input_ids
+    if rank == 0 and not same_tokenizer:
+        print("the reward model's tokenizer differs from the policy's: responses reach it as text, re-tokenized")
+
+    # 1. prompts, checked before any model is loaded
+    prompts, prompt_ids, dropped = load_prompts(tokenizer, args.task.train_split, args)
+    eval_prompts, eval_prompt_ids, _ = load_prompts(tokenizer, args.task.eval_split, args)
+    eval_prompts, eval_prompt_ids = eval_prompts[:args.eval_size], eval_prompt_ids[:args.eval_size]
+    if len(prompts) < args.batch_size:
+        raise ValueError(f"--task.dataset {args.task.dataset}: {len(prompts)} usable prompts, fewer than --batch_size "
+                         f"{args.batch_size}")
+    if rank == 0:
+        print(f"prompts: {len(prompts)} for training ({dropped} dropped), {len(eval_prompts)} held out")
+    create_output_dir(args, rank)
+
+    # 2. models: policy and value trained together; reference and reward model frozen; dropout off everywhere
+    policy = load_pretrained(AutoModelForCausalLM, args.model_name_or_path, "--model_name_or_path", args)
+    ref_policy = load_pretrained(AutoModelForCausalLM, args.ref_model_name_or_path or args.model_name_or_path,
+                                 "--ref_model_name_or_path", args)
+    reward_model = load_pretrained(AutoModelForSequenceClassification, args.reward_model_name_or_path,
+                                   "--reward_model_name_or_path", args, trust_remote_code=args.trust_remote_code)
+    value_path = args.value_model_name_or_path or (args.reward_model_name_or_path if same_tokenizer
+                                                   else args.model_name_or_path)
+    torch.manual_seed(args.seed)  # a new value head is initialised identically on every rank
+    value_model = load_pretrained(AutoModelForSequenceClassification, value_path, "--value_model_name_or_path", args,
+                                  num_labels=1)
+    if not hasattr(value_model, "score"):
+        raise SystemExit(f"value model {value_path}: no `score` head (decoder sequence classifiers have one)")
+    reward_model.config.pad_token_id = rm_tokenizer.pad_token_id
+    policy.generation_config.pad_token_id = tokenizer.pad_token_id
+    model = freeze(PolicyAndValue(policy, value_model), device, train=True)
+    ref_policy, reward_model = freeze(ref_policy, device), freeze(reward_model, device)
+    if world_size > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    unwrapped = model.module if isinstance(model, DDP) else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.adam_eps)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
+    judge = SentimentIntensityAnalyzer()
+
+    # 3. resume
+    state = {"update": 0, "world_size": world_size, "skipped_updates": 0, "bad_in_a_row": 0,
+             "run_id": f"{int(time.time())}{random.Random().randrange(16**6):06x}"}
+    if resume:
+        state = load_checkpoint(resume, model, optimizer, rank, world_size)
+        if rank == 0:
+            print(f"resumed from {resume} at update {state['update']}")
+    logger = Logger(args, rank, state["run_id"], state["update"] if resume else None)
+    preemption = Preemption()
+    samples_path = os.path.join(args.output_dir, "eval_samples.jsonl")
+
+    def run_eval(update):
+        unwrapped.eval()
+        metrics, samples = evaluate(unwrapped.policy, ref_policy, reward_model, eval_prompts, eval_prompt_ids,
+                                    tokenizer, rm_tokenizer, same_tokenizer, judge, args, rank, world_size, device,
+                                    autocast)
+        unwrapped.train()
+        if rank == 0:
+            print_samples(samples, update)
+            with open(samples_path, "a") as f:
+                f.writelines(json.dumps({"update": update, "episode": update * args.batch_size, **s}) + "\n"
+                             for s in samples)
+        return metrics
+
+    if not resume:
+        logger.log({**run_eval(0), "episode": 0}, 0)
+    pad_id, eos_id, temperature = tokenizer.pad_token_id, tokenizer.eos_token_id, args.task.temperature
+    start_time, start_update = time.time(), state["update"]
+    while state["update"] < args.num_updates:
+        update = state["update"]
+        lr = lr_at(update, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # 1. rollout: sample, cut after EOS, logprobs and values, reference logprobs, scores
+        batch = batch_indices(len(prompts), args.batch_size, update, args.seed)
+        width = max(len(prompt_ids[i]) for i in batch)  # the global batch's widest prompt: same shapes on any rank
+        rows = list(range(rank * args.local_batch_size, (rank + 1) * args.local_batch_size))
+        queries, query_mask = (t.to(device) for t in left_pad([prompt_ids[batch[i]] for i in rows], pad_id, width))
+        unwrapped.eval()
+        with torch.no_grad(), autocast:
+            chunk = args.local_rollout_forward_batch_size
+            responses = torch.cat([sample(unwrapped.policy, queries[i:i + chunk], query_mask[i:i + chunk],
+                                          torch.tensor(rows[i:i + chunk], device=device), args.batch_size, update,
+                                          args) for i in range(0, len(rows), chunk)])
+            responses, response_mask, last_index, has_eos = truncate_after_eos(responses, eos_id, pad_id)
+            logprobs, ref_logprobs, values = [], [], []
+            for i in range(0, len(rows), args.local_micro_batch_size):
+                part = slice(i, i + args.local_micro_batch_size)
+                lp, _, v = forward_response(unwrapped, queries[part], query_mask[part], responses[part], temperature)
+                ref_lp, _, _ = forward_response(ref_policy, queries[part], query_mask[part], responses[part],
+                                                temperature, with_values=False)
+                logprobs.append(lp), ref_logprobs.append(ref_lp), values.append(v)
+            scores = score(reward_model, reward_inputs(queries, query_mask, responses, response_mask, has_eos,
+                                                       tokenizer, rm_tokenizer, same_tokenizer),
+                           rm_tokenizer.pad_token_id, chunk, device)
+        unwrapped.train()
+        mask = response_mask.float()
+        logprobs = torch.cat(logprobs).masked_fill(~response_mask, INVALID_LOGPROB)
+        ref_logprobs = torch.cat(ref_logprobs).masked_fill(~response_mask, INVALID_LOGPROB)
+        values = torch.cat(values) * mask
+        raw_scores = scores.clone()
+        if args.task.non_eos_penalty:
+            scores = torch.where(has_eos, scores, torch.full_like(scores, args.task.penalty_reward_value))
+
+        # 2. rewards: per-token KL penalty, plus the score on the last real token
+        kl = kl_per_token(logprobs, ref_logprobs, args.ppo.kl_estimator) * mask
+        non_score_reward = -args.ppo.kl_coef * kl
+        rewards = non_score_reward.clone()
+        rewards[torch.arange(len(rows), device=device), last_index] += scores
+
+        # 3. advantages and returns
+        advantages = compute_gae(rewards, values, args.ppo.gamma, args.ppo.lam)
+        returns = advantages + values
+        advantages = masked_whiten(advantages, mask)
+
+        # 4. PPO epochs over minibatches; each loss is normalised by the real tokens of its whole minibatch
+        stats = torch.zeros(8, dtype=torch.float64, device=device)  # token-weighted sums, see `names` below
+        stats_tokens = torch.zeros((), dtype=torch.float64, device=device)
+        update_ok = True
+        for epoch in range(args.ppo.noptepochs):
+            generator = torch.Generator().manual_seed(seed_of(args.seed, update, epoch, rank))
+            order = torch.randperm(len(rows), generator=generator).tolist()
+            for mb in range(args.ppo.nminibatches):
+                mb_rows = order[mb * args.local_mini_batch_size:(mb + 1) * args.local_mini_batch_size]
+                mb_tokens = all_reduce(mask[mb_rows].sum().clone())
+                mb_loss = torch.zeros((), device=device)
+                for micro in range(args.gradient_accumulation_steps):
+                    idx = mb_rows[micro * args.local_micro_batch_size:(micro + 1) * args.local_micro_batch_size]
+                    m = mask[idx]
+                    sync = micro == args.gradient_accumulation_steps - 1 or not isinstance(model, DDP)
+                    with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+                        new_logprobs, logits, vpred = forward_response(model, queries[idx], query_mask[idx],
+                                                                       responses[idx], temperature)
+                        new_logprobs = new_logprobs.masked_fill(~response_mask[idx], INVALID_LOGPROB)
+                        pg_losses, vf_losses, ratio, pg_clipped, vf_clipped = ppo_losses(
+                            new_logprobs, logprobs[idx], advantages[idx], vpred, values[idx], returns[idx], args)
+                        pg_loss = (pg_losses * m).sum() / mb_tokens
+                        vf_loss = (vf_losses * m).sum() / mb_tokens
+                        loss = pg_loss + args.ppo.vf_coef * vf_loss
+                        (loss * world_size).backward()  # DDP averages gradients over ranks; undo it
+                    mb_loss += loss.detach()
+                    with torch.no_grad():
+                        log_ratio = new_logprobs - logprobs[idx]
+                        per_token = torch.stack([pg_losses, vf_losses, pg_clipped, vf_clipped, 0.5 * log_ratio ** 2,
+                                                 entropy_from_logits(logits), ratio, ratio ** 2])
+                        stats += (per_token * m).sum((1, 2)).double()
+                        stats_tokens += m.sum().double()
+                stepped, grad_norm = step_if_finite(model, optimizer, mb_loss, args, device)
+                update_ok &= stepped
+        count_update(state, update_ok)  # an update with any skipped step counts as skipped
+
+        # 5. metrics, reduced over ranks
+        all_reduce(stats)
+        all_reduce(stats_tokens)
+        pg, vf, clipfrac, vf_clipfrac, approxkl, entropy, ratio_mean, ratio_sq = (stats / stats_tokens).tolist()
+        per_sequence = torch.stack([kl.sum(1), (-logprobs * mask).sum(1), non_score_reward.sum(1), scores, raw_scores,
+                                    mask.sum(1), has_eos.float()])
+        kl_mean, entropy_seq, non_score, scores_mean, raw_mean, length, eos_rate = (
+            all_reduce(per_sequence.sum(1)) / args.batch_size).tolist()
+        metrics = {"objective/kl": kl_mean, "objective/entropy": entropy_seq, "objective/non_score_reward": non_score,
+                   "objective/rlhf_reward": scores_mean + non_score, "objective/scores": scores_mean,
+                   "objective/raw_scores": raw_mean, "policy/approxkl_avg": approxkl, "policy/clipfrac_avg": clipfrac,
+                   "policy/entropy_avg": entropy, "loss/policy_avg": pg, "loss/value_avg": vf,
+                   "val/clipfrac_avg": vf_clipfrac, "val/ratio": ratio_mean,
+                   "val/ratio_var": ratio_sq - ratio_mean ** 2, "val/num_eos_tokens": eos_rate * args.batch_size,
+                   "val/eos_rate": eos_rate, "val/response_length": length,
+                   "loss/grad_norm": grad_norm, "loss/skipped_updates": state["skipped_updates"], "lr": lr,
+                   "episode": state["update"] * args.batch_size,
+                   "eps": (state["update"] - start_update) * args.batch_size / (time.time() - start_time)}
+        if state["update"] % args.eval_freq == 0 or state["update"] == args.num_updates:
+            metrics.update(run_eval(state["update"]))
+        logger.log(metrics, state["update"])
+        checkpoint_or_stop(args, model, optimizer, state, rank, device, preemption)
+
+    # 6. save the policy
+    save_model_atomically(unwrapped.policy, tokenizer, args, rank)
+    if rank == 0:
+        print(f"saved the policy and tokenizer to {args.output_dir}; held-out samples in {samples_path}")
+    logger.close()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

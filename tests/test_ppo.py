@@ -1,0 +1,179 @@
+"""ppo.py: exact math against slow references, ratio 1 / KL 0 before the first step, 2 ranks == 1 rank, and a short
+offline run that clearly raises the held-out reward-model score above the SFT policy's."""
+
+import math
+
+import pytest
+import torch
+from conftest import SST2, TINY_GPT2, TINY_LLAMA, assert_weights_equal, metrics, run
+
+import ppo
+
+
+def random_masked(batch=5, length=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([7, 1, 4, 6, 3][:batch])
+    mask = (torch.arange(length)[None] < lengths[:, None]).float()
+    return g, lengths, mask
+
+
+def test_gae_matches_a_slow_reference():
+    g, lengths, mask = random_masked()
+    rewards = torch.randn(5, 7, generator=g, dtype=torch.float64) * mask
+    values = torch.randn(5, 7, generator=g, dtype=torch.float64) * mask
+    gamma, lam = 0.9, 0.8
+    advantages = ppo.compute_gae(rewards, values, gamma, lam)
+    for i, n in enumerate(lengths.tolist()):
+        v = values[i, :n].tolist() + [0.0]  # the value after the last real token is 0: the episode ends there
+        deltas = [rewards[i, t].item() + gamma * v[t + 1] - v[t] for t in range(n)]
+        expected = [sum((gamma * lam) ** k * deltas[t + k] for k in range(n - t)) for t in range(n)]
+        assert advantages[i, :n].tolist() == pytest.approx(expected, abs=1e-12)
+        assert advantages[i, n:].abs().sum() == 0
+
+
+def test_ppo_losses_match_a_slow_reference():
+    g, _, _ = random_masked()
+    shape = (4, 6)
+    new, old = torch.randn(shape, generator=g) * 0.3 - 2, torch.randn(shape, generator=g) * 0.3 - 2
+    adv, vpred, values, returns = (torch.randn(shape, generator=g) for _ in range(4))
+    args = ppo.Args()
+    args.ppo.cliprange, args.ppo.cliprange_value = 0.2, 0.3
+    pg, vf, ratio, pg_clipped, vf_clipped = ppo.ppo_losses(new, old, adv, vpred, values, returns, args)
+    for i in range(shape[0]):
+        for t in range(shape[1]):
+            r = math.exp(new[i, t].item() - old[i, t].item())
+            a = adv[i, t].item()
+            unclipped, clipped = -a * r, -a * min(max(r, 0.8), 1.2)
+            assert pg[i, t].item() == pytest.approx(max(unclipped, clipped), rel=1e-5, abs=1e-6)
+            assert bool(pg_clipped[i, t]) == (clipped > unclipped)
+            v_old, v_new, ret = values[i, t].item(), vpred[i, t].item(), returns[i, t].item()
+            v_clip = v_old + min(max(v_new - v_old, -0.3), 0.3)
+            assert vf[i, t].item() == pytest.approx(0.5 * max((v_new - ret) ** 2, (v_clip - ret) ** 2), rel=1e-5)
+            assert ratio[i, t].item() == pytest.approx(r, rel=1e-5)
+
+
+def test_masked_whiten_matches_a_slow_reference():
+    g, _, mask = random_masked()
+    x = torch.randn(5, 7, generator=g, dtype=torch.float64) * 3 + 1
+    real = [x[i, t].item() for i in range(5) for t in range(7) if mask[i, t]]
+    mean = sum(real) / len(real)
+    std = math.sqrt(sum((v - mean) ** 2 for v in real) / (len(real) - 1))
+    whitened = ppo.masked_whiten(x, mask)
+    for i in range(5):
+        for t in range(7):
+            expected = (x[i, t].item() - mean) / std if mask[i, t] else 0.0
+            assert whitened[i, t].item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_kl_estimators():
+    logp, ref = torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-1.5, -1.0, -0.5])
+    torch.testing.assert_close(ppo.kl_per_token(logp, ref, "k1"), logp - ref)
+    r = torch.exp(ref - logp)
+    torch.testing.assert_close(ppo.kl_per_token(logp, ref, "k3"), (r - 1) - torch.log(r))
+    assert (ppo.kl_per_token(logp, ref, "k3") >= 0).all()
+
+
+def test_truncate_after_first_eos():
+    eos, pad = 2, 0
+    responses = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 9, 9, 9]])
+    out, mask, last, has_eos = ppo.truncate_after_eos(responses, eos, pad)
+    assert out.tolist() == [[5, 2, 0, 0], [5, 6, 7, 8], [2, 0, 0, 0]]
+    assert mask.int().tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert last.tolist() == [1, 3, 0] and has_eos.tolist() == [True, False, True]
+
+
+def test_gumbel_max_samples_the_softmax():
+    logits, temperature, draws = torch.tensor([1.0, 0.0, -1.0, 2.0]), 0.7, 40_000
+    noise = torch.rand(draws, 4, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(ppo.gumbel_max(logits.expand(draws, 4), noise, temperature), minlength=4)
+    torch.testing.assert_close(counts / draws, (logits / temperature).softmax(-1), atol=0.01, rtol=0)
+
+
+def test_sampling_noise_does_not_depend_on_how_rows_are_split():
+    full = ppo.sampling_noise(1, 3, 5, torch.arange(8), 8, 11, "cpu")
+    part = ppo.sampling_noise(1, 3, 5, torch.tensor([5, 2]), 8, 11, "cpu")
+    assert torch.equal(part, full[[5, 2]])
+    assert not torch.equal(full, ppo.sampling_noise(1, 3, 6, torch.arange(8), 8, 11, "cpu"))
+
+
+def test_logprobs_and_values_are_the_same_with_and_without_left_padding():
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    model = ppo.PolicyAndValue(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_GPT2)),
+                               AutoModelForSequenceClassification.from_config(
+                                   AutoConfig.from_pretrained(TINY_GPT2, num_labels=1))).eval()
+    prompts, responses = [[11, 12, 13], [21]], torch.tensor([[31, 32, 33, 34], [41, 42, 43, 44]])
+    queries, query_mask = ppo.left_pad(prompts, pad_id=0)
+    with torch.no_grad():
+        logprobs, _, values = ppo.forward_response(model, queries, query_mask, responses, temperature=0.7)
+        for i, prompt in enumerate(prompts):
+            ids = torch.tensor([prompt + responses[i].tolist()])
+            logits = model.policy(ids).logits[0, len(prompt) - 1:-1].double() / 0.7
+            expected = logits.log_softmax(-1).gather(1, responses[i][:, None]).squeeze(1)
+            torch.testing.assert_close(logprobs[i].double(), expected, atol=1e-5, rtol=0)
+            hidden = model.value_model.base_model(ids).last_hidden_state
+            expected_values = model.value_model.score(hidden)[0, len(prompt) - 1:-1, 0]
+            torch.testing.assert_close(values[i], expected_values, atol=1e-5, rtol=0)
+
+
+def test_reward_model_with_another_tokenizer_gets_retokenized_text():
+    from transformers import AutoTokenizer
+
+    policy_tok, rm_tok = AutoTokenizer.from_pretrained(TINY_GPT2), AutoTokenizer.from_pretrained(TINY_LLAMA)
+    eos = policy_tok.eos_token_id
+    prompt, response = policy_tok("the film is").input_ids, policy_tok(" a delight .").input_ids + [eos]
+    queries, query_mask = ppo.left_pad([prompt], pad_id=eos, width=len(prompt) + 2)
+    responses = torch.tensor([response + [eos]])
+    responses, mask, _, has_eos = ppo.truncate_after_eos(responses, eos, eos)
+    same = ppo.reward_inputs(queries, query_mask, responses, mask, has_eos, policy_tok, policy_tok, True)
+    assert same == [prompt + response[:-1]]  # the real tokens, without pads and without the EOS
+    other = ppo.reward_inputs(queries, query_mask, responses, mask, has_eos, policy_tok, rm_tok, False)
+    assert other == [rm_tok("the film is a delight .").input_ids]
+
+
+def ppo_args(sft, rm, *extra):
+    return ["--model_name_or_path", sft, "--reward_model_name_or_path", rm, "--task.dataset", SST2, "--lr", "1e-4",
+            "--batch_size", "16", "--local_micro_batch_size", "4", "--local_rollout_forward_batch_size", "8",
+            "--eval_size", "8", "--ppo.noptepochs", "1", *extra]
+
+
+@pytest.fixture(scope="session")
+def ppo_1p(session_dir, sft_policy, reward_model):
+    out = session_dir / "ppo_1p"
+    run("ppo.py", *ppo_args(sft_policy, reward_model, "--total_episodes", "48", "--save_freq", "1",
+                            "--keep_checkpoints", "5"), "--output_dir", out)
+    return out
+
+
+def test_ratio_is_one_and_kl_zero_before_the_first_step(ppo_1p):
+    first = metrics(ppo_1p)[1]  # one epoch, one minibatch: update 1 is a single step from the rollout policy
+    assert first["update"] == 1
+    assert first["val/ratio"] == 1.0 and first["val/ratio_var"] == 0.0
+    assert first["policy/approxkl_avg"] == 0.0 and first["policy/clipfrac_avg"] == 0.0
+    assert first["objective/kl"] == 0.0 and first["objective/non_score_reward"] == 0.0
+
+
+def test_two_ranks_match_one_rank(session_dir, ppo_1p, sft_policy, reward_model):
+    out = session_dir / "ppo_2p"
+    run("ppo.py", *ppo_args(sft_policy, reward_model, "--total_episodes", "48"), "--output_dir", out, nproc=2)
+    assert_weights_equal(ppo_1p, out, exact=False)
+    one, two = metrics(ppo_1p), metrics(out)
+    for key in ("objective/scores", "objective/kl", "loss/value_avg", "eval/scores"):
+        expected = [m[key] for m in one if key in m]
+        assert [m[key] for m in two if key in m] == pytest.approx(expected, rel=1e-4, abs=1e-6), key
+
+
+def test_short_run_raises_the_held_out_reward_above_the_sft_policy(session_dir, sft_policy, reward_model):
+    out = session_dir / "ppo_learns"
+    run("ppo.py", "--model_name_or_path", sft_policy, "--reward_model_name_or_path", reward_model, "--task.dataset",
+        SST2, "--lr", "1e-4", "--batch_size", "32", "--local_micro_batch_size", "32", "--total_episodes", "480",
+        "--eval_freq", "15", "--eval_size", "64", "--ppo.noptepochs", "2", "--output_dir", out)
+    evals = [m for m in metrics(out) if "eval/scores" in m]
+    assert [m["update"] for m in evals] == [0, 15]
+    # the reward model's scores spread over about [-3, 3]; the SFT policy's held-out mean is near 0
+    assert evals[-1]["eval/scores"] > evals[0]["eval/scores"] + 0.5, evals
+    assert evals[-1]["eval/kl"] > 0.1  # it moved away from the reference to get there
+    samples = (out / "eval_samples.jsonl").read_text().splitlines()
+    assert len(samples) == 2 * 64  # every held-out answer, before and after, with its scores
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()

@@ -1,0 +1,80 @@
+"""The code-shape rules that keep the scripts standalone yet consistent: helpers copied between scripts are identical
+copies, no top-level script imports another, nothing runs at import time, and every Args field has a docstring."""
+
+import ast
+
+import pytest
+from conftest import ROOT
+
+SCRIPTS = sorted(p for p in ("sft_sst2.py", "reward_sst2.py", "ppo.py", "rebel.py", "generate.py", "score.py",
+                             "filter.py") if (ROOT / p).exists())
+TRAINING = [p for p in ("sft_sst2.py", "reward_sst2.py", "ppo.py", "rebel.py") if p in SCRIPTS]
+CORE = {"init_distributed", "all_reduce", "load_split", "require_columns", "check_output_dir", "create_output_dir",
+        "save_checkpoint", "load_checkpoint", "Preemption", "step_if_finite", "checkpoint_or_stop", "Logger",
+        "save_model_atomically", "lr_at"}
+
+
+def top_level(path):
+    source = (ROOT / path).read_text()
+    tree = ast.parse(source)
+    return source, tree, {node.name: ast.get_source_segment(source, node) for node in tree.body
+                          if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+
+
+def shared_block_names(path):
+    """Names defined in the script's block headed 'helpers shared, as identical copies'."""
+    source, tree, _ = top_level(path)
+    lines = source.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("# helpers shared, as identical copies")), None)
+    if start is None:
+        return set()
+    end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith("# ----"))
+    return {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))
+            and start < node.lineno - 1 < end}
+
+
+def test_shared_helpers_are_identical_copies():
+    definitions = {path: top_level(path)[2] for path in SCRIPTS}
+    shared = set().union(*(shared_block_names(path) for path in SCRIPTS))
+    assert CORE <= shared
+    for name in sorted(shared):
+        copies = {path: defs[name] for path, defs in definitions.items() if name in defs}
+        first = next(iter(copies.values()))
+        different = [path for path, src in copies.items() if src != first]
+        assert not different, f"{name} differs between {sorted(copies)}: {different}"
+
+
+@pytest.mark.parametrize("path", TRAINING)
+def test_training_scripts_share_the_core_helpers(path):
+    assert CORE <= set(top_level(path)[2])
+
+
+@pytest.mark.parametrize("path", SCRIPTS)
+def test_script_stands_alone_and_runs_nothing_at_import(path):
+    _, tree, _ = top_level(path)
+    own = {p[:-3] for p in SCRIPTS}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            assert not {a.name.split(".")[0] for a in node.names} & own, f"{path} imports another script"
+        if isinstance(node, ast.ImportFrom):
+            assert (node.module or "").split(".")[0] not in own, f"{path} imports another script"
+    for node in tree.body:  # only imports, definitions, constants and the __main__ guard at top level
+        allowed = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef, ast.Assign, ast.AnnAssign)
+        is_docstring = isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+        is_main_guard = isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)
+        assert isinstance(node, allowed) or is_docstring or is_main_guard, f"{path}: {ast.unparse(node)[:80]}"
+
+
+@pytest.mark.parametrize("path", SCRIPTS)
+def test_every_args_field_has_a_docstring(path):
+    _, tree, _ = top_level(path)
+    dataclasses = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name.endswith("Args")]
+    assert dataclasses, f"{path} has no Args dataclass"
+    for cls in dataclasses:
+        body = cls.body
+        for i, node in enumerate(body):
+            if isinstance(node, ast.AnnAssign):
+                following = body[i + 1] if i + 1 < len(body) else None
+                documented = isinstance(following, ast.Expr) and isinstance(getattr(following, "value", None),
+                                                                             ast.Constant)
+                assert documented, f"{path}: {cls.name}.{ast.unparse(node.target)} has no docstring"
