@@ -442,13 +442,14 @@ class Logger:
             self.wandb.finish()
 
 
-def save_model_atomically(model, tokenizer, args, rank):
+def save_model_atomically(model, tokenizer, args, rank, state_dict=None):
     """`save_pretrained` (safetensors) plus the tokenizer into output_dir; config.json, the file that marks a finished
-    run, is moved in last, so an interrupted save never looks finished."""
+    run, is moved in last, so an interrupted save never looks finished. `state_dict`: full weights gathered from a
+    sharded (FSDP2) model."""
     tmp = os.path.join(args.output_dir, "final.tmp")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         names = sorted(os.listdir(tmp), key=lambda name: name == "config.json")
         for name in names:

@@ -44,7 +44,10 @@ def weights(run_dir):
     return load_file(str(Path(run_dir) / "model.safetensors"))
 
 
-def assert_weights_equal(a_dir, b_dir, exact=True, atol=1e-5):
+def assert_weights_equal(a_dir, b_dir, exact=True, atol=1e-4):
+    """Bitwise equal, or (exact=False: one rank against several, where sums run in another order) close. Adam turns
+    float noise in near-zero gradients (the attention key bias has none in exact math) into steps of up to lr, so
+    atol is 1e-4: far below the lr-sized steps (3e-4 and up in these tests) a wrong batch split would change."""
     a, b = weights(a_dir), weights(b_dir)
     assert a.keys() == b.keys()
     for name in a:

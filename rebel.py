@@ -1,0 +1,751 @@
+"""REBEL: REgression to RElative REward Based RL (Gao et al. 2024), trained on filter.py's pairs.
+
+For a prompt x with chosen response y and rejected response y' (the best and worst of n samples from the policy
+pi_theta0 that starts this iteration), REBEL regresses the difference of log-ratios onto the reward difference:
+
+    loss = mean over pairs of ([log pi(y|x) - log pi0(y|x)] - [log pi(y'|x) - log pi0(y'|x)] - eta (r(x,y) - r(x,y')))^2
+
+with log pi summed over the real response tokens and logits divided by the sampling temperature. pi0's logprobs are
+computed once, in batches, before training, and cached beside the run (keyed by the data's fingerprints, the model,
+the temperature and the lengths), so a restart does not recompute them. AdamW (betas 0.9, 0.95), cosine schedule with
+warmup counted in updates (independent of the number of ranks), gradient clipping.
+
+Fast and memory-lean where the reference code is not: each micro-batch is trimmed to its longest real prompt and
+response (prompts are left-padded and responses right-padded, so they meet in the middle); hidden states are kept
+only at the real response positions, and the log-softmax over the vocabulary runs over chunks of them in fp32, each
+chunk recomputed in the backward pass, so the [batch, length, vocab] fp32 logits never exist; optional gradient
+checkpointing; bf16 and sdpa attention on GPU; DDP, or FSDP2 (`--fsdp`) for models that do not fit on one GPU.
+
+One iteration (t = 0) trains the base policy; iteration t + 1 runs generate -> score -> filter -> rebel again from
+the policy of iteration t (README: "The REBEL iteration loop").
+
+    torchrun --nproc_per_node 8 rebel.py --model_name_or_path meta-llama/Meta-Llama-3-8B-Instruct \\
+        --task.dataset runs/filter --fsdp --gradient_checkpointing --output_dir runs/rebel_iter0
+"""
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import datasets
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import tyro
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+PAIR_COLUMNS = ["prompt_input_ids", "prompt_attention_mask", "chosen_input_ids", "chosen_attention_mask",
+                "reject_input_ids", "reject_attention_mask", "chosen_reward", "reject_reward"]
+
+
+@dataclass
+class TaskArgs:
+    dataset: str = "runs/filter"
+    """filter.py's output (a `save_to_disk` folder or hub id) with the columns in PAIR_COLUMNS"""
+    train_split: str = "train"
+    """split to train on"""
+    eval_split: str | None = "test"
+    """split for val/loss and val/sign_align; None disables evaluation"""
+    maxlen_prompt: int = 1024
+    """width the prompts were left-padded to by filter.py (checked against the data)"""
+    maxlen: int = 2048
+    """width the responses were right-padded to by filter.py (checked against the data)"""
+    temperature: float = 0.8
+    """the sampling temperature of generate.py: logits are divided by it before the log-softmax"""
+
+
+@dataclass
+class RebelArgs:
+    eta: float = 1e6
+    """the regression target is eta * (r(y) - r(y')); 1e6 with ArmoRM as in the paper"""
+
+
+@dataclass
+class Args:
+    # experiment
+    exp_name: str = "rebel"
+    """name of this experiment (wandb run name prefix)"""
+    seed: int = 1
+    """seed of data order (shared by all ranks)"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project_name: str = "rlhf"
+    """wandb project"""
+    wandb_entity: str | None = None
+    """wandb entity (team); None uses your default"""
+    output_dir: str = "runs/rebel"
+    """run folder: args.json, metrics.jsonl, ref_logprobs/, checkpoints/ and, at the end, the policy"""
+    overwrite: bool = False
+    """delete whatever output_dir holds and start over"""
+    resume: str | None = None
+    """a checkpoint folder to continue from, or "auto" for the latest in output_dir (a fresh start if none)"""
+    save_freq: int = 100
+    """write a resumable checkpoint every this many updates (0: only on preemption or a stop)"""
+    keep_checkpoints: int = 2
+    """how many of the newest checkpoints to keep"""
+    max_bad_updates: int = 5
+    """stop after this many updates in a row with a non-finite loss or gradient norm (each one is skipped)"""
+
+    # model
+    model_name_or_path: str = "meta-llama/Meta-Llama-3-8B-Instruct"
+    """the policy of this iteration (hub id or local folder), with its tokenizer"""
+    ref_model_name_or_path: str | None = None
+    """pi_theta0 of the loss; None: model_name_or_path (the policy that generated this iteration's data)"""
+    attn_implementation: str = "sdpa"
+    """attention kernel: sdpa, eager, or flash_attention_2 (GPU)"""
+    bf16: bool = True
+    """bf16 compute on GPU (fp32 weights and optimizer; autocast with DDP, a mixed-precision policy with FSDP2);
+    ignored on CPU, which runs fp32"""
+    fsdp: bool = False
+    """shard parameters, gradients and optimizer state with FSDP2 (fully_shard each decoder layer, then the root)
+    instead of replicating the model with DDP"""
+    gradient_checkpointing: bool = False
+    """recompute decoder-layer activations in the backward pass"""
+    logprob_chunk_size: int = 1024
+    """response tokens per chunk of the fp32 vocabulary log-softmax"""
+
+    # optimisation
+    lr: float = 3e-7
+    """peak learning rate"""
+    warmup_ratio: float = 0.1
+    """fraction of the updates with linear warmup; then cosine decay to 0"""
+    weight_decay: float = 1e-6
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping threshold (inf disables clipping)"""
+    batch_size: int = 128
+    """pairs per update, over all ranks (the global batch; it does not change with the number of ranks)"""
+    local_micro_batch_size: int = 1
+    """pairs per forward/backward pass on one rank (two sequences each: chosen and reject)"""
+    total_episodes: int | None = None
+    """pairs to train on; None: num_train_epochs passes over the train split"""
+    num_train_epochs: int = 1
+    """passes over the train split when total_episodes is None"""
+    eval_freq: int = 50
+    """evaluate on the eval split every this many updates (and before the first and after the last)"""
+
+    task: TaskArgs = field(default_factory=TaskArgs)
+    """the data: filter.py's pairs, their padded widths and sampling temperature"""
+    rebel: RebelArgs = field(default_factory=RebelArgs)
+    """REBEL's own hyperparameters"""
+
+    # computed at run time
+    world_size: tyro.conf.Suppress[int | None] = None
+    """computed at run time: number of processes"""
+    local_batch_size: tyro.conf.Suppress[int | None] = None
+    """computed at run time: batch_size // world_size, pairs per update on one rank"""
+    gradient_accumulation_steps: tyro.conf.Suppress[int | None] = None
+    """computed at run time: local_batch_size // local_micro_batch_size"""
+    num_updates: tyro.conf.Suppress[int | None] = None
+    """computed at run time: total_episodes // batch_size"""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers shared, as identical copies, by the training scripts (tests/test_shared_helpers.py checks they agree)
+
+
+def init_distributed():
+    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; a plain `python script.py` is one process. gloo on CPU, nccl on GPU."""
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")  # dcp in one process
+    return rank, world_size, device
+
+
+def all_reduce(tensor, op=dist.ReduceOp.SUM):
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_split(path, split, arg):
+    """One split of a hub dataset, a `save_to_disk` folder, a folder of data files (split from file names), or a
+    single .jsonl/.json/.csv/.parquet file (which holds only the split "train"). `arg` names the argument in errors."""
+    builders = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+    if os.path.isfile(path):
+        builder = builders.get(os.path.splitext(path)[1])
+        if builder is None:
+            raise ValueError(f"{arg} {path}: expected a .jsonl, .json, .csv or .parquet file")
+        splits = {"train": datasets.load_dataset(builder, data_files=path, split="train")}
+    elif any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")):
+        loaded = datasets.load_from_disk(path)
+        splits = loaded if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+    elif os.path.isdir(path):
+        splits = datasets.load_dataset(path)
+    elif path.startswith((".", "/", "~")) or os.path.splitext(path)[1] in builders:
+        raise FileNotFoundError(f"{arg} {path}: no such file or folder")
+    else:
+        splits = datasets.load_dataset(path)
+    if split not in splits:
+        raise ValueError(f"{arg} {path}: no split {split!r}; it has {sorted(splits)}")
+    return splits[split]
+
+
+def require_columns(dataset, columns, what):
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{what}: missing column(s) {missing}; it has {dataset.column_names}")
+    if len(dataset) == 0:
+        raise ValueError(f"{what}: no rows")
+
+
+def load_tokenizer(path, arg="--model_name_or_path"):
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{arg} {path}: cannot load a tokenizer from it ({type(e).__name__}: {e})") from None
+
+
+def derive_batch_sizes(args, world_size):
+    """Fill in the computed fields; the global batch is fixed, so 1 or N ranks make the same updates."""
+    args.world_size = world_size
+    if args.batch_size % world_size:
+        raise ValueError(f"--batch_size {args.batch_size} does not divide across {world_size} ranks")
+    args.local_batch_size = args.batch_size // world_size
+    if args.local_batch_size % args.local_micro_batch_size:
+        raise ValueError(f"--batch_size {args.batch_size} over {world_size} ranks is {args.local_batch_size} per rank, "
+                         f"not a multiple of --local_micro_batch_size {args.local_micro_batch_size}")
+    args.gradient_accumulation_steps = args.local_batch_size // args.local_micro_batch_size
+
+
+def lr_at(update, args):
+    """Linear warmup then cosine decay to 0, a function of the update number only (no dependence on ranks)."""
+    warmup = int(args.warmup_ratio * args.num_updates)
+    if update < warmup:
+        return args.lr * (update + 1) / warmup
+    progress = (update - warmup) / max(1, args.num_updates - warmup)
+    return args.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def batch_indices(num_examples, batch_size, update, seed):
+    """Example indices of global batch `update`. Each epoch is a seeded permutation, so the order depends on the
+    update number alone: the same for every world size, and restored exactly on resume."""
+    epoch, step = divmod(update, num_examples // batch_size)
+    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return order[step * batch_size:(step + 1) * batch_size].tolist()
+
+
+def check_output_dir(args):
+    """Refuse to clobber a finished run or to restart an unfinished one silently; return the checkpoint to resume.
+    Writes nothing: the folder is made by create_output_dir once the inputs have been checked."""
+    if args.overwrite and args.resume:
+        raise ValueError("--overwrite and --resume contradict each other")
+    if args.overwrite:
+        return None
+    if os.path.exists(os.path.join(args.output_dir, "config.json")):
+        raise FileExistsError(f"--output_dir {args.output_dir} already holds a finished run (config.json); "
+                              "pass another --output_dir or --overwrite")
+    latest = latest_checkpoint(args.output_dir)
+    if latest and args.resume is None:
+        raise FileExistsError(f"--output_dir {args.output_dir} holds checkpoints of an unfinished run; "
+                              "pass --resume auto to continue it or --overwrite to start over")
+    resume = latest if args.resume == "auto" else args.resume
+    if resume and not os.path.exists(os.path.join(resume, "state.json")):
+        raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (no state.json)")
+    return resume
+
+
+def create_output_dir(args, rank):
+    barrier()
+    if rank == 0:
+        if args.overwrite:
+            shutil.rmtree(args.output_dir, ignore_errors=True)
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+    barrier()
+
+
+def latest_checkpoint(output_dir):
+    root = os.path.join(output_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return None
+    names = sorted(n for n in os.listdir(root) if n.startswith("update_") and "." not in n)
+    return os.path.join(root, names[-1]) if names else None
+
+
+def save_checkpoint(args, model, optimizer, state, rank, generators=None):
+    """Write a resumable checkpoint atomically (a temporary folder renamed when complete): model and optimizer through
+    torch.distributed.checkpoint (FSDP2 shards are written by their owners), `state` (counters, wandb run id) and
+    each rank's RNG states. Keeps the newest `keep_checkpoints`."""
+    root = os.path.join(args.output_dir, "checkpoints")
+    path = os.path.join(root, f"update_{state['update']:07d}")
+    tmp = path + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=os.path.join(tmp, "dcp"))
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+           "generators": {name: g.get_state() for name, g in (generators or {}).items()}}
+    torch.save(rng, os.path.join(tmp, f"rng_rank{rank}.pt"))
+    barrier()
+    if rank == 0:
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump(state, f)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+        old = sorted(n for n in os.listdir(root) if n.startswith("update_") and "." not in n)
+        for name in old[:max(0, len(old) - args.keep_checkpoints)]:
+            shutil.rmtree(os.path.join(root, name))
+    barrier()
+    return path
+
+
+def load_checkpoint(path, model, optimizer, rank, world_size, generators=None):
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    if state["world_size"] != world_size:
+        raise ValueError(f"--resume {path}: written by {state['world_size']} ranks, resumed with {world_size}; "
+                         "exact resume needs the same number of ranks")
+    model_state, optim_state = get_state_dict(model, optimizer)
+    loaded = {"model": model_state, "optimizer": optim_state}
+    dcp.load(loaded, checkpoint_id=os.path.join(path, "dcp"))
+    set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
+    rng = torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    for name, g in (generators or {}).items():
+        g.set_state(rng["generators"][name])
+    return state
+
+
+class Preemption:
+    """SIGTERM, what cluster schedulers send before killing a job, only raises a flag: the training loop finishes the
+    update, all ranks agree to stop, a checkpoint is written and the run exits non-zero. (torchrun forwards SIGTERM to
+    its workers and kills them 30 s later, so an update plus a checkpoint must fit in that window.)"""
+
+    def __init__(self):
+        self.flag = False
+        signal.signal(signal.SIGTERM, self.handler)
+
+    def handler(self, signum, frame):
+        self.flag = True
+
+    def requested(self, device):
+        return bool(all_reduce(torch.tensor(float(self.flag), device=device), op=dist.ReduceOp.MAX).item())
+
+
+def step_if_finite(model, optimizer, loss, args, device):
+    """Clip gradients and step, unless the loss or the gradient norm is non-finite on any rank: then the gradients
+    are dropped and the weights are not touched. Returns (stepped, grad_norm)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+        grad_norm = grad_norm.full_tensor()
+    bad = torch.logical_not(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)).float().to(device)
+    finite = all_reduce(bad, op=dist.ReduceOp.MAX).item() == 0
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return finite, grad_norm.item()
+
+
+def count_update(state, stepped):
+    state["update"] += 1
+    state["bad_in_a_row"] = 0 if stepped else state["bad_in_a_row"] + 1
+    state["skipped_updates"] += 0 if stepped else 1
+
+
+def checkpoint_or_stop(args, model, optimizer, state, rank, device, preemption, generators=None):
+    """After an update: stop with a checkpoint after max_bad_updates skipped updates in a row or on SIGTERM;
+    otherwise write the periodic checkpoint."""
+    if state["bad_in_a_row"] >= args.max_bad_updates:  # the weights are the last good ones: none of these stepped
+        path = save_checkpoint(args, model, optimizer, {**state, "bad_in_a_row": 0}, rank, generators)
+        raise SystemExit(f"stopping: {state['bad_in_a_row']} updates in a row had a non-finite loss or gradient norm "
+                         f"and were skipped; the last good weights are in {path}. Lower --lr or check the data, then "
+                         f"continue with --resume {path}")
+    if preemption.requested(device):
+        path = save_checkpoint(args, model, optimizer, state, rank, generators)
+        if rank == 0:
+            print(f"preempted: checkpoint written to {path}; continue with the same command plus --resume auto",
+                  flush=True)
+        sys.exit(143)
+    if args.save_freq and state["update"] % args.save_freq == 0 and state["update"] < args.num_updates:
+        save_checkpoint(args, model, optimizer, state, rank, generators)
+
+
+class Logger:
+    """Every logged scalar goes to the console and `<output_dir>/metrics.jsonl`, and to wandb with --track (a resumed
+    run continues the same wandb run). Only rank 0 writes."""
+
+    def __init__(self, args, rank, run_id, resumed_update):
+        self.rank, self.wandb = rank, None
+        self.path = os.path.join(args.output_dir, "metrics.jsonl")
+        if rank != 0:
+            return
+        if resumed_update is not None and os.path.exists(self.path):  # drop lines logged after the checkpoint
+            with open(self.path) as f:
+                kept = [line for line in f if json.loads(line)["update"] <= resumed_update]
+            with open(self.path, "w") as f:
+                f.writelines(kept)
+        if args.track:
+            import wandb
+
+            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args),
+                                    name=f"{args.exp_name}__{args.seed}__{run_id}", id=run_id, resume="allow")
+
+    def log(self, metrics, update):
+        if self.rank != 0:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"update": update, **metrics}) + "\n")
+        print(f"update {update}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=update)
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def save_model_atomically(model, tokenizer, args, rank, state_dict=None):
+    """`save_pretrained` (safetensors) plus the tokenizer into output_dir; config.json, the file that marks a finished
+    run, is moved in last, so an interrupted save never looks finished. `state_dict`: full weights gathered from a
+    sharded (FSDP2) model."""
+    tmp = os.path.join(args.output_dir, "final.tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+        names = sorted(os.listdir(tmp), key=lambda name: name == "config.json")
+        for name in names:
+            os.replace(os.path.join(tmp, name), os.path.join(args.output_dir, name))
+        os.rmdir(tmp)
+    barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# REBEL
+
+
+def load_pairs(split, args, vocab_size):
+    """A split of filter.py's output as torch tensors, checked: columns, padded widths, ids inside the embedding table,
+    finite rewards, a real token in every response."""
+    data = load_split(args.task.dataset, split, "--task.dataset")
+    what = f"--task.dataset {args.task.dataset} split {split}"
+    require_columns(data, PAIR_COLUMNS, what)
+    data = data.select_columns(PAIR_COLUMNS)
+    widths = {"prompt": args.task.maxlen_prompt, "chosen": args.task.maxlen, "reject": args.task.maxlen}
+    for start, rows in zip(range(0, len(data), 4096), data.with_format("numpy").iter(batch_size=4096)):
+        for name, width in widths.items():
+            ids, mask = np.stack(rows[f"{name}_input_ids"]), np.stack(rows[f"{name}_attention_mask"])
+            if ids.shape[1] != width:
+                raise ValueError(f"{what}: {name}_input_ids is padded to {ids.shape[1]} tokens, but --task."
+                                 f"{'maxlen_prompt' if name == 'prompt' else 'maxlen'} is {width}")
+            if ids.max() >= vocab_size or ids.min() < 0:
+                raise ValueError(f"{what}: {name}_input_ids holds ids outside the model's embedding table "
+                                 f"(size {vocab_size})")
+            if name != "prompt" and (mask.sum(1) == 0).any():
+                row = start + int(np.argmax(mask.sum(1) == 0))
+                raise ValueError(f"{what}: row {row} has an empty {name} response (no real token)")
+        rewards = np.stack([rows["chosen_reward"], rows["reject_reward"]], 1)
+        if not np.isfinite(rewards).all():
+            row = int(np.argmax(~np.isfinite(rewards).all(1)))
+            raise ValueError(f"{what}: row {start + row} has a non-finite reward {rewards[row].tolist()}")
+    return data.with_format("torch")
+
+
+def trimmed_batch(data, indices, device):
+    """Chosen and reject sequences of the pairs `indices` ([chosen..., reject...]), trimmed to the longest real prompt
+    and the longest real response: [left-padded prompt | right-padded response], so they meet in the middle."""
+    rows = data[indices]
+    prompt_len = int(rows["prompt_attention_mask"].sum(1).max())
+    response_len = int(torch.cat([rows["chosen_attention_mask"], rows["reject_attention_mask"]]).sum(1).max())
+    prompt = rows["prompt_input_ids"][:, -prompt_len:].repeat(2, 1)
+    prompt_mask = rows["prompt_attention_mask"][:, -prompt_len:].repeat(2, 1)
+    response = torch.cat([rows["chosen_input_ids"], rows["reject_input_ids"]])[:, :response_len]
+    response_mask = torch.cat([rows["chosen_attention_mask"], rows["reject_attention_mask"]])[:, :response_len]
+    batch = {"input_ids": torch.cat([prompt, response], 1).long(), "attention_mask": torch.cat(
+        [prompt_mask, response_mask], 1).long(), "response_mask": response_mask.bool(), "prompt_len": prompt_len}
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def chunk_logprobs(hidden, targets, lm_head, temperature):
+    logits = lm_head(hidden).float() / temperature
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+
+
+class SequenceLogprobs(torch.nn.Module):
+    """log pi(response | prompt) summed over the real response tokens, from one forward pass on a trimmed batch.
+    Hidden states are kept only at real response positions; the fp32 log-softmax runs over chunks of them, each
+    recomputed in the backward pass (activation checkpointing), so the full fp32 logits never exist."""
+
+    def __init__(self, model, temperature, chunk_size):
+        super().__init__()
+        self.model, self.temperature, self.chunk_size = model, temperature, chunk_size
+
+    def forward(self, input_ids, attention_mask, response_mask, prompt_len):
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                       use_cache=False).last_hidden_state
+        hidden = hidden[:, prompt_len - 1:-1][response_mask]  # states that predict the real response tokens
+        targets = input_ids[:, prompt_len:][response_mask]
+        lm_head = self.model.get_output_embeddings()
+        pieces = []
+        for start in range(0, len(targets), self.chunk_size):
+            args = (hidden[start:start + self.chunk_size], targets[start:start + self.chunk_size], lm_head,
+                    self.temperature)
+            pieces.append(checkpoint(chunk_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled()
+                          else chunk_logprobs(*args))
+        rows = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(response_mask)[response_mask]
+        return torch.zeros(len(input_ids), device=input_ids.device).index_add(0, rows, torch.cat(pieces))
+
+
+def rebel_losses(logprobs, ref_logprobs, rewards, eta):
+    """Per-pair REBEL loss and its parts; every argument is [pairs, 2] (chosen, reject)."""
+    log_ratio = logprobs - ref_logprobs
+    diff = log_ratio[:, 0] - log_ratio[:, 1]
+    target = eta * (rewards[:, 0] - rewards[:, 1])
+    return (diff - target) ** 2, diff, target, log_ratio
+
+
+def sign_align(diff, target):
+    """1 where the log-ratio difference has the sign of the reward difference, 0 where not, 1/2 at a tie (so the
+    untrained policy, whose difference is exactly 0, scores chance level 0.5)."""
+    return ((diff * target > 0).double() + 0.5 * ((diff == 0) & (target != 0)).double())
+
+
+def build_model(path, args, device, trainable=True):
+    """The policy (or the reference) wrapped to return sequence logprobs; dropout off; FSDP2, or DDP when
+    trainable."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=args.attn_implementation,
+                                                     dtype=torch.float32)
+    except OSError as e:
+        raise SystemExit(f"--model_name_or_path {path}: cannot load a model ({e})") from None
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(model.config, "final_logit_softcapping", None):
+        raise SystemExit(f"{path}: logit soft-capping is not supported by the chunked log-softmax")
+    wrapped = SequenceLogprobs(model, args.task.temperature, args.logprob_chunk_size)
+    if args.fsdp:
+        bf16 = args.bf16 and device.type == "cuda"
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+        wrapped.to(device)
+        for module in model.modules():
+            if type(module).__name__ in (model._no_split_modules or ()):
+                fully_shard(module, mp_policy=policy or MixedPrecisionPolicy())
+        fully_shard(wrapped, mp_policy=policy or MixedPrecisionPolicy())
+        return wrapped
+    wrapped.to(device)
+    if dist.is_initialized() and trainable:
+        return DDP(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
+    return wrapped
+
+
+def fingerprint(path):
+    """What identifies a model for the reference cache: its name and, for a local folder, its weight files."""
+    parts = [os.path.abspath(path) if os.path.isdir(path) else path]
+    if os.path.isdir(path):
+        for name in sorted(os.listdir(path)):
+            if name.endswith((".safetensors", ".bin", "config.json")):
+                stat = os.stat(os.path.join(path, name))
+                parts.append(f"{name}:{stat.st_size}:{int(stat.st_mtime)}")
+    return parts
+
+
+def sharded_pass(model, data, indices, args, rank, world_size, device, autocast):
+    """Sequence logprobs [pairs, 2] of the pairs `indices`, computed in micro-batches spread over the ranks (every
+    rank runs the same number of passes, as FSDP2 needs) and summed back together. No gradients."""
+    step = args.local_micro_batch_size * world_size
+    out = torch.zeros(len(indices), 2, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for start in range(0, len(indices), step):
+            mine = list(range(start + rank * args.local_micro_batch_size,
+                              min(start + (rank + 1) * args.local_micro_batch_size, len(indices))))
+            positions = mine or [0]  # a rank with nothing left runs a dummy pass and discards it
+            batch = trimmed_batch(data, [indices[p] for p in positions], device)
+            with autocast:
+                logprobs = model(**batch).double().view(2, -1).T
+            if mine:
+                out[mine] = logprobs
+    return all_reduce(out)
+
+
+def reference_logprobs(splits, args, rank, world_size, device, autocast):
+    """pi0's sequence logprobs of every pair of every split, from the cache beside the run or computed once."""
+    key = hashlib.sha256(json.dumps({
+        "data": {name: data._fingerprint for name, data in splits.items()},
+        "model": fingerprint(args.ref_model_name_or_path or args.model_name_or_path),
+        "temperature": args.task.temperature, "maxlen_prompt": args.task.maxlen_prompt, "maxlen": args.task.maxlen,
+        "attn": args.attn_implementation, "bf16": args.bf16 and device.type == "cuda", "fsdp": args.fsdp,
+    }, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(args.output_dir, "ref_logprobs", f"{key}.pt")
+    if os.path.exists(path):
+        if rank == 0:
+            print(f"reference logprobs: cached in {path}")
+        cached = torch.load(path)
+        return {name: cached[name].to(device) for name in splits}
+    start = time.time()
+    model = build_model(args.ref_model_name_or_path or args.model_name_or_path, args, device, trainable=False)
+    model.eval()
+    result = {name: sharded_pass(model, data, list(range(len(data))), args, rank, world_size, device, autocast)
+              for name, data in splits.items()}
+    del model
+    if rank == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save({name: t.cpu() for name, t in result.items()}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        print(f"reference logprobs: computed in {time.time() - start:.0f} s, cached in {path}")
+    barrier()
+    return result
+
+
+@torch.no_grad()
+def evaluate(model, data, ref, rewards, args, rank, world_size, device, autocast):
+    """val/loss and val/sign_align over the whole eval split."""
+    model.eval()
+    logprobs = sharded_pass(model, data, list(range(len(data))), args, rank, world_size, device, autocast)
+    model.train()
+    losses, diff, target, _ = rebel_losses(logprobs, ref, rewards, args.rebel.eta)
+    return {"val/loss": losses.mean().item(), "val/sign_align": sign_align(diff, target).mean().item()}
+
+
+def main(args: Args):
+    rank, world_size, device = init_distributed()
+    derive_batch_sizes(args, world_size)
+    resume = check_output_dir(args)
+    tokenizer = load_tokenizer(args.model_name_or_path)
+    if args.fsdp and not dist.is_initialized():
+        raise SystemExit("--fsdp shards over a process group: launch with torchrun (--nproc_per_node 1 for one GPU)")
+    vocab_size = AutoConfig.from_pretrained(args.model_name_or_path).get_text_config().vocab_size
+
+    # 1. data, checked before any model is loaded
+    splits = {"train": load_pairs(args.task.train_split, args, vocab_size)}
+    if args.task.eval_split is not None:
+        splits["eval"] = load_pairs(args.task.eval_split, args, vocab_size)
+    train = splits["train"]
+    if args.total_episodes is None:
+        args.total_episodes = args.num_train_epochs * len(train)
+    args.num_updates = args.total_episodes // args.batch_size
+    if args.num_updates == 0 or len(train) < args.batch_size:
+        raise ValueError(f"--batch_size {args.batch_size} is larger than the data ({len(train)} pairs) or "
+                         f"total_episodes ({args.total_episodes})")
+    rewards = {name: torch.stack([d["chosen_reward"][:], d["reject_reward"][:]], 1).double().to(device)
+               for name, d in splits.items()}
+    create_output_dir(args, rank)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16,
+                              enabled=args.bf16 and device.type == "cuda" and not args.fsdp)
+
+    # 2. reference logprobs, once (cached), then the policy
+    ref = reference_logprobs(splits, args, rank, world_size, device, autocast)
+    torch.manual_seed(args.seed)
+    model = build_model(args.model_name_or_path, args, device)
+    model.train()
+    unwrapped = model.module if isinstance(model, DDP) else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+
+    # 3. resume
+    state = {"update": 0, "world_size": world_size, "skipped_updates": 0, "bad_in_a_row": 0,
+             "run_id": f"{int(time.time())}{random.Random().randrange(16**6):06x}"}
+    if resume:
+        state = load_checkpoint(resume, model, optimizer, rank, world_size)
+        if rank == 0:
+            print(f"resumed from {resume} at update {state['update']}")
+    logger = Logger(args, rank, state["run_id"], state["update"] if resume else None)
+    preemption = Preemption()
+    if "eval" in splits and not resume:
+        logger.log({**evaluate(model, splits["eval"], ref["eval"], rewards["eval"], args, rank, world_size, device,
+                               autocast), "episode": 0}, 0)
+
+    # 4. train
+    start_time, start_update = time.time(), state["update"]
+    while state["update"] < args.num_updates:
+        update = state["update"]
+        lr = lr_at(update, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = batch_indices(len(train), args.batch_size, update, args.seed)
+        local = batch[rank * args.local_batch_size:(rank + 1) * args.local_batch_size]
+        sums = torch.zeros(7, dtype=torch.float64, device=device)
+        ratios = []
+        for micro in range(args.gradient_accumulation_steps):
+            pairs = local[micro * args.local_micro_batch_size:(micro + 1) * args.local_micro_batch_size]
+            sync = micro == args.gradient_accumulation_steps - 1 or not isinstance(model, DDP)
+            with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+                logprobs = model(**trimmed_batch(train, pairs, device)).view(2, -1).T  # [pairs, (chosen, reject)]
+                losses, diff, target, log_ratio = rebel_losses(logprobs.double(), ref["train"][pairs],
+                                                               rewards["train"][pairs], args.rebel.eta)
+                loss = losses.sum() / args.batch_size
+                (loss * world_size).backward()  # DDP and FSDP2 average gradients over ranks; undo it
+            with torch.no_grad():
+                sums += torch.stack([losses.sum(), -log_ratio[:, 0].sum(), -log_ratio[:, 1].sum(), diff.abs().sum(),
+                                     target.abs().sum(), sign_align(diff, target).sum(),
+                                     torch.tensor(float(len(pairs)), device=device, dtype=torch.float64)])
+                ratios.append(log_ratio.exp().flatten())
+        stepped, grad_norm = step_if_finite(model, optimizer, sums[0] / args.batch_size, args, device)
+        count_update(state, stepped)
+
+        # metrics, reduced over ranks
+        ratios = torch.cat(ratios)
+        ratio_sums = all_reduce(torch.stack([ratios.sum(), (ratios ** 2).sum(), torch.tensor(
+            float(len(ratios)), device=device, dtype=torch.float64)]).double())
+        loss_sum, chosen_kl, reject_kl, abs_diff, abs_target, aligned, n = all_reduce(sums).tolist()
+        ratio_mean = (ratio_sums[0] / ratio_sums[2]).item()
+        metrics = {"loss/policy_avg": loss_sum / n, "objective/kl": (chosen_kl + reject_kl) / (2 * n),
+                   "objective/chosen_kl": chosen_kl / n, "objective/reject_kl": reject_kl / n,
+                   "objective/abs_logratio_diff": abs_diff / n, "objective/abs_eta_reward_diff": abs_target / n,
+                   "objective/sign_align": aligned / n, "val/ratio": ratio_mean,
+                   "val/ratio_var": (ratio_sums[1] / ratio_sums[2]).item() - ratio_mean ** 2,
+                   "loss/grad_norm": grad_norm, "loss/skipped_updates": state["skipped_updates"], "lr": lr,
+                   "episode": state["update"] * args.batch_size,
+                   "eps": (state["update"] - start_update) * args.batch_size / (time.time() - start_time)}
+        if "eval" in splits and (state["update"] % args.eval_freq == 0 or state["update"] == args.num_updates):
+            metrics.update(evaluate(model, splits["eval"], ref["eval"], rewards["eval"], args, rank, world_size,
+                                    device, autocast))
+        logger.log(metrics, state["update"])
+        checkpoint_or_stop(args, model, optimizer, state, rank, device, preemption)
+
+    # 5. save the full policy (gathered from the shards under FSDP2)
+    full = None
+    if args.fsdp:
+        tied = getattr(unwrapped.model, "all_tied_weights_keys", None) or {}  # saved once, as save_pretrained does
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = {name: t for name, t in ((n.removeprefix("model."), t) for n, t in full.items()) if name not in tied}
+    save_model_atomically(unwrapped.model, tokenizer, args, rank, state_dict=full)
+    if rank == 0:
+        print(f"saved the policy and tokenizer to {args.output_dir}")
+    logger.close()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

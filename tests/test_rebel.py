@@ -1,0 +1,153 @@
+"""rebel.py: the loss and the trimmed, chunked logprobs against slow references, a log-ratio of exactly 0 before the
+first update, 2 ranks == 1 rank (DDP and FSDP2 on CPU), the reference cache, and the offline SST-2 chain
+generate -> score -> filter -> rebel raising held-out sign agreement above its starting value."""
+
+import datasets
+import pytest
+import torch
+from conftest import SST2, TINY_LLAMA, assert_weights_equal, metrics, run
+
+import rebel
+
+
+def test_rebel_loss_matches_a_slow_reference():
+    g = torch.Generator().manual_seed(0)
+    logprobs, ref = torch.randn(6, 2, generator=g, dtype=torch.float64), torch.randn(6, 2, generator=g,
+                                                                                  dtype=torch.float64)
+    rewards = torch.rand(6, 2, generator=g, dtype=torch.float64)
+    losses, diff, target, _ = rebel.rebel_losses(logprobs, ref, rewards, eta=3.0)
+    for i in range(6):
+        expected_diff = (logprobs[i, 0] - ref[i, 0]) - (logprobs[i, 1] - ref[i, 1])
+        expected = (expected_diff - 3.0 * (rewards[i, 0] - rewards[i, 1])) ** 2
+        assert losses[i].item() == pytest.approx(expected.item(), rel=1e-12)
+        assert diff[i].item() == pytest.approx(expected_diff.item(), rel=1e-12)
+    assert rebel.sign_align(torch.tensor([0.0, 1.0, -1.0]), torch.tensor([2.0, 2.0, 2.0])).tolist() == [0.5, 1, 0]
+
+
+def pair_rows(maxlen_prompt=7, maxlen=6):
+    """Three pairs in filter.py's layout, with prompts and responses of different real lengths."""
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for prompt_len, chosen_len, reject_len in ((3, 2, 5), (7, 6, 1), (1, 4, 3)):
+        row = {}
+        for name, n, width, left in (("prompt", prompt_len, maxlen_prompt, True), ("chosen", chosen_len, maxlen, False),
+                                     ("reject", reject_len, maxlen, False)):
+            ids = torch.randint(5, 1000, (n,), generator=g).tolist()
+            pad = [4] * (width - n)
+            row[f"{name}_input_ids"] = pad + ids if left else ids + pad
+            row[f"{name}_attention_mask"] = [0] * len(pad) + [1] * n if left else [1] * n + [0] * len(pad)
+        row["chosen_reward"], row["reject_reward"] = 1.0, 0.0
+        rows.append(row)
+    return datasets.Dataset.from_list(rows).with_format("torch")
+
+
+def slow_logprobs(model, row, temperature):
+    """Every sequence at full fixed width (maxlen_prompt + maxlen), full-vocabulary fp32 log-softmax, masked sum."""
+    out = []
+    for name in ("chosen", "reject"):
+        ids = torch.cat([row["prompt_input_ids"], row[f"{name}_input_ids"]])[None]
+        mask = torch.cat([row["prompt_attention_mask"], row[f"{name}_attention_mask"]])[None]
+        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits.double() / temperature
+        width = len(row["prompt_input_ids"])
+        logprobs = logits[0, width - 1:-1].log_softmax(-1).gather(1, row[f"{name}_input_ids"][:, None]).squeeze(1)
+        out.append((logprobs * row[f"{name}_attention_mask"]).sum())
+    return torch.stack(out)
+
+
+def test_trimmed_chunked_logprobs_and_gradients_equal_the_full_width_reference():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_LLAMA), dtype=torch.float32)
+    data, temperature = pair_rows(), 0.7
+    fast = rebel.SequenceLogprobs(model, temperature, chunk_size=3)  # chunks smaller than one response
+    batch = rebel.trimmed_batch(data, [0, 1, 2], "cpu")
+    assert batch["input_ids"].shape == (6, 7 + 6) and batch["prompt_len"] == 7  # the widest real prompt and response
+    assert rebel.trimmed_batch(data, [0, 2], "cpu")["input_ids"].shape == (4, 3 + 5)  # trimmed to this batch
+    logprobs = fast(**batch).view(2, -1).T
+    logprobs.sum().backward()
+    fast_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    expected = torch.stack([slow_logprobs(model, data[i], temperature) for i in range(3)])
+    torch.testing.assert_close(logprobs.double(), expected, atol=1e-4, rtol=1e-5)
+    expected.sum().backward()
+    for fast_grad, p in zip(fast_grads, model.parameters()):
+        torch.testing.assert_close(fast_grad, p.grad, atol=1e-5, rtol=1e-4)
+
+
+REBEL = ["--task.maxlen_prompt", "16", "--task.maxlen", "24", "--task.temperature", "0.7", "--rebel.eta", "1",
+         "--lr", "3e-4", "--batch_size", "8", "--local_micro_batch_size", "1", "--logprob_chunk_size", "16"]
+
+
+@pytest.fixture(scope="session")
+def sst2_pairs(session_dir, sft_policy, reward_model):
+    """The offline SST-2 chain's data: generate.py -> score.py -> filter.py on the tiny GPT-2 models."""
+    gen, scored, pairs = (session_dir / name for name in ("sst2_gen", "sst2_score", "sst2_pairs"))
+    run("generate.py", "--model_name_or_path", sft_policy, "--dataset", SST2, "--split", "train", "--prompt_column",
+        "sentence", "--prompt_format", "text", "--prompt_words", "4", "--maxlen", "24", "--num_responses", "4",
+        "--temperature", "0.7", "--top_p", "1.0", "--end_idx", "640", "--backend", "hf", "--local_micro_batch_size",
+        "64", "--output_dir", gen)
+    run("score.py", "--reward_model", reward_model, "--dataset", gen, "--prompt_format", "text",
+        "--local_micro_batch_size", "64", "--output_dir", scored)
+    run("filter.py", "--dataset", scored, "--model_name_or_path", sft_policy, "--prompt_format", "text",
+        "--maxlen_prompt", "16", "--maxlen", "24", "--test_size", "128", "--output_dir", pairs)
+    return pairs
+
+
+@pytest.fixture(scope="session")
+def rebel_1p(session_dir, sft_policy, sst2_pairs):
+    out = session_dir / "rebel_1p"
+    run("rebel.py", "--model_name_or_path", sft_policy, "--task.dataset", sst2_pairs, *REBEL, "--total_episodes", "32",
+        "--eval_freq", "2", "--save_freq", "1", "--keep_checkpoints", "5", "--output_dir", out)
+    return out
+
+
+def test_log_ratio_is_exactly_zero_before_the_first_update(rebel_1p):
+    rows = metrics(rebel_1p)
+    assert rows[0]["update"] == 0 and rows[0]["val/sign_align"] == 0.5  # every difference is exactly 0: chance
+    first = rows[1]  # computed in the forward pass before the first optimizer step
+    assert first["objective/kl"] == 0.0 and first["objective/chosen_kl"] == 0.0
+    assert first["objective/abs_logratio_diff"] == 0.0 and first["val/ratio"] == 1.0 and first["val/ratio_var"] == 0.0
+    assert first["objective/abs_eta_reward_diff"] > 0
+    assert rows[-1]["objective/abs_logratio_diff"] > 0
+
+
+def test_two_ranks_match_one_rank_with_ddp_and_with_fsdp2(session_dir, rebel_1p, sft_policy, sst2_pairs):
+    for name, extra in (("rebel_2p", []), ("rebel_2p_fsdp", ["--fsdp"])):
+        out = session_dir / name
+        run("rebel.py", "--model_name_or_path", sft_policy, "--task.dataset", sst2_pairs, *REBEL, "--total_episodes",
+            "32", "--eval_freq", "2", *extra, "--output_dir", out, nproc=2)
+        assert_weights_equal(rebel_1p, out, exact=False)
+        one, two = metrics(rebel_1p), metrics(out)
+        assert [m["loss/policy_avg"] for m in one[1:]] == pytest.approx([m["loss/policy_avg"] for m in two[1:]],
+                                                                        rel=1e-4)
+        assert [m["val/sign_align"] for m in one if "val/sign_align" in m] == [
+            m["val/sign_align"] for m in two if "val/sign_align" in m]
+
+
+def test_reference_logprobs_are_cached_beside_the_run(rebel_1p, sft_policy, sst2_pairs, tmp_path):
+    cache = list((rebel_1p / "ref_logprobs").glob("*.pt"))
+    assert len(cache) == 1
+    ref = torch.load(cache[0])
+    assert set(ref) == {"train", "eval"} and ref["train"].shape[1] == 2
+    # a restart in the same folder reads the cache instead of recomputing (here: resuming the last checkpoint)
+    proc = run("rebel.py", "--model_name_or_path", sft_policy, "--task.dataset", sst2_pairs, *REBEL,
+               "--total_episodes", "40", "--eval_freq", "2", "--output_dir", tmp_path / "again")
+    assert "reference logprobs: computed" in proc.stdout
+    (tmp_path / "again" / "config.json").unlink()  # pretend the run did not finish; the cache must be reused
+    proc = run("rebel.py", "--model_name_or_path", sft_policy, "--task.dataset", sst2_pairs, *REBEL,
+               "--total_episodes", "40", "--eval_freq", "2", "--output_dir", tmp_path / "again", "--resume", "auto")
+    assert "reference logprobs: cached" in proc.stdout
+
+
+def test_sst2_chain_raises_held_out_sign_agreement(session_dir, sft_policy, sst2_pairs):
+    out = session_dir / "rebel_learns"
+    run("rebel.py", "--model_name_or_path", sft_policy, "--task.dataset", sst2_pairs, *REBEL, "--batch_size", "32",
+        "--local_micro_batch_size", "16", "--eval_freq", "100", "--output_dir", out)
+    evals = [m for m in metrics(out) if "val/sign_align" in m]
+    assert len(datasets.load_from_disk(str(sst2_pairs))["test"]) == 128
+    assert evals[0]["val/sign_align"] == 0.5  # chance: before training every log-ratio difference is exactly 0
+    # about 0.63 after one epoch; chance would stay within 0.5 +- 0.044 (one standard deviation over 128 pairs)
+    assert evals[-1]["val/sign_align"] > 0.58, evals
+    assert evals[-1]["val/loss"] < evals[0]["val/loss"]

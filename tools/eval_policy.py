@@ -1,0 +1,93 @@
+"""Evaluate saved policies exactly as ppo.py evaluates during training, for algorithms that train offline (REBEL).
+
+Held-out prompts are answered with ppo.py's sampler (the same per-prompt sampling noise, so the policies of different
+algorithms answer with common random numbers), scored by the reward model and by the VADER judge, and the KL to the
+reference policy is estimated from the samples. The reference itself is evaluated first, as episode 0. Writes
+`metrics.jsonl` (eval/* rows keyed by episode) and `eval_samples.jsonl`, which tools/report.py plots beside PPO.
+
+    python tools/eval_policy.py --policies runs/rebel_iter0 runs/rebel_iter1 --episodes 3200 6400 \\
+        --reference runs/sft_sst2 --reward_model runs/reward_sst2 --output_dir runs/rebel_eval
+"""
+
+import contextlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import tyro
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import ppo  # noqa: E402  (the evaluation is ppo.py's, reused rather than rewritten)
+
+
+@dataclass
+class Args:
+    policies: tuple[str, ...]
+    """policy folders to evaluate, in training order (e.g. one per REBEL iteration)"""
+    episodes: tuple[int, ...]
+    """episodes (responses sampled and scored) spent to reach each policy, for the x axis"""
+    reference: str
+    """the reference policy of the KL (the SFT policy); evaluated too, as episode 0"""
+    reward_model: str
+    """the reward model that scores the answers"""
+    output_dir: str
+    """where metrics.jsonl and eval_samples.jsonl go"""
+    dataset: str = "stanfordnlp/sst2"
+    """prompt dataset (as ppo.py's --task.dataset)"""
+    eval_split: str = "validation"
+    """split of the held-out prompts"""
+    prompt_column: str = "sentence"
+    """column holding the prompts"""
+    prompt_words: int = 4
+    """first words of each prompt kept (as ppo.py's --task.prompt_words)"""
+    eval_size: int = 128
+    """held-out prompts"""
+    response_length: int = 24
+    """tokens sampled per answer"""
+    temperature: float = 0.7
+    """sampling temperature (ppo.py's default)"""
+    seed: int = 1
+    """seed of the sampling noise (use the PPO run's to share its noise)"""
+
+
+def main(args: Args):
+    if len(args.policies) != len(args.episodes):
+        raise ValueError(f"--policies has {len(args.policies)} entries but --episodes has {len(args.episodes)}")
+    task = ppo.TaskArgs(dataset=args.dataset, eval_split=args.eval_split, prompt_column=args.prompt_column,
+                        prompt_words=args.prompt_words, response_length=args.response_length,
+                        temperature=args.temperature)
+    config = ppo.Args(model_name_or_path=args.reference, reward_model_name_or_path=args.reward_model,
+                      eval_size=args.eval_size, seed=args.seed, task=task)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = ppo.load_tokenizer(args.reference, "--reference")
+    rm_tokenizer = ppo.load_tokenizer(args.reward_model, "--reward_model")
+    for tok in (tokenizer, rm_tokenizer):
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+    same = tokenizer.get_vocab() == rm_tokenizer.get_vocab()
+    prompts, prompt_ids, _ = ppo.load_prompts(tokenizer, args.eval_split, config)
+    prompts, prompt_ids = prompts[:args.eval_size], prompt_ids[:args.eval_size]
+    load = lambda cls, path, arg: ppo.freeze(ppo.load_pretrained(cls, path, arg, config), device)  # noqa: E731
+    reference = load(ppo.AutoModelForCausalLM, args.reference, "--reference")
+    reward_model = load(ppo.AutoModelForSequenceClassification, args.reward_model, "--reward_model")
+    reward_model.config.pad_token_id = rm_tokenizer.pad_token_id
+    judge = ppo.SentimentIntensityAnalyzer()
+    os.makedirs(args.output_dir, exist_ok=True)
+    rows, samples = [], []
+    for step, (path, episode) in enumerate([(args.reference, 0), *zip(args.policies, args.episodes)]):
+        policy = reference if step == 0 else load(ppo.AutoModelForCausalLM, path, "--policies")
+        metrics, answers = ppo.evaluate(policy, reference, reward_model, prompts, prompt_ids, tokenizer, rm_tokenizer,
+                                        same, judge, config, 0, 1, device, contextlib.nullcontext())
+        rows.append({"update": step, "episode": episode, "policy": path, **metrics})
+        samples += [{"update": step, "episode": episode, **answer} for answer in answers]
+        print(f"{path}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
+    for name, lines in (("metrics.jsonl", rows), ("eval_samples.jsonl", samples)):
+        with open(os.path.join(args.output_dir, name), "w") as f:
+            f.writelines(json.dumps(line) + "\n" for line in lines)
+    print(f"wrote {args.output_dir}/metrics.jsonl and eval_samples.jsonl")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
