@@ -162,20 +162,23 @@ def load_split(path, split, arg):
     """One split of a hub dataset, a `save_to_disk` folder, a folder of data files (split from file names), or a
     single .jsonl/.json/.csv/.parquet file (which holds only the split "train"). `arg` names the argument in errors."""
     builders = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-    if os.path.isfile(path):
-        builder = builders.get(os.path.splitext(path)[1])
-        if builder is None:
-            raise ValueError(f"{arg} {path}: expected a .jsonl, .json, .csv or .parquet file")
-        splits = {"train": datasets.load_dataset(builder, data_files=path, split="train")}
-    elif any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")):
-        loaded = datasets.load_from_disk(path)
-        splits = loaded if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
-    elif os.path.isdir(path):
-        splits = datasets.load_dataset(path)
-    elif path.startswith((".", "/", "~")) or os.path.splitext(path)[1] in builders:
+    if not os.path.exists(path) and (path.startswith((".", "/", "~")) or os.path.splitext(path)[1] in builders):
         raise FileNotFoundError(f"{arg} {path}: no such file or folder")
-    else:
-        splits = datasets.load_dataset(path)
+    if os.path.isfile(path) and os.path.splitext(path)[1] not in builders:
+        raise ValueError(f"{arg} {path}: expected a .jsonl, .json, .csv or .parquet file")
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise ValueError(f"{arg} {path}: the file is empty")
+    try:
+        if os.path.isfile(path):
+            builder = builders[os.path.splitext(path)[1]]
+            splits = {"train": datasets.load_dataset(builder, data_files=path, split="train")}
+        elif any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")):
+            loaded = datasets.load_from_disk(path)
+            splits = loaded if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+        else:
+            splits = datasets.load_dataset(path)
+    except (IndexError, StopIteration) as e:  # how datasets fails on a saved dataset without rows
+        raise ValueError(f"{arg} {path}: no rows (datasets cannot read it: {type(e).__name__})") from None
     if split not in splits:
         raise ValueError(f"{arg} {path}: no split {split!r}; it has {sorted(splits)}")
     return splits[split]
@@ -317,8 +320,8 @@ def load_checkpoint(path, model, optimizer, rank, world_size, generators=None):
 
 class Preemption:
     """SIGTERM, what cluster schedulers send before killing a job, only raises a flag: the training loop finishes the
-    update, all ranks agree to stop, a checkpoint is written and the run exits non-zero. (torchrun forwards SIGTERM to
-    its workers and kills them 30 s later, so an update plus a checkpoint must fit in that window.)"""
+    update, all ranks agree to stop, a checkpoint is written and the run exits 143. (torchrun forwards SIGTERM to its
+    workers and kills them --shutdown-timeout seconds later, 30 by default: an update plus a checkpoint must fit.)"""
 
     def __init__(self):
         self.flag = False
@@ -378,11 +381,12 @@ class Logger:
         self.path = os.path.join(args.output_dir, "metrics.jsonl")
         if rank != 0:
             return
-        if resumed_update is not None and os.path.exists(self.path):  # drop lines logged after the checkpoint
+        kept = []  # a fresh start begins a new file; a resumed run drops what was logged after its checkpoint
+        if resumed_update is not None and os.path.exists(self.path):
             with open(self.path) as f:
                 kept = [line for line in f if json.loads(line)["update"] <= resumed_update]
-            with open(self.path, "w") as f:
-                f.writelines(kept)
+        with open(self.path, "w") as f:
+            f.writelines(kept)
         if args.track:
             import wandb
 

@@ -2,10 +2,13 @@
 
 Everything runs offline on the tiny models in data/ and the synthetic SST-2 corpus in data/sst2."""
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled", HF_HUB_DISABLE_PROGRESS_BARS="1",
@@ -23,11 +26,16 @@ TINY_GPT2 = DATA / "tiny-gpt2"
 TINY_LLAMA = DATA / "tiny-llama3-chat"
 
 
-def run(script, *args, nproc=1, check=True, env=None):
-    """Run a top-level script with `python` (nproc 1) or `torchrun --nproc_per_node nproc`; return the process."""
+def command(script, args, nproc=1):
+    """`python script args` (nproc 1) or `torchrun --nproc_per_node nproc script args`."""
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                     "--nproc_per_node", str(nproc)]
-    cmd = [*launcher, str(ROOT / script), *map(str, args)]
+    return [*launcher, str(ROOT / script), *map(str, args)]
+
+
+def run(script, *args, nproc=1, check=True, env=None):
+    """Run a top-level script as a user would; return the finished process (raise with its output if it failed)."""
+    cmd = command(script, args, nproc)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
@@ -55,6 +63,118 @@ def assert_weights_equal(a_dir, b_dir, exact=True, atol=1e-4):
             assert torch.equal(a[name], b[name]), f"{name} differs between {a_dir} and {b_dir}"
         else:
             torch.testing.assert_close(a[name], b[name], atol=atol, rtol=1e-4, msg=f"{name}: {a_dir} vs {b_dir}")
+
+
+def logged_updates(run_dir):
+    """Updates in metrics.jsonl so far (a line being written is skipped)."""
+    updates = []
+    with contextlib.suppress(FileNotFoundError), open(Path(run_dir) / "metrics.jsonl") as f:
+        for line in f:
+            with contextlib.suppress(json.JSONDecodeError):
+                updates.append(json.loads(line)["update"])
+    return updates
+
+
+def preempt(script, args, run_dir, nproc=1, after_update=1):
+    """Start a run in its own process group; once it has logged `after_update`, freeze the group and send SIGTERM to
+    every process in it (as Slurm does to a job step), then let it go on. Returns the finished process's
+    (returncode, output)."""
+    proc = subprocess.Popen(command(script, args, nproc), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    deadline = time.time() + 600
+    while not any(u >= after_update for u in logged_updates(run_dir)):
+        if proc.poll() is not None or time.time() > deadline:
+            raise AssertionError(f"{script} ended or stalled before update {after_update}:\n{proc.communicate()[0]}")
+        time.sleep(0.005)
+    for sig in (signal.SIGSTOP, signal.SIGTERM, signal.SIGCONT):
+        os.killpg(proc.pid, sig)
+    output = proc.communicate(timeout=600)[0]
+    return proc.returncode, output
+
+
+def assert_same_metrics(reference_dir, run_dir, skip=("eps",)):
+    """Every update logged once, with the same numbers as the reference run's (timing aside)."""
+    reference, rows = metrics(reference_dir), metrics(run_dir)
+    assert [m["update"] for m in rows] == [m["update"] for m in reference[-len(rows):]]
+    for a, b in zip(reference[-len(rows):], rows):
+        assert {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
+
+
+def check_preempt_and_resume(script, args, reference_dir, run_dir, nproc):
+    """SIGTERM mid-run: the update finishes, a checkpoint is written, the run exits 143 saying how to resume; resumed
+    with --resume auto it ends with weights bitwise equal to the uninterrupted reference run's, and the same metrics.
+    Returns the output of both runs."""
+    code, output = preempt(script, [*args, "--output_dir", run_dir], run_dir, nproc)
+    assert code != 0 and "preempted: checkpoint written to" in output and "--resume auto" in output, output[-3000:]
+    assert not (Path(run_dir) / "config.json").exists()
+    stopped_at = logged_updates(run_dir)[-1]
+    assert (Path(run_dir) / "checkpoints" / f"update_{stopped_at:07d}" / "state.json").exists()
+    assert stopped_at < logged_updates(reference_dir)[-1], "the run ended before SIGTERM could interrupt it"
+    resumed = run(script, *args, "--output_dir", run_dir, "--resume", "auto", nproc=nproc)
+    assert_weights_equal(reference_dir, run_dir)
+    assert_same_metrics(reference_dir, run_dir)
+    return output, resumed.stdout
+
+
+def run_in_process(module, args, run_dir):
+    """main() of an imported script, with the arguments a user would type (faster than a new process)."""
+    import tyro
+
+    return module.main(tyro.cli(module.Args, args=[*map(str, args), "--output_dir", str(run_dir)]))
+
+
+def check_resume_from_checkpoint(module, args, reference_dir, run_dir, update):
+    """Resuming the reference run's checkpoint at `update`, with nothing else from that run (a new process state, a
+    new output folder), ends with weights bitwise equal to the reference's and the same metrics after it."""
+    run_in_process(module, [*args, "--resume", Path(reference_dir) / "checkpoints" / f"update_{update:07d}"], run_dir)
+    assert_weights_equal(reference_dir, run_dir)
+    assert_same_metrics(reference_dir, run_dir)
+
+
+def checkpoint_weights(checkpoint):
+    """The model weights stored in a checkpoint (torch.distributed.checkpoint format)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    path = Path(checkpoint).parent / (Path(checkpoint).name + ".pt")
+    dcp_to_torch_save(Path(checkpoint) / "dcp", path)
+    return torch.load(path, weights_only=False)["model"]
+
+
+@contextlib.contextmanager
+def nonfinite_gradients(at_steps):
+    """Turn the gradient non-finite at the given optimizer steps (1-based), as a NaN loss or an overflow would."""
+    real, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def poisoned(parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        calls.append(1)
+        if len(calls) in at_steps:
+            next(p for p in parameters if p.grad is not None).grad.view(-1)[0] = float("nan")
+        return real(parameters, max_norm, *args, **kwargs)
+
+    original = torch.nn.utils.clip_grad_norm_
+    torch.nn.utils.clip_grad_norm_ = poisoned
+    try:
+        yield calls
+    finally:
+        torch.nn.utils.clip_grad_norm_ = original
+
+
+def check_nonfinite_guard(module, args, reference_dir, tmp_path, good):
+    """In-process runs with poisoned gradients. One bad update (good + 1) is skipped and counted and the run finishes
+    with finite weights, keeping only keep_checkpoints checkpoints; two in a row (max_bad_updates 2) stop the run with
+    a message and a checkpoint holding the last good weights: bitwise those of the reference run after update good."""
+    with nonfinite_gradients({good + 1}):
+        run_in_process(module, [*args, "--keep_checkpoints", "2"], tmp_path / "one")
+    rows = [m for m in metrics(tmp_path / "one") if "loss/skipped_updates" in m]
+    assert [m["loss/skipped_updates"] for m in rows[good - 1:good + 2]] == [0, 1, 1]
+    assert all(torch.isfinite(w).all() for w in weights(tmp_path / "one").values())
+    assert len(list((tmp_path / "one" / "checkpoints").iterdir())) == 2
+    with nonfinite_gradients({good + 1, good + 2}), pytest.raises(SystemExit, match="2 updates in a row had a non-f"):
+        run_in_process(module, [*args, "--max_bad_updates", "2"], tmp_path / "two")
+    stopped = checkpoint_weights(tmp_path / "two" / "checkpoints" / f"update_{good + 2:07d}")
+    last_good = checkpoint_weights(Path(reference_dir) / "checkpoints" / f"update_{good:07d}")
+    assert stopped.keys() == last_good.keys() and all(torch.equal(stopped[k], last_good[k]) for k in last_good)
 
 
 @pytest.fixture(scope="session")

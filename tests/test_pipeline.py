@@ -1,10 +1,14 @@
 """The REBEL data stages on a tiny Llama-3-style chat setup: generate.py -> score.py -> filter.py chained end to end,
 torchrun == one process, every filter rule on a crafted fixture, the layout token by token, no double BOS, bad input."""
 
+import signal
+import subprocess
+import time
+
 import datasets
 import pytest
 import torch
-from conftest import TINY_GPT2, TINY_LLAMA, run
+from conftest import ROOT, TINY_GPT2, TINY_LLAMA, command, run, run_in_process
 
 import filter as filter_stage
 import generate
@@ -12,6 +16,10 @@ import score
 
 GEN = ["--num_responses", "4", "--maxlen", "32", "--backend", "hf", "--shard_size", "10",
        "--local_micro_batch_size", "4", "--split", "train"]
+
+
+def score_args(reward_model, dataset):
+    return ["--reward_model", reward_model, "--dataset", dataset, "--shard_size", "4", "--local_micro_batch_size", "8"]
 
 
 @pytest.fixture(scope="session")
@@ -24,8 +32,7 @@ def generated(session_dir, chat_policy, chat_prompts):
 @pytest.fixture(scope="session")
 def scored(session_dir, generated, chat_reward_model):
     out = session_dir / "score_1p"
-    run("score.py", "--reward_model", chat_reward_model, "--dataset", generated, "--shard_size", "10",
-        "--local_micro_batch_size", "8", "--output_dir", out)
+    run("score.py", *score_args(chat_reward_model, generated), "--output_dir", out)
     return out
 
 
@@ -56,8 +63,7 @@ def test_two_ranks_generate_and_score_the_same(session_dir, generated, scored, c
     run("generate.py", "--model_name_or_path", chat_policy, "--dataset", chat_prompts, *GEN, "--output_dir", gen2,
         nproc=2)
     assert datasets.load_from_disk(str(gen2)).to_list() == datasets.load_from_disk(str(generated)).to_list()
-    run("score.py", "--reward_model", chat_reward_model, "--dataset", gen2, "--shard_size", "10",
-        "--local_micro_batch_size", "8", "--output_dir", score2, nproc=2)
+    run("score.py", *score_args(chat_reward_model, gen2), "--output_dir", score2, nproc=2)
     assert datasets.load_from_disk(str(score2)).to_list() == datasets.load_from_disk(str(scored)).to_list()
 
 
@@ -173,3 +179,32 @@ def test_vllm_asked_for_but_missing_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="--backend vllm: vLLM is not installed"):
         generate.main(generate.Args(model_name_or_path=str(TINY_LLAMA), dataset="x.jsonl", backend="vllm",
                                     output_dir=str(tmp_path / "out")))
+
+
+@pytest.mark.parametrize("stage", ["generate", "score"])
+def test_data_stage_killed_part_way_resumes_to_identical_output(stage, tmp_path, capsys, generated, scored,
+                                                                 chat_policy, chat_prompts, chat_reward_model):
+    """SIGKILL once the first shard is on disk (a crash); the same command again skips the finished shards and
+    writes exactly what the uninterrupted run wrote."""
+    if stage == "generate":
+        script, args, reference = "generate.py", ["--model_name_or_path", chat_policy, "--dataset", chat_prompts,
+                                                  *GEN], generated
+    else:
+        script, args, reference = "score.py", score_args(chat_reward_model, generated), scored
+    out = tmp_path / stage
+    proc = subprocess.Popen(command(script, [*args, "--output_dir", out]), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    first = tmp_path / f"{stage}.partial" / "shard_000000.jsonl"
+    while not first.exists():
+        assert proc.poll() is None, f"{script} ended before writing a shard"
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    shards = sorted((tmp_path / f"{stage}.partial").glob("shard_*.jsonl"))
+    total = {"generate": 3, "score": 6}[stage]  # 24 prompts in shards of 10, 24 rows in shards of 4
+    assert not out.exists() and 1 <= len(shards) < total, "the kill came too late to leave partial work"
+    module = generate if stage == "generate" else score
+    run_in_process(module, args, out)  # the same command again (in-process, to save a start-up)
+    assert f"{len(shards)} done by an earlier run" in capsys.readouterr().out
+    assert datasets.load_from_disk(str(out)).to_list() == datasets.load_from_disk(str(reference)).to_list()
+    assert not (tmp_path / f"{stage}.partial").exists()

@@ -5,7 +5,17 @@ import math
 
 import pytest
 import torch
-from conftest import SST2, TINY_GPT2, TINY_LLAMA, assert_weights_equal, metrics, run
+from conftest import (
+    SST2,
+    TINY_GPT2,
+    TINY_LLAMA,
+    assert_weights_equal,
+    check_nonfinite_guard,
+    check_preempt_and_resume,
+    check_resume_from_checkpoint,
+    metrics,
+    run,
+)
 
 import ppo
 
@@ -138,12 +148,20 @@ def ppo_args(sft, rm, *extra):
             "--eval_size", "8", "--ppo.noptepochs", "1", *extra]
 
 
+def short_ppo(sft_policy, reward_model):
+    return ppo_args(sft_policy, reward_model, "--total_episodes", "48", "--save_freq", "1", "--keep_checkpoints", "100")
+
+
 @pytest.fixture(scope="session")
 def ppo_1p(session_dir, sft_policy, reward_model):
-    out = session_dir / "ppo_1p"
-    run("ppo.py", *ppo_args(sft_policy, reward_model, "--total_episodes", "48", "--save_freq", "1",
-                            "--keep_checkpoints", "5"), "--output_dir", out)
-    return out
+    run("ppo.py", *short_ppo(sft_policy, reward_model), "--output_dir", session_dir / "ppo_1p")
+    return session_dir / "ppo_1p"
+
+
+@pytest.fixture(scope="session")
+def ppo_2p(session_dir, sft_policy, reward_model):
+    run("ppo.py", *short_ppo(sft_policy, reward_model), "--output_dir", session_dir / "ppo_2p", nproc=2)
+    return session_dir / "ppo_2p"
 
 
 def test_ratio_is_one_and_kl_zero_before_the_first_step(ppo_1p):
@@ -154,14 +172,24 @@ def test_ratio_is_one_and_kl_zero_before_the_first_step(ppo_1p):
     assert first["objective/kl"] == 0.0 and first["objective/non_score_reward"] == 0.0
 
 
-def test_two_ranks_match_one_rank(session_dir, ppo_1p, sft_policy, reward_model):
-    out = session_dir / "ppo_2p"
-    run("ppo.py", *ppo_args(sft_policy, reward_model, "--total_episodes", "48"), "--output_dir", out, nproc=2)
-    assert_weights_equal(ppo_1p, out, exact=False)
-    one, two = metrics(ppo_1p), metrics(out)
+def test_two_ranks_match_one_rank(ppo_1p, ppo_2p):
+    assert_weights_equal(ppo_1p, ppo_2p, exact=False)
+    one, two = metrics(ppo_1p), metrics(ppo_2p)
     for key in ("objective/scores", "objective/kl", "loss/value_avg", "eval/scores"):
         expected = [m[key] for m in one if key in m]
         assert [m[key] for m in two if key in m] == pytest.approx(expected, rel=1e-4, abs=1e-6), key
+
+
+def test_resume_from_a_checkpoint_is_exact(ppo_1p, sft_policy, reward_model, tmp_path):
+    check_resume_from_checkpoint(ppo, short_ppo(sft_policy, reward_model), ppo_1p, tmp_path / "resumed", update=1)
+
+
+def test_preempted_two_rank_run_resumes_exactly(ppo_2p, sft_policy, reward_model, tmp_path):
+    check_preempt_and_resume("ppo.py", short_ppo(sft_policy, reward_model), ppo_2p, tmp_path / "preempted", nproc=2)
+
+
+def test_nonfinite_updates_are_skipped_then_stop_the_run(ppo_1p, sft_policy, reward_model, tmp_path):
+    check_nonfinite_guard(ppo, short_ppo(sft_policy, reward_model), ppo_1p, tmp_path, good=1)
 
 
 def test_short_run_raises_the_held_out_reward_above_the_sft_policy(session_dir, sft_policy, reward_model):

@@ -5,9 +5,22 @@ generate -> score -> filter -> rebel raising held-out sign agreement above its s
 import datasets
 import pytest
 import torch
-from conftest import SST2, TINY_LLAMA, assert_weights_equal, metrics, run
+from conftest import (
+    SST2,
+    TINY_LLAMA,
+    assert_weights_equal,
+    check_nonfinite_guard,
+    check_preempt_and_resume,
+    check_resume_from_checkpoint,
+    metrics,
+    run,
+    run_in_process,
+)
 
+import filter as filter_stage
+import generate
 import rebel
+import score
 
 
 def test_rebel_loss_matches_a_slow_reference():
@@ -82,25 +95,35 @@ REBEL = ["--task.maxlen_prompt", "16", "--task.maxlen", "24", "--task.temperatur
 
 @pytest.fixture(scope="session")
 def sst2_pairs(session_dir, sft_policy, reward_model):
-    """The offline SST-2 chain's data: generate.py -> score.py -> filter.py on the tiny GPT-2 models."""
+    """The offline SST-2 chain's data: generate.py -> score.py -> filter.py on the tiny GPT-2 models (in-process:
+    test_pipeline.py runs them as subprocesses)."""
     gen, scored, pairs = (session_dir / name for name in ("sst2_gen", "sst2_score", "sst2_pairs"))
-    run("generate.py", "--model_name_or_path", sft_policy, "--dataset", SST2, "--split", "train", "--prompt_column",
-        "sentence", "--prompt_format", "text", "--prompt_words", "4", "--maxlen", "24", "--num_responses", "4",
-        "--temperature", "0.7", "--top_p", "1.0", "--end_idx", "640", "--backend", "hf", "--local_micro_batch_size",
-        "64", "--output_dir", gen)
-    run("score.py", "--reward_model", reward_model, "--dataset", gen, "--prompt_format", "text",
-        "--local_micro_batch_size", "64", "--output_dir", scored)
-    run("filter.py", "--dataset", scored, "--model_name_or_path", sft_policy, "--prompt_format", "text",
-        "--maxlen_prompt", "16", "--maxlen", "24", "--test_size", "128", "--output_dir", pairs)
+    run_in_process(generate, ["--model_name_or_path", sft_policy, "--dataset", SST2, "--split", "train",
+                              "--prompt_column", "sentence", "--prompt_format", "text", "--prompt_words", "4",
+                              "--maxlen", "24", "--num_responses", "4", "--temperature", "0.7", "--top_p", "1.0",
+                              "--end_idx", "640", "--backend", "hf", "--local_micro_batch_size", "64"], gen)
+    run_in_process(score, ["--reward_model", reward_model, "--dataset", gen, "--prompt_format", "text",
+                           "--local_micro_batch_size", "64"], scored)
+    run_in_process(filter_stage, ["--dataset", scored, "--model_name_or_path", sft_policy, "--prompt_format", "text",
+                                  "--maxlen_prompt", "16", "--maxlen", "24", "--test_size", "128"], pairs)
     return pairs
+
+
+def short_rebel(sft_policy, sst2_pairs):
+    return ["--model_name_or_path", sft_policy, "--task.dataset", sst2_pairs, *REBEL, "--total_episodes", "32",
+            "--eval_freq", "2", "--save_freq", "1", "--keep_checkpoints", "100"]
 
 
 @pytest.fixture(scope="session")
 def rebel_1p(session_dir, sft_policy, sst2_pairs):
-    out = session_dir / "rebel_1p"
-    run("rebel.py", "--model_name_or_path", sft_policy, "--task.dataset", sst2_pairs, *REBEL, "--total_episodes", "32",
-        "--eval_freq", "2", "--save_freq", "1", "--keep_checkpoints", "5", "--output_dir", out)
-    return out
+    run("rebel.py", *short_rebel(sft_policy, sst2_pairs), "--output_dir", session_dir / "rebel_1p")
+    return session_dir / "rebel_1p"
+
+
+@pytest.fixture(scope="session")
+def rebel_2p(session_dir, sft_policy, sst2_pairs):
+    run("rebel.py", *short_rebel(sft_policy, sst2_pairs), "--output_dir", session_dir / "rebel_2p", nproc=2)
+    return session_dir / "rebel_2p"
 
 
 def test_log_ratio_is_exactly_zero_before_the_first_update(rebel_1p):
@@ -113,11 +136,10 @@ def test_log_ratio_is_exactly_zero_before_the_first_update(rebel_1p):
     assert rows[-1]["objective/abs_logratio_diff"] > 0
 
 
-def test_two_ranks_match_one_rank_with_ddp_and_with_fsdp2(session_dir, rebel_1p, sft_policy, sst2_pairs):
-    for name, extra in (("rebel_2p", []), ("rebel_2p_fsdp", ["--fsdp"])):
-        out = session_dir / name
-        run("rebel.py", "--model_name_or_path", sft_policy, "--task.dataset", sst2_pairs, *REBEL, "--total_episodes",
-            "32", "--eval_freq", "2", *extra, "--output_dir", out, nproc=2)
+def test_two_ranks_match_one_rank_with_ddp_and_with_fsdp2(session_dir, rebel_1p, rebel_2p, sft_policy, sst2_pairs):
+    fsdp = session_dir / "rebel_2p_fsdp"
+    run("rebel.py", *short_rebel(sft_policy, sst2_pairs), "--fsdp", "--output_dir", fsdp, nproc=2)
+    for out in (rebel_2p, fsdp):
         assert_weights_equal(rebel_1p, out, exact=False)
         one, two = metrics(rebel_1p), metrics(out)
         assert [m["loss/policy_avg"] for m in one[1:]] == pytest.approx([m["loss/policy_avg"] for m in two[1:]],
@@ -126,19 +148,28 @@ def test_two_ranks_match_one_rank_with_ddp_and_with_fsdp2(session_dir, rebel_1p,
             m["val/sign_align"] for m in two if "val/sign_align" in m]
 
 
-def test_reference_logprobs_are_cached_beside_the_run(rebel_1p, sft_policy, sst2_pairs, tmp_path):
+def test_resume_from_a_checkpoint_is_exact(rebel_1p, sft_policy, sst2_pairs, tmp_path):
+    check_resume_from_checkpoint(rebel, short_rebel(sft_policy, sst2_pairs), rebel_1p, tmp_path / "resumed",
+                                 update=2)
+
+
+def test_preempted_two_rank_run_resumes_exactly_from_the_cached_reference(rebel_2p, sft_policy, sst2_pairs,
+                                                                           tmp_path):
+    first, resumed = check_preempt_and_resume("rebel.py", short_rebel(sft_policy, sst2_pairs), rebel_2p,
+                                              tmp_path / "preempted", nproc=2)
+    assert "reference logprobs: computed" in first
+    assert "reference logprobs: cached" in resumed  # a restart does not recompute them
+
+
+def test_nonfinite_updates_are_skipped_then_stop_the_run(rebel_1p, sft_policy, sst2_pairs, tmp_path):
+    check_nonfinite_guard(rebel, short_rebel(sft_policy, sst2_pairs), rebel_1p, tmp_path, good=1)
+
+
+def test_reference_logprobs_are_cached_beside_the_run(rebel_1p):
     cache = list((rebel_1p / "ref_logprobs").glob("*.pt"))
     assert len(cache) == 1
     ref = torch.load(cache[0])
-    assert set(ref) == {"train", "eval"} and ref["train"].shape[1] == 2
-    # a restart in the same folder reads the cache instead of recomputing (here: resuming the last checkpoint)
-    proc = run("rebel.py", "--model_name_or_path", sft_policy, "--task.dataset", sst2_pairs, *REBEL,
-               "--total_episodes", "40", "--eval_freq", "2", "--output_dir", tmp_path / "again")
-    assert "reference logprobs: computed" in proc.stdout
-    (tmp_path / "again" / "config.json").unlink()  # pretend the run did not finish; the cache must be reused
-    proc = run("rebel.py", "--model_name_or_path", sft_policy, "--task.dataset", sst2_pairs, *REBEL,
-               "--total_episodes", "40", "--eval_freq", "2", "--output_dir", tmp_path / "again", "--resume", "auto")
-    assert "reference logprobs: cached" in proc.stdout
+    assert set(ref) == {"train", "eval"} and ref["train"].shape[1] == 2 and ref["train"].dtype == torch.float64
 
 
 def test_sst2_chain_raises_held_out_sign_agreement(session_dir, sft_policy, sst2_pairs):

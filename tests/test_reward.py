@@ -2,11 +2,21 @@
 
 import pytest
 import torch
-from conftest import RM_ARGS, SST2, TINY_GPT2, assert_weights_equal, metrics, run
+from conftest import (
+    RM_ARGS,
+    SST2,
+    TINY_GPT2,
+    assert_weights_equal,
+    check_nonfinite_guard,
+    check_preempt_and_resume,
+    check_resume_from_checkpoint,
+    metrics,
+    run,
+)
 
 import reward_sst2
 
-SHORT = ["--total_episodes", "320", "--local_micro_batch_size", "8", "--save_freq", "5", "--keep_checkpoints", "5"]
+SHORT = ["--total_episodes", "320", "--local_micro_batch_size", "8", "--save_freq", "2", "--keep_checkpoints", "100"]
 
 
 @pytest.fixture(scope="session")
@@ -63,3 +73,15 @@ def test_missing_label_column_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"missing column\(s\) \['sentiment'\]"):
         reward_sst2.main(args)
     assert not out.exists()
+
+
+def test_resume_from_a_checkpoint_is_exact(rm_short_1p, tmp_path):
+    check_resume_from_checkpoint(reward_sst2, RM_ARGS + SHORT, rm_short_1p, tmp_path / "resumed", update=4)
+
+
+def test_preempted_two_rank_run_resumes_exactly(rm_short_2p, tmp_path):
+    check_preempt_and_resume("reward_sst2.py", RM_ARGS + SHORT, rm_short_2p, tmp_path / "preempted", nproc=2)
+
+
+def test_nonfinite_updates_are_skipped_then_stop_the_run(rm_short_1p, tmp_path):
+    check_nonfinite_guard(reward_sst2, RM_ARGS + SHORT, rm_short_1p, tmp_path, good=2)

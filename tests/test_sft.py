@@ -2,13 +2,22 @@
 
 import pytest
 import torch
-from conftest import SST2, TINY_GPT2, assert_weights_equal, metrics, run
+from conftest import (
+    SST2,
+    TINY_GPT2,
+    assert_weights_equal,
+    check_nonfinite_guard,
+    check_preempt_and_resume,
+    check_resume_from_checkpoint,
+    metrics,
+    run,
+)
 
 import sft_sst2
 
 SFT_ARGS = ["--model_name_or_path", TINY_GPT2, "--from_scratch", "--dataset", SST2, "--disable_dropout",
             "--lr", "1e-3", "--batch_size", "16", "--local_micro_batch_size", "4", "--total_episodes", "320",
-            "--eval_freq", "10", "--num_samples", "8", "--save_freq", "5", "--keep_checkpoints", "5"]
+            "--eval_freq", "10", "--num_samples", "8", "--save_freq", "4", "--keep_checkpoints", "100"]
 
 
 @pytest.fixture(scope="session")
@@ -81,3 +90,15 @@ def test_missing_column_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"missing column\(s\) \['text'\]"):
         sft_sst2.main(args)
     assert not out.exists()
+
+
+def test_resume_from_a_checkpoint_is_exact(sft_1p, tmp_path):
+    check_resume_from_checkpoint(sft_sst2, SFT_ARGS, sft_1p, tmp_path / "resumed", update=8)
+
+
+def test_preempted_two_rank_run_resumes_exactly(sft_2p, tmp_path):
+    check_preempt_and_resume("sft_sst2.py", SFT_ARGS, sft_2p, tmp_path / "preempted", nproc=2)
+
+
+def test_nonfinite_updates_are_skipped_then_stop_the_run(sft_1p, tmp_path):
+    check_nonfinite_guard(sft_sst2, SFT_ARGS, sft_1p, tmp_path, good=4)

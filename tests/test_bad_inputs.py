@@ -1,0 +1,218 @@
+"""The bad inputs users really hit, for every script: each gets a clear error naming the file, column or argument (or
+the documented handling) before any model is loaded, and leaves no output behind. README's "Failure modes" table
+lists the same cases."""
+
+import json
+import math
+
+import datasets
+import pytest
+import torch
+import transformers
+import tyro
+from conftest import SST2, TINY_GPT2, TINY_LLAMA
+
+import filter as filter_stage
+import generate
+import ppo
+import rebel
+import reward_sst2
+import score
+import sft_sst2
+
+ERRORS = (ValueError, FileExistsError, FileNotFoundError, SystemExit)
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Loading any model fails the test: the errors below must come before that expensive work."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was reported")
+
+    for cls in (transformers.AutoModelForCausalLM, transformers.AutoModelForSequenceClassification):
+        monkeypatch.setattr(cls, "from_pretrained", refuse)
+        monkeypatch.setattr(cls, "from_config", refuse)
+
+
+def save(rows, path):
+    datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    return str(path)
+
+
+def jsonl(rows, path):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def empty(columns, path):
+    datasets.Dataset.from_dict({c: [] for c in columns}).save_to_disk(str(path))
+    return str(path)
+
+
+def pairs(path, **override):
+    """filter.py's layout (prompt width 7, response width 6, ids < 1024), three pairs in each split; `override`
+    replaces columns of row 1."""
+    rows = []
+    for i in range(3):
+        row = {"prompt_input_ids": [0] * 4 + [10, 11, 12], "prompt_attention_mask": [0] * 4 + [1] * 3,
+               "chosen_input_ids": [20, 21, 0, 0, 0, 0], "chosen_attention_mask": [1, 1, 0, 0, 0, 0],
+               "reject_input_ids": [30, 0, 0, 0, 0, 0], "reject_attention_mask": [1, 0, 0, 0, 0, 0],
+               "chosen_reward": 1.0, "reject_reward": 0.0}
+        rows.append({**row, **(override if i == 1 else {})})
+    datasets.DatasetDict({split: datasets.Dataset.from_list(rows) for split in ("train", "test")}).save_to_disk(path)
+    return path
+
+
+def make(case, tmp):
+    """(module, argv, expected message) of each case; files are created in tmp."""
+    out = ["--output_dir", str(tmp / "out")]
+    sst2 = ["--model_name_or_path", str(TINY_GPT2), "--from_scratch"]
+    gpt2 = ["--model_name_or_path", str(TINY_GPT2)]
+    finished = tmp / "finished"
+    finished.mkdir()
+    (finished / "config.json").write_text("{}")
+    sentences = [{"sentence": "a fine film .", "label": 1}, {"sentence": "dull .", "label": 0}] * 40
+    ppo_models = ["--model_name_or_path", str(TINY_GPT2), "--reward_model_name_or_path", str(TINY_GPT2)]
+    gen = ["--model_name_or_path", str(TINY_LLAMA), "--split", "train", "--backend", "hf"]
+    generated = {"prompt_id": "a", "prompt": "hi", "response_0": "x", "response_1": "y"}
+    scored = {**generated, "prompt_token_ids": [0, 5], "response_0_token_ids": [7, 4], "response_1_token_ids": [8, 4],
+              "response_0_reward": 1.0, "response_1_reward": 0.0}
+    pair_path = lambda name, **override: pairs(str(tmp / name), **override)  # noqa: E731
+    rebel_args = lambda path: [*gpt2, "--task.dataset", path, "--task.maxlen_prompt", "7", "--task.maxlen", "6",  # noqa: E731
+                               "--batch_size", "2"]
+    cases = {
+        # sft_sst2.py
+        "sft: misnamed column": (sft_sst2, [*sst2, "--dataset", str(SST2), "--text_column", "text"],
+                                 r"split train: missing column\(s\) \['text'\]"),
+        "sft: empty dataset": (sft_sst2, [*sst2, "--dataset", empty(["sentence", "label"], tmp / "e")],
+                               r"--dataset .*/e: no rows"),
+        "sft: empty file": (sft_sst2, [*sst2, "--dataset", jsonl([], tmp / "e.jsonl")], r"e.jsonl: the file is empty"),
+        "sft: only empty sentences": (sft_sst2, [*sst2, "--dataset", jsonl([{"sentence": " ", "label": 1}] * 40,
+                                                                             tmp / "blank.jsonl"), "--eval_split",
+                                                 "None"], r"--batch_size 32 is larger than the data \(0 examples\)"),
+        "sft: no such data file": (sft_sst2, [*sst2, "--dataset", "./nope.jsonl"], r"--dataset ./nope.jsonl: no such"),
+        "sft: no such split": (sft_sst2, [*sst2, "--dataset", str(SST2), "--eval_split", "dev"], r"no split 'dev'"),
+        "sft: nonexistent model": (sft_sst2, ["--model_name_or_path", "/no/such/model", "--dataset", str(SST2)],
+                                   r"--model_name_or_path /no/such/model: cannot load a tokenizer"),
+        "sft: finished output": (sft_sst2, [*sst2, "--dataset", str(SST2), "--output_dir", str(finished)],
+                                 r"already holds a finished run"),
+        "sft: batch does not divide": (sft_sst2, [*sst2, "--dataset", str(SST2), "--local_micro_batch_size", "5"],
+                                       r"not a multiple of --local_micro_batch_size 5"),
+        # reward_sst2.py
+        "reward: labels not 0/1": (reward_sst2, [*sst2, "--dataset", jsonl([{"sentence": "ok", "label": 2}] * 40,
+                                                                            tmp / "l.jsonl"), "--eval_split", "None"],
+                                   r"column 'label' must hold 0 or 1"),
+        "reward: one label only": (reward_sst2, [*sst2, "--dataset", jsonl(sentences[::2], tmp / "p.jsonl"),
+                                                 "--eval_split", "None"], r"needs sentences of both labels"),
+        "reward: nonexistent model": (reward_sst2, ["--model_name_or_path", "/no/such/model"],
+                                      r"/no/such/model: cannot load a tokenizer"),
+        "reward: finished output": (reward_sst2, [*sst2, "--output_dir", str(finished)], r"finished run"),
+        # ppo.py
+        "ppo: misnamed prompt column": (ppo, [*ppo_models, "--task.dataset", str(SST2), "--task.prompt_column", "text"],
+                                        r"missing column\(s\) \['text'\]"),
+        "ppo: every prompt too long": (ppo, [*ppo_models, "--task.dataset", str(SST2), "--task.maxlen_prompt", "1"],
+                                       r"no prompt left after dropping empty ones and those over --task.maxlen_prompt"),
+        "ppo: nonexistent reward model": (ppo, [*gpt2, "--reward_model_name_or_path", "/no/rm"],
+                                          r"--reward_model_name_or_path /no/rm: cannot load a tokenizer"),
+        "ppo: minibatches do not divide": (ppo, [*ppo_models, "--ppo.nminibatches", "3"], r"does not split into"),
+        "ppo: finished output": (ppo, [*ppo_models, "--output_dir", str(finished)], r"finished run"),
+        # generate.py
+        "generate: empty slice": (generate, [*gen, "--dataset", jsonl([{"prompt": "hi"}], tmp / "g.jsonl"),
+                                             "--start_idx", "5"], r"no prompts selected"),
+        "generate: empty dataset": (generate, [*gen, "--dataset", empty(["prompt"], tmp / "g0")], r"no rows"),
+        "generate: nonexistent model": (generate, ["--model_name_or_path", "/no/model", "--dataset", "x.jsonl"],
+                                        r"/no/model: cannot load a tokenizer"),
+        "generate: finished output": (generate, [*gen, "--dataset", "x.jsonl", "--output_dir", str(finished)],
+                                      r"already holds a finished dataset"),
+        # score.py
+        "score: misnumbered responses": (score, ["--reward_model", str(TINY_LLAMA), "--dataset", save(
+            [{"prompt": "hi", "response_0": "a", "response_2": "b"}], tmp / "s")], r"not numbered 0 ... 1: \[0, 2\]"),
+        "score: longer than the reward model": (score, ["--reward_model", str(TINY_LLAMA), "--dataset", save(
+            [{**generated, "response_1": "word " * 400}], tmp / "s2")], r"row 0 response_1 is \d+ tokens with the "
+                                                                         r"prompt, more than the reward model's 256"),
+        "score: no chat template": (score, ["--reward_model", str(TINY_GPT2), "--dataset",
+                                            save([generated], tmp / "s3")],
+                                    r"--reward_model .*tiny-gpt2: its tokenizer has no chat template"),
+        "score: finished output": (score, ["--dataset", "x", "--output_dir", str(finished)], r"finished dataset"),
+        # filter.py
+        "filter: non-finite reward": (filter_stage, ["--model_name_or_path", str(TINY_LLAMA), "--dataset", save(
+            [scored, {**scored, "prompt_id": "b", "response_1_reward": math.nan}], tmp / "f")],
+                                      r"row 1 \(prompt_id b\) has a non-finite or missing reward nan"),
+        "filter: no chat template": (filter_stage, [*gpt2, "--dataset", save(
+            [{k: v for k, v in scored.items() if k != "prompt_token_ids"}], tmp / "f2")], r"has no chat template"),
+        "filter: nonexistent model": (filter_stage, ["--model_name_or_path", "/no/model", "--dataset", "x"],
+                                      r"/no/model: cannot load a tokenizer"),
+        "filter: finished output": (filter_stage, ["--dataset", "x", "--output_dir", str(finished)], r"finished"),
+        # rebel.py
+        "rebel: missing column": (rebel, rebel_args(save([{"prompt_input_ids": [1]}], tmp / "r")),
+                                  r"missing column\(s\) \['prompt_attention_mask'"),
+        "rebel: widths differ from --task.maxlen": (rebel, [*rebel_args(pair_path("ok")), "--task.maxlen", "5"],
+                                                    r"chosen_input_ids is padded to 6 tokens, but --task.maxlen is 5"),
+        "rebel: non-finite reward": (rebel, rebel_args(pair_path("inf", reject_reward=math.inf)),
+                                     r"split train: row 1 has a non-finite reward \[1.0, inf\]"),
+        "rebel: empty response": (rebel, rebel_args(pair_path("empty", reject_attention_mask=[0] * 6)),
+                                  r"row 1 has an empty reject response"),
+        "rebel: ids outside the embedding table": (rebel, rebel_args(pair_path("vocab", chosen_input_ids=[5000] * 6)),
+                                                   r"chosen_input_ids holds ids outside the model's embedding table"),
+        "rebel: batch does not divide": (rebel, [*rebel_args(pair_path("ok2")), "--local_micro_batch_size", "3"],
+                                         r"not a multiple of --local_micro_batch_size 3"),
+        "rebel: nonexistent model": (rebel, ["--model_name_or_path", "/no/model"], r"cannot load a tokenizer"),
+        "rebel: finished output": (rebel, [*gpt2, "--output_dir", str(finished)], r"finished run"),
+    }
+    module, argv, match = cases[case]
+    return module, (argv if "--output_dir" in argv else [*argv, *out]), match
+
+
+CASES = [
+    "sft: misnamed column", "sft: empty dataset", "sft: empty file", "sft: only empty sentences",
+    "sft: no such data file", "sft: no such split", "sft: nonexistent model", "sft: finished output",
+    "sft: batch does not divide",
+    "reward: labels not 0/1", "reward: one label only", "reward: nonexistent model", "reward: finished output",
+    "ppo: misnamed prompt column", "ppo: every prompt too long", "ppo: nonexistent reward model",
+    "ppo: minibatches do not divide", "ppo: finished output",
+    "generate: empty slice", "generate: empty dataset", "generate: nonexistent model", "generate: finished output",
+    "score: misnumbered responses", "score: longer than the reward model", "score: no chat template",
+    "score: finished output",
+    "filter: non-finite reward", "filter: no chat template", "filter: nonexistent model", "filter: finished output",
+    "rebel: missing column", "rebel: widths differ from --task.maxlen", "rebel: non-finite reward",
+    "rebel: empty response", "rebel: ids outside the embedding table", "rebel: batch does not divide",
+    "rebel: nonexistent model", "rebel: finished output",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_a_clear_early_error_and_leaves_nothing(case, tmp_path, no_model_loading):
+    module, argv, match = make(case, tmp_path)
+    with pytest.raises(ERRORS, match=match):
+        module.main(tyro.cli(module.Args, args=argv))
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith("out")]
+    assert not leftovers, f"left behind: {leftovers}"
+    assert sorted(p.name for p in (tmp_path / "finished").iterdir()) == ["config.json"]
+
+
+def test_batch_that_does_not_divide_across_ranks_names_the_argument():
+    args = sft_sst2.Args(batch_size=32)
+    with pytest.raises(ValueError, match="--batch_size 32 does not divide across 3 ranks"):
+        sft_sst2.derive_batch_sizes(args, 3)
+    with pytest.raises(ValueError, match="--batch_size 64 does not split into --ppo.nminibatches 1 minibatches over "
+                                         "3 ranks"):
+        ppo.derive_ppo_batch_sizes(ppo.Args(batch_size=64), 3)
+
+
+def test_responses_without_eos_get_the_documented_penalty():
+    scores, has_eos = torch.tensor([0.5, 2.0, -0.3]), torch.tensor([True, False, True])
+    args = ppo.Args()
+    expected = torch.tensor([0.5, args.task.penalty_reward_value, -0.3])
+    assert torch.equal(ppo.apply_non_eos_penalty(scores, has_eos, args), expected)
+    args.task.non_eos_penalty = False
+    assert torch.equal(ppo.apply_non_eos_penalty(scores, has_eos, args), scores)
+
+
+def test_empty_responses_are_kept_as_real_samples():
+    columns = ["response_0", "response_1"]
+    row = {"prompt_id": "a", "prompt": "p", "prompt_token_ids": [0, 5], "response_0": "", "response_0_token_ids": [4],
+           "response_1": "fine", "response_1_token_ids": [9, 4], "response_0_reward": -1.0, "response_1_reward": 1.0}
+    args = filter_stage.Args(maxlen_prompt=4, maxlen=4)
+    kept, stats = filter_stage.filter_rows([row], columns, None, 4, {4}, 4, args)
+    assert stats["kept"] == 1 and kept[0]["reject"] == "" and kept[0]["reject_input_ids"] == [4, 4, 4, 4]
+    assert kept[0]["reject_attention_mask"] == [1, 0, 0, 0]  # the empty response is its end-of-turn token
