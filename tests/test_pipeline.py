@@ -1,6 +1,7 @@
 """The REBEL data stages on a tiny Llama-3-style chat setup: generate.py -> score.py -> filter.py chained end to end,
 torchrun == one process, every filter rule on a crafted fixture, the layout token by token, no double BOS, bad input."""
 
+import math
 import signal
 import subprocess
 import time
@@ -208,3 +209,38 @@ def test_data_stage_killed_part_way_resumes_to_identical_output(stage, tmp_path,
     assert f"{len(shards)} done by an earlier run" in capsys.readouterr().out
     assert datasets.load_from_disk(str(out)).to_list() == datasets.load_from_disk(str(reference)).to_list()
     assert not (tmp_path / f"{stage}.partial").exists()
+
+
+def test_score_stops_on_a_non_finite_reward_naming_the_row(tmp_path, monkeypatch, generated, chat_reward_model):
+    real, poisoned_once = score.reward_batch, []
+
+    def poisoned(model, sequences, pad_id, device):  # the first full batch of 8 returns a NaN
+        rewards = real(model, sequences, pad_id, device)
+        if len(sequences) == 8 and not poisoned_once:
+            poisoned_once.append(1)
+            rewards[0] = math.nan
+        return rewards
+
+    monkeypatch.setattr(score, "reward_batch", poisoned)
+    with pytest.raises(ValueError, match=r"non-finite reward nan for row \d+ \(prompt_id id\d{3}\) response_\d"):
+        run_in_process(score, score_args(chat_reward_model, generated), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_reward_is_read_from_score_or_logits():
+    class Output:
+        def __init__(self, **fields):
+            self.__dict__.update(fields)
+
+    class Fake(torch.nn.Module):
+        def __init__(self, output):
+            super().__init__()
+            self.output = output
+
+        def forward(self, input_ids, attention_mask):
+            return self.output(input_ids)
+
+    armo_like = Fake(lambda ids: Output(score=torch.full((len(ids), 1), 2.0), logits=torch.zeros(len(ids), 19)))
+    plain = Fake(lambda ids: Output(logits=torch.full((len(ids), 1), -1.0)))
+    assert score.reward_batch(armo_like, [[1, 2], [3]], 0, "cpu") == [2.0, 2.0]  # ArmoRM's output carries .score
+    assert score.reward_batch(plain, [[1, 2], [3]], 0, "cpu") == [-1.0, -1.0]

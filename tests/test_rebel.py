@@ -136,9 +136,11 @@ def test_log_ratio_is_exactly_zero_before_the_first_update(rebel_1p):
     assert rows[-1]["objective/abs_logratio_diff"] > 0
 
 
-def test_two_ranks_match_one_rank_with_ddp_and_with_fsdp2(session_dir, rebel_1p, rebel_2p, sft_policy, sst2_pairs):
+def test_two_ranks_match_one_rank_with_ddp_and_with_fsdp2_and_gradient_checkpointing(session_dir, rebel_1p, rebel_2p,
+                                                                                       sft_policy, sst2_pairs):
     fsdp = session_dir / "rebel_2p_fsdp"
-    run("rebel.py", *short_rebel(sft_policy, sst2_pairs), "--fsdp", "--output_dir", fsdp, nproc=2)
+    run("rebel.py", *short_rebel(sft_policy, sst2_pairs), "--fsdp", "--gradient_checkpointing", "--output_dir", fsdp,
+        nproc=2)
     for out in (rebel_2p, fsdp):
         assert_weights_equal(rebel_1p, out, exact=False)
         one, two = metrics(rebel_1p), metrics(out)
@@ -182,3 +184,7 @@ def test_sst2_chain_raises_held_out_sign_agreement(session_dir, sft_policy, sst2
     # about 0.63 after one epoch; chance would stay within 0.5 +- 0.044 (one standard deviation over 128 pairs)
     assert evals[-1]["val/sign_align"] > 0.58, evals
     assert evals[-1]["val/loss"] < evals[0]["val/loss"]
+    from transformers import AutoModelForCausalLM
+
+    policy = AutoModelForCausalLM.from_pretrained(out)  # a full save_pretrained folder, tokenizer and args.json too
+    assert (out / "tokenizer.json").exists() and (out / "args.json").exists() and policy.config.vocab_size == 1024

@@ -34,3 +34,29 @@ def test_sampled_responses_come_back_in_prompt_order(tmp_path, chat_policy, chat
     head = generate(chat_policy, chat_prompts, tmp_path / "head", *sampled, "--end_idx", "10")
     tail = generate(chat_policy, chat_prompts, tmp_path / "tail", *sampled, "--start_idx", "10", "--shard_size", "5")
     assert head + tail == whole
+
+
+def test_vllm_loads_the_policy_rebel_saved(tmp_path, chat_policy, chat_prompts, chat_reward_model):
+    from conftest import run_in_process
+
+    import filter as filter_stage
+    import generate as generate_stage
+    import rebel
+    import score
+
+    run_in_process(generate_stage, ["--model_name_or_path", chat_policy, "--dataset", chat_prompts, "--split",
+                                    "train", "--num_responses", "4", "--maxlen", "32", "--backend", "hf"],
+                   tmp_path / "gen")
+    run_in_process(score, ["--reward_model", chat_reward_model, "--dataset", tmp_path / "gen"], tmp_path / "score")
+    run_in_process(filter_stage, ["--dataset", tmp_path / "score", "--model_name_or_path", chat_policy,
+                                  "--maxlen_prompt", "32", "--maxlen", "40", "--test_size", "4"], tmp_path / "pairs")
+    run_in_process(rebel, ["--model_name_or_path", chat_policy, "--task.dataset", tmp_path / "pairs",
+                           "--task.maxlen_prompt", "32", "--task.maxlen", "40", "--rebel.eta", "1", "--lr", "1e-3",
+                           "--batch_size", "4", "--local_micro_batch_size", "2", "--total_episodes", "8"],
+                   tmp_path / "policy")
+    greedy = ["--temperature", "0", "--num_responses", "1", "--dtype", "float32", "--end_idx", "8"]
+    hf = generate(tmp_path / "policy", chat_prompts, tmp_path / "hf", *greedy, "--backend", "hf")
+    vllm = generate(tmp_path / "policy", chat_prompts, tmp_path / "vllm", *greedy, "--backend", "vllm")
+    assert [r["response_0_token_ids"] for r in vllm] == [r["response_0_token_ids"] for r in hf]
+    before = generate(chat_policy, chat_prompts, tmp_path / "before", *greedy, "--backend", "hf")
+    assert hf != before  # the trained policy is not the one it started from
