@@ -179,12 +179,14 @@ def pad_to(ids, width, pad, left):
     return ids + padding, mask + [0] * len(padding)
 
 
-def filter_rows(rows, columns, tokenizer, end_of_turn, stops, pad, args):
-    """Apply the rules to rows (dicts); returns the kept output rows and the count of each drop."""
-    stats = {"input_rows": len(rows), "prompt_too_long": 0, "no_eos": 0, "response_too_long": 0, "identical": 0,
-             "stop_token_replaced": 0}
+def filter_rows(rows, columns, tokenizer, end_of_turn, stops, pad, args, stats=None, first_index=0):
+    """Apply the rules to rows (dicts; the first one is row `first_index` of the dataset), counting each drop in
+    `stats`; returns the output rows kept and the counts."""
+    stats = stats if stats is not None else {"input_rows": 0, "prompt_too_long": 0, "no_eos": 0,
+                                             "response_too_long": 0, "identical": 0, "stop_token_replaced": 0}
     kept = []
-    for index, row in enumerate(rows):
+    for index, row in enumerate(rows, start=first_index):
+        stats["input_rows"] += 1
         rewards = [row[f"{c}_reward"] for c in columns]
         bad = [r for r in rewards if not isinstance(r, (int, float)) or not math.isfinite(r)]
         if bad:
@@ -220,8 +222,16 @@ def filter_rows(rows, columns, tokenizer, end_of_turn, stops, pad, args):
             out[f"{name}_input_ids"], out[f"{name}_attention_mask"] = pad_to(responses[i], args.maxlen, pad, left=False)
         kept.append(out)
         stats["stop_token_replaced"] += replaced
-    stats["kept"] = len(kept)
+    stats["kept"] = stats.get("kept", 0) + len(kept)
     return kept, stats
+
+
+def to_dataset(rows):
+    """Rows as a compact Arrow dataset: ids int32, masks int8."""
+    data = datasets.Dataset.from_list(rows)
+    token_features = {f"{s}_{k}": datasets.Sequence(datasets.Value("int32" if k == "input_ids" else "int8"))
+                      for s in ("prompt", "chosen", "reject") for k in ("input_ids", "attention_mask")}
+    return data.cast(datasets.Features({**data.features, **token_features})).select_columns(OUTPUT_COLUMNS)
 
 
 def main(args: Args):
@@ -241,34 +251,40 @@ def main(args: Args):
             raise ValueError(f"--model_name_or_path {args.model_name_or_path}: its tokenizer has no chat template to "
                              "tokenize the prompts with; pass --prompt_format text")
         prompts = dataset[args.prompt_column]
-        encoded = ([tokenizer.apply_chat_template([{"role": "user", "content": p}] if isinstance(p, str) else p,
-                                                  add_generation_prompt=True, tokenize=True)["input_ids"]
-                    for p in prompts] if args.prompt_format == "chat" else tokenizer(list(prompts)).input_ids)
+        if args.prompt_format == "chat":
+            rendered = tokenizer.apply_chat_template([[{"role": "user", "content": p}] if isinstance(p, str) else p
+                                                      for p in prompts], add_generation_prompt=True, tokenize=False)
+            encoded = tokenizer(rendered, add_special_tokens=False).input_ids
+        else:
+            encoded = tokenizer(list(prompts)).input_ids
         dataset = dataset.add_column("prompt_token_ids", encoded)
 
-    rows, stats = filter_rows(list(dataset), columns, tokenizer, end_of_turn, stops, pad, args)
+    # a chunk of rows at a time, so the padded output is held as compact Arrow tables, not Python lists
+    stats, parts, chunk = None, [], 1000
+    for start in range(0, len(dataset), chunk):
+        rows, stats = filter_rows(dataset.select(range(start, min(start + chunk, len(dataset)))), columns, tokenizer,
+                                  end_of_turn, stops, pad, args, stats, first_index=start)
+        if rows:
+            parts.append(to_dataset(rows))
     for rule in ("prompt_too_long", "no_eos", "response_too_long", "identical"):
         print(f"dropped {stats[rule]:>6} rows: {rule}")
     if stats["stop_token_replaced"]:
         print(f"replaced {stats['stop_token_replaced']} final stop tokens by the end-of-turn token {end_of_turn}")
-    if not rows:
+    if not parts:
         raise ValueError(f"{what}: no rows left after filtering ({stats}); prompt_too_long: raise --maxlen_prompt; "
                          "response_too_long: raise --maxlen; no_eos: raise generate.py's --maxlen")
-    test_size = int(args.test_size) if args.test_size >= 1 else round(args.test_size * len(rows))
-    if not 0 < test_size < len(rows):
-        raise ValueError(f"--test_size {args.test_size}: {test_size} test rows out of {len(rows)} kept; need at least "
+    kept = datasets.concatenate_datasets(parts)
+    test_size = int(args.test_size) if args.test_size >= 1 else round(args.test_size * len(kept))
+    if not 0 < test_size < len(kept):
+        raise ValueError(f"--test_size {args.test_size}: {test_size} test rows out of {len(kept)} kept; need at least "
                          "one row in each split")
-    order = list(range(len(rows)))
+    order = list(range(len(kept)))
     random.Random(args.seed).shuffle(order)
-    splits = {"test": [rows[i] for i in sorted(order[:test_size])],
-              "train": [rows[i] for i in sorted(order[test_size:])]}
+    splits = datasets.DatasetDict({"train": kept.select(sorted(order[test_size:])),
+                                   "test": kept.select(sorted(order[:test_size]))})
     stats.update(train=len(splits["train"]), test=len(splits["test"]))
     print(f"kept {stats['kept']} of {stats['input_rows']} rows: {stats['train']} train, {stats['test']} test")
-    token_features = {f"{s}_{k}": datasets.Sequence(datasets.Value("int32" if k == "input_ids" else "int8"))
-                      for s in ("prompt", "chosen", "reject") for k in ("input_ids", "attention_mask")}
-    dataset_dict = datasets.DatasetDict({name: datasets.Dataset.from_list(split) for name, split in splits.items()})
-    dataset_dict = dataset_dict.cast(datasets.Features({**dataset_dict["train"].features, **token_features}))
-    save_dataset_atomically(dataset_dict.select_columns(OUTPUT_COLUMNS), args, {"filter_stats.json": stats})
+    save_dataset_atomically(splits, args, {"filter_stats.json": stats})
     print(f"wrote {args.output_dir}")
 
 

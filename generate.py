@@ -185,21 +185,21 @@ def open_partial(args, rank):
 
 
 def shard_file(partial, shard):
-    return os.path.join(partial, f"shard_{shard:06d}.jsonl")
+    return os.path.join(partial, f"shard_{shard:06d}")
 
 
 def write_shard(path, rows):
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
+    """A finished shard: a `save_to_disk` folder, renamed into place once complete."""
+    shutil.rmtree(path + ".tmp", ignore_errors=True)
+    datasets.Dataset.from_list(rows).save_to_disk(path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
-def read_shards(partial, num_shards):
-    rows = []
-    for shard in range(num_shards):
-        with open(shard_file(partial, shard)) as f:
-            rows.extend(json.loads(line) for line in f)
-    return rows
+def read_shards(partial, num_shards, key):
+    """Every shard as one memory-mapped dataset, in the order of column `key` (which is then dropped)."""
+    shards = datasets.concatenate_datasets([datasets.load_from_disk(shard_file(partial, s)) for s in range(num_shards)])
+    keys = shards[key][:]
+    return shards.select(sorted(range(len(keys)), key=keys.__getitem__)).remove_columns(key)
 
 
 def save_dataset_atomically(dataset, args, extra_files=None):
@@ -238,8 +238,9 @@ def encode_prompts(prompts, tokenizer, args):
     if not tokenizer.chat_template:
         raise ValueError(f"--model_name_or_path {args.model_name_or_path}: its tokenizer has no chat template; "
                          "pass --prompt_format text for raw-text prompts")
-    return [tokenizer.apply_chat_template(prompt_messages(p), add_generation_prompt=True, tokenize=True)["input_ids"]
-            for p in prompts]
+    rendered = tokenizer.apply_chat_template([prompt_messages(p) for p in prompts], add_generation_prompt=True,
+                                             tokenize=False)
+    return tokenizer(rendered, add_special_tokens=False).input_ids
 
 
 def stop_token_ids(tokenizer, model_name_or_path):
@@ -375,10 +376,10 @@ def main(args: Args):
     # 3. gather in prompt order, save atomically
     barrier()
     if rank == 0:
-        rows = sorted(read_shards(partial, num_shards), key=lambda row: row.pop("index"))
-        save_dataset_atomically(datasets.Dataset.from_list(rows), args)
+        dataset = read_shards(partial, num_shards, "index")
+        save_dataset_atomically(dataset, args)
         shutil.rmtree(partial)
-        print(f"wrote {len(rows)} prompts x {args.num_responses} responses to {args.output_dir}")
+        print(f"wrote {len(dataset)} prompts x {args.num_responses} responses to {args.output_dir}")
     barrier()
     if dist.is_initialized():
         dist.destroy_process_group()

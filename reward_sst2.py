@@ -354,22 +354,35 @@ def count_update(state, stepped):
     state["skipped_updates"] += 0 if stepped else 1
 
 
-def checkpoint_or_stop(args, model, optimizer, state, rank, device, preemption, generators=None):
+def checkpoint_or_stop(args, model, optimizer, state, rank, device, preemption, logger, generators=None):
     """After an update: stop with a checkpoint after max_bad_updates skipped updates in a row or on SIGTERM;
     otherwise write the periodic checkpoint."""
     if state["bad_in_a_row"] >= args.max_bad_updates:  # the weights are the last good ones: none of these stepped
         path = save_checkpoint(args, model, optimizer, {**state, "bad_in_a_row": 0}, rank, generators)
-        raise SystemExit(f"stopping: {state['bad_in_a_row']} updates in a row had a non-finite loss or gradient norm "
-                         f"and were skipped; the last good weights are in {path}. Lower --lr or check the data, then "
-                         f"continue with --resume {path}")
+        end_run(logger, rank, 1, f"stopping: {state['bad_in_a_row']} updates in a row had a non-finite loss or "
+                                 f"gradient norm and were skipped; the last good weights are in {path}. Lower --lr or "
+                                 f"check the data, then continue with --resume {path}")
     if preemption.requested(device):
         path = save_checkpoint(args, model, optimizer, state, rank, generators)
-        if rank == 0:
-            print(f"preempted: checkpoint written to {path}; continue with the same command plus --resume auto",
-                  flush=True)
-        sys.exit(143)
+        end_run(logger, rank, 143, f"preempted: checkpoint written to {path}; continue with the same command plus "
+                                   "--resume auto")
     if args.save_freq and state["update"] % args.save_freq == 0 and state["update"] < args.num_updates:
         save_checkpoint(args, model, optimizer, state, rank, generators)
+
+
+def end_run(logger, rank, code=0, message=None):
+    """Close the logger (wandb), print the message and leave with `code`. Under torchrun the process ends with
+    os._exit, skipping Python's own teardown, where gloo's worker threads and the DDP reducer can deadlock over the
+    GIL (pytorch#56297); every file has been written and closed by then."""
+    logger.close()
+    if message and rank == 0:
+        print(message, file=sys.stderr if code == 1 else sys.stdout, flush=True)
+    if dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        raise SystemExit(code)
 
 
 class Logger:
@@ -610,15 +623,13 @@ def main(args: Args):
             metrics.update(evaluate(unwrapped, eval_positives, eval_negatives, tokenizer.pad_token_id, args, rank,
                                     world_size, device, autocast))
         logger.log(metrics, state["update"])
-        checkpoint_or_stop(args, model, optimizer, state, rank, device, preemption)
+        checkpoint_or_stop(args, model, optimizer, state, rank, device, preemption, logger)
 
     # 5. save
     save_model_atomically(unwrapped, tokenizer, args, rank)
     if rank == 0:
         print(f"saved the reward model and tokenizer to {args.output_dir}")
-    logger.close()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    end_run(logger, rank)
 
 
 if __name__ == "__main__":

@@ -155,21 +155,21 @@ def open_partial(args, rank):
 
 
 def shard_file(partial, shard):
-    return os.path.join(partial, f"shard_{shard:06d}.jsonl")
+    return os.path.join(partial, f"shard_{shard:06d}")
 
 
 def write_shard(path, rows):
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
+    """A finished shard: a `save_to_disk` folder, renamed into place once complete."""
+    shutil.rmtree(path + ".tmp", ignore_errors=True)
+    datasets.Dataset.from_list(rows).save_to_disk(path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
-def read_shards(partial, num_shards):
-    rows = []
-    for shard in range(num_shards):
-        with open(shard_file(partial, shard)) as f:
-            rows.extend(json.loads(line) for line in f)
-    return rows
+def read_shards(partial, num_shards, key):
+    """Every shard as one memory-mapped dataset, in the order of column `key` (which is then dropped)."""
+    shards = datasets.concatenate_datasets([datasets.load_from_disk(shard_file(partial, s)) for s in range(num_shards)])
+    keys = shards[key][:]
+    return shards.select(sorted(range(len(keys)), key=keys.__getitem__)).remove_columns(key)
 
 
 def save_dataset_atomically(dataset, args, extra_files=None):
@@ -202,18 +202,26 @@ def response_columns(dataset, what):
 
 
 def encode_pairs(prompts, responses, tokenizer, args):
-    """Token ids of every (prompt, response) as the reward model reads it."""
+    """Token ids of every (prompt, response) as the reward model reads it. A chat template writes BOS itself, so its
+    output is tokenized without special tokens (no second BOS)."""
     if args.prompt_format == "text":
         return tokenizer([str(p) + str(r) for p, r in zip(prompts, responses)]).input_ids
     if not tokenizer.chat_template:
         raise ValueError(f"--reward_model {args.reward_model}: its tokenizer has no chat template; pass "
                          "--prompt_format text to score plain prompt + response text")
-    encoded = []
-    for p, r in zip(prompts, responses):
-        messages = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
-        encoded.append(tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": r}],
-                                                     tokenize=True)["input_ids"])
-    return encoded
+    conversations = [([{"role": "user", "content": p}] if isinstance(p, str) else list(p))
+                     + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses)]
+    rendered = tokenizer.apply_chat_template(conversations, tokenize=False)
+    return tokenizer(rendered, add_special_tokens=False).input_ids
+
+
+def shard_sequences(dataset, shard, columns, tokenizer, args):
+    """The rows of one shard and the token ids of their (prompt, response_i) pairs, row by row."""
+    rows = range(shard * args.shard_size, min((shard + 1) * args.shard_size, len(dataset)))
+    part = dataset.select(rows)
+    prompts = [p for p in part[args.prompt_column] for _ in columns]
+    responses = [row[c] for row in part.select_columns(columns) for c in columns]
+    return rows, encode_pairs(prompts, responses, tokenizer, args)
 
 
 @torch.no_grad()
@@ -262,19 +270,18 @@ def main(args: Args):
     dataset = load_split(args.dataset, args.split, "--dataset")
     require_columns(dataset, [args.prompt_column], f"--dataset {args.dataset} split {args.split}")
     columns = response_columns(dataset, f"--dataset {args.dataset}")
-    prompts, n = dataset[args.prompt_column], len(columns)
-    flat_prompts = [p for p in prompts for _ in range(n)]
-    texts = [row[c] for row in dataset.select_columns(columns) for c in columns]
-    sequences = encode_pairs(flat_prompts, texts, tokenizer, args)
+    n, num_shards = len(columns), (len(dataset) + args.shard_size - 1) // args.shard_size
     config = AutoConfig.from_pretrained(args.reward_model, trust_remote_code=args.trust_remote_code)
     limit = getattr(config.get_text_config(), "max_position_embeddings", None)
-    too_long = [i for i, x in enumerate(sequences) if limit and len(x) > limit]
-    if too_long:
-        row, k = divmod(too_long[0], n)
-        raise ValueError(f"--dataset {args.dataset}: row {row} response_{k} is {len(sequences[too_long[0]])} tokens "
-                         f"with the prompt, more than the reward model's {limit} ({len(too_long)} such sequences)")
+    for shard in range(num_shards):  # lengths only: the ids are made again, a shard at a time, when scoring
+        rows, sequences = shard_sequences(dataset, shard, columns, tokenizer, args)
+        too_long = [i for i, x in enumerate(sequences) if limit and len(x) > limit]
+        if too_long:
+            row, k = divmod(too_long[0], n)
+            raise ValueError(f"--dataset {args.dataset}: row {rows[0] + row} response_{k} is "
+                             f"{len(sequences[too_long[0]])} tokens with the prompt, more than the reward model's "
+                             f"{limit} ({len(too_long)} such sequences in rows {rows[0]}-{rows[-1]})")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    num_shards = (len(dataset) + args.shard_size - 1) // args.shard_size
     partial = open_partial(args, rank)
 
     # 2. shards of rows, round-robin over ranks; finished ones are skipped
@@ -294,11 +301,10 @@ def main(args: Args):
             model.config.pad_token_id = pad_id
         model.to(device).eval()
         if args.local_micro_batch_size > 1:
-            check_padding(model, sequences, pad_id, device)
+            check_padding(model, shard_sequences(dataset, todo[0], columns, tokenizer, args)[1], pad_id, device)
     for shard in todo:
-        rows = range(shard * args.shard_size, min((shard + 1) * args.shard_size, len(dataset)))
-        rewards = score_sequences(model, sequences[rows[0] * n:(rows[-1] + 1) * n], pad_id,
-                                  args.local_micro_batch_size, device)
+        rows, sequences = shard_sequences(dataset, shard, columns, tokenizer, args)
+        rewards = score_sequences(model, sequences, pad_id, args.local_micro_batch_size, device)
         for j, reward in enumerate(rewards):
             if not math.isfinite(reward):
                 row, k = divmod(rows[0] * n + j, n)
@@ -311,9 +317,9 @@ def main(args: Args):
     # 3. gather in row order, save atomically
     barrier()
     if rank == 0:
-        scored = sorted(read_shards(partial, num_shards), key=lambda r: r["row"])
+        rewards = read_shards(partial, num_shards, "row")["rewards"]
         for k, column in enumerate(columns):
-            dataset = dataset.add_column(f"{column}_reward", [r["rewards"][k] for r in scored])
+            dataset = dataset.add_column(f"{column}_reward", [r[k] for r in rewards])
         save_dataset_atomically(dataset, args)
         shutil.rmtree(partial)
         print(f"wrote {len(dataset)} rows with {n} reward columns to {args.output_dir}")

@@ -195,13 +195,13 @@ def test_data_stage_killed_part_way_resumes_to_identical_output(stage, tmp_path,
     out = tmp_path / stage
     proc = subprocess.Popen(command(script, [*args, "--output_dir", out]), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    first = tmp_path / f"{stage}.partial" / "shard_000000.jsonl"
+    first = tmp_path / f"{stage}.partial" / "shard_000000"
     while not first.exists():
         assert proc.poll() is None, f"{script} ended before writing a shard"
         time.sleep(0.001)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    shards = sorted((tmp_path / f"{stage}.partial").glob("shard_*.jsonl"))
+    shards = [p for p in (tmp_path / f"{stage}.partial").glob("shard_*") if not p.name.endswith(".tmp")]
     total = {"generate": 3, "score": 6}[stage]  # 24 prompts in shards of 10, 24 rows in shards of 4
     assert not out.exists() and 1 <= len(shards) < total, "the kill came too late to leave partial work"
     module = generate if stage == "generate" else score

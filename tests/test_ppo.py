@@ -188,8 +188,8 @@ def test_preempted_two_rank_run_resumes_exactly(ppo_2p, sft_policy, reward_model
     check_preempt_and_resume("ppo.py", short_ppo(sft_policy, reward_model), ppo_2p, tmp_path / "preempted", nproc=2)
 
 
-def test_nonfinite_updates_are_skipped_then_stop_the_run(ppo_1p, sft_policy, reward_model, tmp_path):
-    check_nonfinite_guard(ppo, short_ppo(sft_policy, reward_model), ppo_1p, tmp_path, good=1)
+def test_nonfinite_updates_are_skipped_then_stop_the_run(ppo_1p, sft_policy, reward_model, tmp_path, capsys):
+    check_nonfinite_guard(ppo, short_ppo(sft_policy, reward_model), ppo_1p, tmp_path, good=1, capsys=capsys)
 
 
 def test_short_run_raises_the_held_out_reward_above_the_sft_policy(session_dir, sft_policy, reward_model):

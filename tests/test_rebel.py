@@ -163,8 +163,8 @@ def test_preempted_two_rank_run_resumes_exactly_from_the_cached_reference(rebel_
     assert "reference logprobs: cached" in resumed  # a restart does not recompute them
 
 
-def test_nonfinite_updates_are_skipped_then_stop_the_run(rebel_1p, sft_policy, sst2_pairs, tmp_path):
-    check_nonfinite_guard(rebel, short_rebel(sft_policy, sst2_pairs), rebel_1p, tmp_path, good=1)
+def test_nonfinite_updates_are_skipped_then_stop_the_run(rebel_1p, sft_policy, sst2_pairs, tmp_path, capsys):
+    check_nonfinite_guard(rebel, short_rebel(sft_policy, sst2_pairs), rebel_1p, tmp_path, good=1, capsys=capsys)
 
 
 def test_reference_logprobs_are_cached_beside_the_run(rebel_1p):

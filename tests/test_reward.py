@@ -83,5 +83,5 @@ def test_preempted_two_rank_run_resumes_exactly(rm_short_2p, tmp_path):
     check_preempt_and_resume("reward_sst2.py", RM_ARGS + SHORT, rm_short_2p, tmp_path / "preempted", nproc=2)
 
 
-def test_nonfinite_updates_are_skipped_then_stop_the_run(rm_short_1p, tmp_path):
-    check_nonfinite_guard(reward_sst2, RM_ARGS + SHORT, rm_short_1p, tmp_path, good=2)
+def test_nonfinite_updates_are_skipped_then_stop_the_run(rm_short_1p, tmp_path, capsys):
+    check_nonfinite_guard(reward_sst2, RM_ARGS + SHORT, rm_short_1p, tmp_path, good=2, capsys=capsys)

@@ -100,5 +100,5 @@ def test_preempted_two_rank_run_resumes_exactly(sft_2p, tmp_path):
     check_preempt_and_resume("sft_sst2.py", SFT_ARGS, sft_2p, tmp_path / "preempted", nproc=2)
 
 
-def test_nonfinite_updates_are_skipped_then_stop_the_run(sft_1p, tmp_path):
-    check_nonfinite_guard(sft_sst2, SFT_ARGS, sft_1p, tmp_path, good=4)
+def test_nonfinite_updates_are_skipped_then_stop_the_run(sft_1p, tmp_path, capsys):
+    check_nonfinite_guard(sft_sst2, SFT_ARGS, sft_1p, tmp_path, good=4, capsys=capsys)
