@@ -3,6 +3,7 @@
 import filecmp
 import json
 
+import pytest
 from conftest import DATA, SST2, TINY_GPT2, TINY_LLAMA
 
 
@@ -56,3 +57,28 @@ def test_tiny_tokenizers_behave_like_the_real_ones():
     assert llama(templated, add_special_tokens=False).input_ids[:2] != [bos, bos]
     assert llama.eos_token == "<|eot_id|>"
     assert (DATA / "tiny-llama3-chat" / "generation_config.json").exists()
+
+
+def test_load_split_reads_every_supported_format(tmp_path):
+    import datasets
+
+    import sft_sst2
+
+    rows = [{"sentence": "a fine film .", "label": 1}, {"sentence": "dull .", "label": 0}]
+    data = datasets.Dataset.from_list(rows)
+    data.to_json(tmp_path / "d.jsonl")
+    data.to_csv(tmp_path / "d.csv", index=False)
+    data.to_parquet(tmp_path / "d.parquet")
+    data.save_to_disk(tmp_path / "saved")
+    datasets.DatasetDict({"train": data, "validation": data}).save_to_disk(tmp_path / "saved_dict")
+    (tmp_path / "files").mkdir()
+    data.to_json(tmp_path / "files" / "validation.jsonl")
+    for path, split in (("d.jsonl", "train"), ("d.csv", "train"), ("d.parquet", "train"), ("saved", "train"),
+                        ("saved_dict", "validation"), ("files", "validation")):
+        loaded = sft_sst2.load_split(str(tmp_path / path), split, "--dataset")
+        assert loaded.to_list() == rows, path
+    with pytest.raises(ValueError, match=r"--dataset .*saved_dict: no split 'test'; it has \['train', 'validation'\]"):
+        sft_sst2.load_split(str(tmp_path / "saved_dict"), "test", "--dataset")
+    with pytest.raises(ValueError, match=r"expected a .jsonl, .json, .csv or .parquet file"):
+        (tmp_path / "d.txt").write_text("x")
+        sft_sst2.load_split(str(tmp_path / "d.txt"), "train", "--dataset")

@@ -12,8 +12,9 @@ under --output_dir (args.json plus metrics.jsonl and the saved model, or the sav
     report/              tools/report.py held-out reward-model score, judge score and KL against episodes for PPO
                          and REBEL (report.png), and before/after sample sentences (report.md)
 
-A stage whose folder already holds a finished run is skipped, so an interrupted quickstart continues where it stopped;
---overwrite redoes everything.
+A stage whose folder already holds a finished run is skipped and an interrupted one continues (training stages from
+their last checkpoint, generate and score from their finished shards), so running the quickstart again after an
+interruption picks up where it stopped; --overwrite redoes everything.
 
     python tools/quickstart.py
 """
@@ -99,8 +100,13 @@ def main(args: Args):
         if any(os.path.exists(os.path.join(folder, f)) for f in FINISHED) and not args.overwrite:
             print(f"[quickstart] {folder}: already finished, skipped (--overwrite redoes it)")
             continue
-        overwrite = [] if script.startswith("tools") else ["--overwrite"]
-        cmd = [sys.executable, os.path.join(ROOT, script), *script_args, "--output_dir", folder, *overwrite]
+        if script.startswith("tools"):
+            again = []
+        elif args.overwrite:
+            again = ["--overwrite"]
+        else:  # an interrupted stage continues: training from its last checkpoint, generate/score from their shards
+            again = ["--resume", "auto"] if script in ("sft_sst2.py", "reward_sst2.py", "ppo.py", "rebel.py") else []
+        cmd = [sys.executable, os.path.join(ROOT, script), *script_args, "--output_dir", folder, *again]
         print(f"[quickstart] {folder}: {' '.join(cmd[1:])}", flush=True)
         stage_start = time.time()
         subprocess.run(cmd, check=True, env=env)
