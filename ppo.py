@@ -617,6 +617,11 @@ def forward_response(model, queries, query_mask, responses, temperature, with_va
     return logprobs, logits, values
 
 
+def tokenizers_match(a, b):
+    """The same vocabulary and the same encoding, special tokens included: token ids can pass from one to the other."""
+    return a.get_vocab() == b.get_vocab() and a("a b").input_ids == b("a b").input_ids
+
+
 def reward_inputs(queries, query_mask, responses, response_mask, has_eos, policy_tokenizer, rm_tokenizer, same):
     """Token lists for the reward model: the real query tokens plus the response up to (not including) its EOS.
     With a different reward-model tokenizer, the text is decoded and re-tokenized with the reward model's."""
@@ -781,8 +786,7 @@ def main(args: Args):
     for tok in (tokenizer, rm_tokenizer):
         if tok.pad_token is None:  # GPT-2: pad with EOS; masks are explicit, never inferred from pad ids
             tok.pad_token = tok.eos_token
-    same_tokenizer = tokenizer.get_vocab() == rm_tokenizer.get_vocab() and tokenizer("a b").input_ids == rm_tokenizer(
-        "a b").input_ids
+    same_tokenizer = tokenizers_match(tokenizer, rm_tokenizer)
     if rank == 0 and not same_tokenizer:
         print("the reward model's tokenizer differs from the policy's: responses reach it as text, re-tokenized")
 

@@ -486,9 +486,10 @@ def load_pairs(split, args, vocab_size):
             if ids.max() >= vocab_size or ids.min() < 0:
                 raise ValueError(f"{what}: {name}_input_ids holds ids outside the model's embedding table "
                                  f"(size {vocab_size})")
-            if name != "prompt" and (mask.sum(1) == 0).any():
+            if (mask.sum(1) == 0).any():
                 row = start + int(np.argmax(mask.sum(1) == 0))
-                raise ValueError(f"{what}: row {row} has an empty {name} response (no real token)")
+                part = "prompt" if name == "prompt" else f"{name} response"
+                raise ValueError(f"{what}: row {row} has an empty {part} (no real token)")
         rewards = np.stack([rows["chosen_reward"], rows["reject_reward"]], 1)
         if not np.isfinite(rewards).all():
             row = int(np.argmax(~np.isfinite(rewards).all(1)))

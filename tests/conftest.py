@@ -44,6 +44,12 @@ def run(script, *args, nproc=1, check=True, env=None):
     return proc
 
 
+def run_into(script, args, run_dir, nproc=1):
+    """Run a script with --output_dir run_dir (a session fixture's run); return run_dir."""
+    run(script, *args, "--output_dir", run_dir, nproc=nproc)
+    return run_dir
+
+
 def metrics(run_dir):
     with open(Path(run_dir) / "metrics.jsonl") as f:
         return [json.loads(line) for line in f]
@@ -192,8 +198,7 @@ RM_ARGS = ["--model_name_or_path", TINY_GPT2, "--from_scratch", "--dataset", SST
 @pytest.fixture(scope="session")
 def reward_model(session_dir):
     """A reward model trained for one epoch of the offline corpus (about 0.98 pairwise accuracy)."""
-    run("reward_sst2.py", *RM_ARGS, "--output_dir", session_dir / "rm")
-    return session_dir / "rm"
+    return run_into("reward_sst2.py", RM_ARGS, session_dir / "rm")
 
 
 @pytest.fixture(scope="session")

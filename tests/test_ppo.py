@@ -15,6 +15,7 @@ from conftest import (
     check_resume_from_checkpoint,
     metrics,
     run,
+    run_into,
 )
 
 import ppo
@@ -154,14 +155,12 @@ def short_ppo(sft_policy, reward_model):
 
 @pytest.fixture(scope="session")
 def ppo_1p(session_dir, sft_policy, reward_model):
-    run("ppo.py", *short_ppo(sft_policy, reward_model), "--output_dir", session_dir / "ppo_1p")
-    return session_dir / "ppo_1p"
+    return run_into("ppo.py", short_ppo(sft_policy, reward_model), session_dir / "ppo_1p")
 
 
 @pytest.fixture(scope="session")
 def ppo_2p(session_dir, sft_policy, reward_model):
-    run("ppo.py", *short_ppo(sft_policy, reward_model), "--output_dir", session_dir / "ppo_2p", nproc=2)
-    return session_dir / "ppo_2p"
+    return run_into("ppo.py", short_ppo(sft_policy, reward_model), session_dir / "ppo_2p", nproc=2)
 
 
 def test_ratio_is_one_and_kl_zero_before_the_first_step(ppo_1p):

@@ -15,6 +15,7 @@ from conftest import (
     metrics,
     run,
     run_in_process,
+    run_into,
 )
 
 import filter as filter_stage
@@ -116,14 +117,12 @@ def short_rebel(sft_policy, sst2_pairs):
 
 @pytest.fixture(scope="session")
 def rebel_1p(session_dir, sft_policy, sst2_pairs):
-    run("rebel.py", *short_rebel(sft_policy, sst2_pairs), "--output_dir", session_dir / "rebel_1p")
-    return session_dir / "rebel_1p"
+    return run_into("rebel.py", short_rebel(sft_policy, sst2_pairs), session_dir / "rebel_1p")
 
 
 @pytest.fixture(scope="session")
 def rebel_2p(session_dir, sft_policy, sst2_pairs):
-    run("rebel.py", *short_rebel(sft_policy, sst2_pairs), "--output_dir", session_dir / "rebel_2p", nproc=2)
-    return session_dir / "rebel_2p"
+    return run_into("rebel.py", short_rebel(sft_policy, sst2_pairs), session_dir / "rebel_2p", nproc=2)
 
 
 def test_log_ratio_is_exactly_zero_before_the_first_update(rebel_1p):

@@ -11,7 +11,7 @@ from conftest import (
     check_preempt_and_resume,
     check_resume_from_checkpoint,
     metrics,
-    run,
+    run_into,
 )
 
 import reward_sst2
@@ -21,14 +21,12 @@ SHORT = ["--total_episodes", "320", "--local_micro_batch_size", "8", "--save_fre
 
 @pytest.fixture(scope="session")
 def rm_short_1p(session_dir):
-    run("reward_sst2.py", *RM_ARGS, *SHORT, "--output_dir", session_dir / "rm_short_1p")
-    return session_dir / "rm_short_1p"
+    return run_into("reward_sst2.py", RM_ARGS + SHORT, session_dir / "rm_short_1p")
 
 
 @pytest.fixture(scope="session")
 def rm_short_2p(session_dir):
-    run("reward_sst2.py", *RM_ARGS, *SHORT, "--output_dir", session_dir / "rm_short_2p", nproc=2)
-    return session_dir / "rm_short_2p"
+    return run_into("reward_sst2.py", RM_ARGS + SHORT, session_dir / "rm_short_2p", nproc=2)
 
 
 def test_bradley_terry_loss_matches_a_slow_reference():

@@ -10,7 +10,7 @@ from conftest import (
     check_preempt_and_resume,
     check_resume_from_checkpoint,
     metrics,
-    run,
+    run_into,
 )
 
 import sft_sst2
@@ -22,14 +22,12 @@ SFT_ARGS = ["--model_name_or_path", TINY_GPT2, "--from_scratch", "--dataset", SS
 
 @pytest.fixture(scope="session")
 def sft_1p(session_dir):
-    run("sft_sst2.py", *SFT_ARGS, "--output_dir", session_dir / "sft_1p")
-    return session_dir / "sft_1p"
+    return run_into("sft_sst2.py", SFT_ARGS, session_dir / "sft_1p")
 
 
 @pytest.fixture(scope="session")
 def sft_2p(session_dir):
-    run("sft_sst2.py", *SFT_ARGS, "--output_dir", session_dir / "sft_2p", nproc=2)
-    return session_dir / "sft_2p"
+    return run_into("sft_sst2.py", SFT_ARGS, session_dir / "sft_2p", nproc=2)
 
 
 def test_eos_is_in_the_loss_when_pad_is_eos():

@@ -66,7 +66,7 @@ def main(args: Args):
     for tok in (tokenizer, rm_tokenizer):
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
-    same = tokenizer.get_vocab() == rm_tokenizer.get_vocab()
+    same = ppo.tokenizers_match(tokenizer, rm_tokenizer)
     prompts, prompt_ids, _ = ppo.load_prompts(tokenizer, args.eval_split, config)
     prompts, prompt_ids = prompts[:args.eval_size], prompt_ids[:args.eval_size]
     load = lambda cls, path, arg: ppo.freeze(ppo.load_pretrained(cls, path, arg, config), device)  # noqa: E731
