@@ -244,3 +244,15 @@ def test_reward_is_read_from_score_or_logits():
     plain = Fake(lambda ids: Output(logits=torch.full((len(ids), 1), -1.0)))
     assert score.reward_batch(armo_like, [[1, 2], [3]], 0, "cpu") == [2.0, 2.0]  # ArmoRM's output carries .score
     assert score.reward_batch(plain, [[1, 2], [3]], 0, "cpu") == [-1.0, -1.0]
+
+
+def test_a_reward_model_that_mishandles_padding_is_refused():
+    class CountsPadding(torch.nn.Module):  # a pooling bug: the reward depends on how much padding follows
+        def forward(self, input_ids, attention_mask):
+            return type("Output", (), {"logits": attention_mask.sum(1, keepdim=True).float() + input_ids.shape[1]})
+
+    model = CountsPadding()
+    model.name_or_path = "counts-padding"
+    model.dummy = torch.nn.Parameter(torch.zeros(1))
+    with pytest.raises(SystemExit, match="counts-padding: rewards change with right padding"):
+        score.check_padding(model, [[5, 6, 7], [5], [8, 9], [4, 4, 4, 4, 4]], 0, "cpu")
