@@ -127,7 +127,8 @@ def run_in_process(module, args, run_dir):
     """main() of an imported script, with the arguments a user would type (faster than a new process)."""
     import tyro
 
-    return module.main(tyro.cli(module.Args, args=[*map(str, args), "--output_dir", str(run_dir)]))
+    argv = [*map(str, args), "--output_dir", str(run_dir)]
+    return module.main(tyro.cli(module.Args, use_underscores=True, args=argv))
 
 
 def check_resume_from_checkpoint(module, args, reference_dir, run_dir, update):

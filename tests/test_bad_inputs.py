@@ -184,7 +184,7 @@ CASES = [
 def test_bad_input_is_a_clear_early_error_and_leaves_nothing(case, tmp_path, no_model_loading):
     module, argv, match = make(case, tmp_path)
     with pytest.raises(ERRORS, match=match):
-        module.main(tyro.cli(module.Args, args=argv))
+        module.main(tyro.cli(module.Args, use_underscores=True, args=argv))
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith("out")]
     assert not leftovers, f"left behind: {leftovers}"
     assert sorted(p.name for p in (tmp_path / "finished").iterdir()) == ["config.json"]

@@ -15,6 +15,7 @@ from conftest import (
     check_resume_from_checkpoint,
     metrics,
     run,
+    run_in_process,
     run_into,
 )
 
@@ -204,3 +205,14 @@ def test_short_run_raises_the_held_out_reward_above_the_sft_policy(session_dir, 
     samples = (out / "eval_samples.jsonl").read_text().splitlines()
     assert len(samples) == 2 * 64  # every held-out answer, before and after, with its scores
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+
+
+def test_reward_model_with_another_tokenizer_end_to_end(sft_policy, chat_reward_model, tmp_path, capsys):
+    """A GPT-2 policy scored by a Llama-3-style reward model: responses go to it as re-tokenized text, and the value
+    model (which must read the policy's tokens) starts from the policy with a new scalar head."""
+    run_in_process(ppo, [*ppo_args(sft_policy, chat_reward_model), "--total_episodes", "16", "--eval_size", "4"],
+                   tmp_path / "out")
+    assert "the reward model's tokenizer differs from the policy's" in capsys.readouterr().out
+    rows = metrics(tmp_path / "out")
+    assert rows[-1]["update"] == 1 and math.isfinite(rows[-1]["objective/scores"])
+    assert (tmp_path / "out" / "model.safetensors").exists()
