@@ -220,14 +220,6 @@ def lr_at(update, args):
     return args.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def batch_indices(num_examples, batch_size, update, seed):
-    """Example indices of global batch `update`. Each epoch is a seeded permutation, so the order depends on the
-    update number alone: the same for every world size, and restored exactly on resume."""
-    epoch, step = divmod(update, num_examples // batch_size)
-    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return order[step * batch_size:(step + 1) * batch_size].tolist()
-
-
 def check_output_dir(args):
     """Refuse to clobber a finished run or to restart an unfinished one silently; return the checkpoint to resume.
     Writes nothing: the folder is made by create_output_dir once the inputs have been checked."""
