@@ -65,73 +65,6 @@ class Args:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# helpers shared, as identical copies, by the data stages (tests/test_shared_helpers.py checks they agree)
-
-
-def load_split(path, split, arg):
-    """One split of a hub dataset, a `save_to_disk` folder, a folder of data files (split from file names), or a
-    single .jsonl/.json/.csv/.parquet file (which holds only the split "train"). `arg` names the argument in errors."""
-    builders = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-    if not os.path.exists(path) and (path.startswith((".", "/", "~")) or os.path.splitext(path)[1] in builders):
-        raise FileNotFoundError(f"{arg} {path}: no such file or folder")
-    if os.path.isfile(path) and os.path.splitext(path)[1] not in builders:
-        raise ValueError(f"{arg} {path}: expected a .jsonl, .json, .csv or .parquet file")
-    if os.path.isfile(path) and os.path.getsize(path) == 0:
-        raise ValueError(f"{arg} {path}: the file is empty")
-    try:
-        if os.path.isfile(path):
-            builder = builders[os.path.splitext(path)[1]]
-            splits = {"train": datasets.load_dataset(builder, data_files=path, split="train")}
-        elif any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")):
-            loaded = datasets.load_from_disk(path)
-            splits = loaded if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
-        else:
-            splits = datasets.load_dataset(path)
-    except (IndexError, StopIteration) as e:  # how datasets fails on a saved dataset without rows
-        raise ValueError(f"{arg} {path}: no rows (datasets cannot read it: {type(e).__name__})") from None
-    if split not in splits:
-        raise ValueError(f"{arg} {path}: no split {split!r}; it has {sorted(splits)}")
-    return splits[split]
-
-
-def require_columns(dataset, columns, what):
-    missing = [c for c in columns if c not in dataset.column_names]
-    if missing:
-        raise ValueError(f"{what}: missing column(s) {missing}; it has {dataset.column_names}")
-    if len(dataset) == 0:
-        raise ValueError(f"{what}: no rows")
-
-
-def load_tokenizer(path, arg="--model_name_or_path"):
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"{arg} {path}: cannot load a tokenizer from it ({type(e).__name__}: {e})") from None
-
-
-def check_data_output_dir(args):
-    """A finished output is never overwritten without --overwrite (it is written last, atomically)."""
-    if os.path.exists(args.output_dir) and not args.overwrite:
-        raise FileExistsError(f"--output_dir {args.output_dir} already holds a finished dataset; pass another "
-                              "--output_dir or --overwrite")
-
-
-def save_dataset_atomically(dataset, args, extra_files=None):
-    """save_to_disk into a temporary folder, add args.json (and extra json files), then rename it into place."""
-    tmp = args.output_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    dataset.save_to_disk(tmp)
-    for name, content in {"args.json": asdict(args), **(extra_files or {})}.items():
-        with open(os.path.join(tmp, name), "w") as f:
-            json.dump(content, f, indent=2)
-    if args.overwrite:
-        shutil.rmtree(args.output_dir, ignore_errors=True)
-    os.replace(tmp, args.output_dir)
-    if args.push_to_hub:
-        dataset.push_to_hub(args.push_to_hub)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # filtering
 
 
@@ -286,6 +219,74 @@ def main(args: Args):
     print(f"kept {stats['kept']} of {stats['input_rows']} rows: {stats['train']} train, {stats['test']} test")
     save_dataset_atomically(splits, args, {"filter_stats.json": stats})
     print(f"wrote {args.output_dir}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# infrastructure shared, as identical copies, by the data stages: TRY NOT TO MODIFY in one script alone
+# (tests/test_shared_helpers.py checks that the copies agree: change every copy, or none)
+
+
+def load_split(path, split, arg):
+    """One split of a hub dataset, a `save_to_disk` folder, a folder of data files (split from file names), or a
+    single .jsonl/.json/.csv/.parquet file (which holds only the split "train"). `arg` names the argument in errors."""
+    builders = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+    if not os.path.exists(path) and (path.startswith((".", "/", "~")) or os.path.splitext(path)[1] in builders):
+        raise FileNotFoundError(f"{arg} {path}: no such file or folder")
+    if os.path.isfile(path) and os.path.splitext(path)[1] not in builders:
+        raise ValueError(f"{arg} {path}: expected a .jsonl, .json, .csv or .parquet file")
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise ValueError(f"{arg} {path}: the file is empty")
+    try:
+        if os.path.isfile(path):
+            builder = builders[os.path.splitext(path)[1]]
+            splits = {"train": datasets.load_dataset(builder, data_files=path, split="train")}
+        elif any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")):
+            loaded = datasets.load_from_disk(path)
+            splits = loaded if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+        else:
+            splits = datasets.load_dataset(path)
+    except (IndexError, StopIteration) as e:  # how datasets fails on a saved dataset without rows
+        raise ValueError(f"{arg} {path}: no rows (datasets cannot read it: {type(e).__name__})") from None
+    if split not in splits:
+        raise ValueError(f"{arg} {path}: no split {split!r}; it has {sorted(splits)}")
+    return splits[split]
+
+
+def require_columns(dataset, columns, what):
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{what}: missing column(s) {missing}; it has {dataset.column_names}")
+    if len(dataset) == 0:
+        raise ValueError(f"{what}: no rows")
+
+
+def load_tokenizer(path, arg="--model_name_or_path"):
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{arg} {path}: cannot load a tokenizer from it ({type(e).__name__}: {e})") from None
+
+
+def check_data_output_dir(args):
+    """A finished output is never overwritten without --overwrite (it is written last, atomically)."""
+    if os.path.exists(args.output_dir) and not args.overwrite:
+        raise FileExistsError(f"--output_dir {args.output_dir} already holds a finished dataset; pass another "
+                              "--output_dir or --overwrite")
+
+
+def save_dataset_atomically(dataset, args, extra_files=None):
+    """save_to_disk into a temporary folder, add args.json (and extra json files), then rename it into place."""
+    tmp = args.output_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    dataset.save_to_disk(tmp)
+    for name, content in {"args.json": asdict(args), **(extra_files or {})}.items():
+        with open(os.path.join(tmp, name), "w") as f:
+            json.dump(content, f, indent=2)
+    if args.overwrite:
+        shutil.rmtree(args.output_dir, ignore_errors=True)
+    os.replace(tmp, args.output_dir)
+    if args.push_to_hub:
+        dataset.push_to_hub(args.push_to_hub)
 
 
 if __name__ == "__main__":

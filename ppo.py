@@ -182,300 +182,6 @@ class Args:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# helpers shared, as identical copies, by the training scripts (tests/test_shared_helpers.py checks they agree)
-
-
-def init_distributed():
-    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; a plain `python script.py` is one process. gloo on CPU, nccl on GPU."""
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")  # dcp in one process
-    return rank, world_size, device
-
-
-def all_reduce(tensor, op=dist.ReduceOp.SUM):
-    if dist.is_initialized():
-        dist.all_reduce(tensor, op=op)
-    return tensor
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def load_split(path, split, arg):
-    """One split of a hub dataset, a `save_to_disk` folder, a folder of data files (split from file names), or a
-    single .jsonl/.json/.csv/.parquet file (which holds only the split "train"). `arg` names the argument in errors."""
-    builders = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-    if not os.path.exists(path) and (path.startswith((".", "/", "~")) or os.path.splitext(path)[1] in builders):
-        raise FileNotFoundError(f"{arg} {path}: no such file or folder")
-    if os.path.isfile(path) and os.path.splitext(path)[1] not in builders:
-        raise ValueError(f"{arg} {path}: expected a .jsonl, .json, .csv or .parquet file")
-    if os.path.isfile(path) and os.path.getsize(path) == 0:
-        raise ValueError(f"{arg} {path}: the file is empty")
-    try:
-        if os.path.isfile(path):
-            builder = builders[os.path.splitext(path)[1]]
-            splits = {"train": datasets.load_dataset(builder, data_files=path, split="train")}
-        elif any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")):
-            loaded = datasets.load_from_disk(path)
-            splits = loaded if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
-        else:
-            splits = datasets.load_dataset(path)
-    except (IndexError, StopIteration) as e:  # how datasets fails on a saved dataset without rows
-        raise ValueError(f"{arg} {path}: no rows (datasets cannot read it: {type(e).__name__})") from None
-    if split not in splits:
-        raise ValueError(f"{arg} {path}: no split {split!r}; it has {sorted(splits)}")
-    return splits[split]
-
-
-def require_columns(dataset, columns, what):
-    missing = [c for c in columns if c not in dataset.column_names]
-    if missing:
-        raise ValueError(f"{what}: missing column(s) {missing}; it has {dataset.column_names}")
-    if len(dataset) == 0:
-        raise ValueError(f"{what}: no rows")
-
-
-def load_tokenizer(path, arg="--model_name_or_path"):
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"{arg} {path}: cannot load a tokenizer from it ({type(e).__name__}: {e})") from None
-
-
-def lr_at(update, args):
-    """Linear warmup then cosine decay to 0, a function of the update number only (no dependence on ranks)."""
-    warmup = int(args.warmup_ratio * args.num_updates)
-    if update < warmup:
-        return args.lr * (update + 1) / warmup
-    progress = (update - warmup) / max(1, args.num_updates - warmup)
-    return args.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def batch_indices(num_examples, batch_size, update, seed):
-    """Example indices of global batch `update`. Each epoch is a seeded permutation, so the order depends on the
-    update number alone: the same for every world size, and restored exactly on resume."""
-    epoch, step = divmod(update, num_examples // batch_size)
-    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return order[step * batch_size:(step + 1) * batch_size].tolist()
-
-
-def check_output_dir(args):
-    """Refuse to clobber a finished run or to restart an unfinished one silently; return the checkpoint to resume.
-    Writes nothing: the folder is made by create_output_dir once the inputs have been checked."""
-    if args.overwrite and args.resume:
-        raise ValueError("--overwrite and --resume contradict each other")
-    if args.overwrite:
-        return None
-    if os.path.exists(os.path.join(args.output_dir, "config.json")):
-        raise FileExistsError(f"--output_dir {args.output_dir} already holds a finished run (config.json); "
-                              "pass another --output_dir or --overwrite")
-    latest = latest_checkpoint(args.output_dir)
-    if latest and args.resume is None:
-        raise FileExistsError(f"--output_dir {args.output_dir} holds checkpoints of an unfinished run; "
-                              "pass --resume auto to continue it or --overwrite to start over")
-    resume = latest if args.resume == "auto" else args.resume
-    if resume and not os.path.exists(os.path.join(resume, "state.json")):
-        raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (no state.json)")
-    return resume
-
-
-def create_output_dir(args, rank):
-    barrier()
-    if rank == 0:
-        if args.overwrite:
-            shutil.rmtree(args.output_dir, ignore_errors=True)
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(asdict(args), f, indent=2)
-    barrier()
-
-
-def latest_checkpoint(output_dir):
-    root = os.path.join(output_dir, "checkpoints")
-    if not os.path.isdir(root):
-        return None
-    names = sorted(n for n in os.listdir(root) if n.startswith("update_") and "." not in n)
-    return os.path.join(root, names[-1]) if names else None
-
-
-def save_checkpoint(args, model, optimizer, state, rank, generators=None):
-    """Write a resumable checkpoint atomically (a temporary folder renamed when complete): model and optimizer through
-    torch.distributed.checkpoint (FSDP2 shards are written by their owners), `state` (counters, wandb run id) and
-    each rank's RNG states. Keeps the newest `keep_checkpoints`."""
-    root = os.path.join(args.output_dir, "checkpoints")
-    path = os.path.join(root, f"update_{state['update']:07d}")
-    tmp = path + ".tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=os.path.join(tmp, "dcp"))
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-           "generators": {name: g.get_state() for name, g in (generators or {}).items()}}
-    torch.save(rng, os.path.join(tmp, f"rng_rank{rank}.pt"))
-    barrier()
-    if rank == 0:
-        with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump(state, f)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-        old = sorted(n for n in os.listdir(root) if n.startswith("update_") and "." not in n)
-        for name in old[:max(0, len(old) - args.keep_checkpoints)]:
-            shutil.rmtree(os.path.join(root, name))
-    barrier()
-    return path
-
-
-def load_checkpoint(path, model, optimizer, rank, world_size, generators=None):
-    with open(os.path.join(path, "state.json")) as f:
-        state = json.load(f)
-    if state["world_size"] != world_size:
-        raise ValueError(f"--resume {path}: written by {state['world_size']} ranks, resumed with {world_size}; "
-                         "exact resume needs the same number of ranks")
-    model_state, optim_state = get_state_dict(model, optimizer)
-    loaded = {"model": model_state, "optimizer": optim_state}
-    dcp.load(loaded, checkpoint_id=os.path.join(path, "dcp"))
-    set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
-    rng = torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=False)
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
-    for name, g in (generators or {}).items():
-        g.set_state(rng["generators"][name])
-    return state
-
-
-class Preemption:
-    """SIGTERM, what cluster schedulers send before killing a job, only raises a flag: the training loop finishes the
-    update, all ranks agree to stop, a checkpoint is written and the run exits 143. (torchrun forwards SIGTERM to its
-    workers and kills them --shutdown-timeout seconds later, 30 by default: an update plus a checkpoint must fit.)"""
-
-    def __init__(self):
-        self.flag = False
-        signal.signal(signal.SIGTERM, self.handler)
-
-    def handler(self, signum, frame):
-        self.flag = True
-
-    def requested(self, device):
-        return bool(all_reduce(torch.tensor(float(self.flag), device=device), op=dist.ReduceOp.MAX).item())
-
-
-def step_if_finite(model, optimizer, loss, args, device):
-    """Clip gradients and step, unless the loss or the gradient norm is non-finite on any rank: then the gradients
-    are dropped and the weights are not touched. Returns (stepped, grad_norm)."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-    if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
-        grad_norm = grad_norm.full_tensor()
-    bad = torch.logical_not(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)).float().to(device)
-    finite = all_reduce(bad, op=dist.ReduceOp.MAX).item() == 0
-    if finite:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return finite, grad_norm.item()
-
-
-def count_update(state, stepped):
-    state["update"] += 1
-    state["bad_in_a_row"] = 0 if stepped else state["bad_in_a_row"] + 1
-    state["skipped_updates"] += 0 if stepped else 1
-
-
-def checkpoint_or_stop(args, model, optimizer, state, rank, device, preemption, logger, generators=None):
-    """After an update: stop with a checkpoint after max_bad_updates skipped updates in a row or on SIGTERM;
-    otherwise write the periodic checkpoint."""
-    if state["bad_in_a_row"] >= args.max_bad_updates:  # the weights are the last good ones: none of these stepped
-        path = save_checkpoint(args, model, optimizer, {**state, "bad_in_a_row": 0}, rank, generators)
-        end_run(logger, rank, 1, f"stopping: {state['bad_in_a_row']} updates in a row had a non-finite loss or "
-                                 f"gradient norm and were skipped; the last good weights are in {path}. Lower --lr or "
-                                 f"check the data, then continue with --resume {path}")
-    if preemption.requested(device):
-        path = save_checkpoint(args, model, optimizer, state, rank, generators)
-        end_run(logger, rank, 143, f"preempted: checkpoint written to {path}; continue with the same command plus "
-                                   "--resume auto")
-    if args.save_freq and state["update"] % args.save_freq == 0 and state["update"] < args.num_updates:
-        save_checkpoint(args, model, optimizer, state, rank, generators)
-
-
-def end_run(logger, rank, code=0, message=None):
-    """Close the logger (wandb), print the message and leave with `code`. Under torchrun the process ends with
-    os._exit, skipping Python's own teardown, where gloo's worker threads and the DDP reducer can deadlock over the
-    GIL (pytorch#56297); every file has been written and closed by then."""
-    logger.close()
-    if message and rank == 0:
-        print(message, file=sys.stderr if code == 1 else sys.stdout, flush=True)
-    if dist.is_initialized():
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    if code:
-        raise SystemExit(code)
-
-
-class Logger:
-    """Every logged scalar goes to the console and `<output_dir>/metrics.jsonl`, and to wandb with --track (a resumed
-    run continues the same wandb run). Only rank 0 writes."""
-
-    def __init__(self, args, rank, run_id, resumed_update):
-        self.rank, self.wandb = rank, None
-        self.path = os.path.join(args.output_dir, "metrics.jsonl")
-        if rank != 0:
-            return
-        kept = []  # a fresh start begins a new file; a resumed run drops what was logged after its checkpoint
-        if resumed_update is not None and os.path.exists(self.path):
-            with open(self.path) as f:
-                kept = [line for line in f if json.loads(line)["update"] <= resumed_update]
-        with open(self.path, "w") as f:
-            f.writelines(kept)
-        if args.track:
-            import wandb
-
-            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args),
-                                    name=f"{args.exp_name}__{args.seed}__{run_id}", id=run_id, resume="allow")
-
-    def log(self, metrics, update):
-        if self.rank != 0:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"update": update, **metrics}) + "\n")
-        print(f"update {update}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
-        if self.wandb is not None:
-            self.wandb.log(metrics, step=update)
-
-    def close(self):
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def save_model_atomically(model, tokenizer, args, rank, state_dict=None):
-    """`save_pretrained` (safetensors) plus the tokenizer into output_dir; config.json, the file that marks a finished
-    run, is moved in last, so an interrupted save never looks finished. `state_dict`: full weights gathered from a
-    sharded (FSDP2) model."""
-    tmp = os.path.join(args.output_dir, "final.tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-        tokenizer.save_pretrained(tmp)
-        names = sorted(os.listdir(tmp), key=lambda name: name == "config.json")
-        for name in names:
-            os.replace(os.path.join(tmp, name), os.path.join(args.output_dir, name))
-        os.rmdir(tmp)
-    barrier()
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # PPO
 
 
@@ -970,6 +676,301 @@ def main(args: Args):
     if rank == 0:
         print(f"saved the policy and tokenizer to {args.output_dir}; held-out samples in {samples_path}")
     end_run(logger, rank)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# infrastructure shared, as identical copies, by the training scripts: TRY NOT TO MODIFY in one script alone
+# (tests/test_shared_helpers.py checks that the copies agree: change every copy, or none)
+
+
+def init_distributed():
+    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; a plain `python script.py` is one process. gloo on CPU, nccl on GPU."""
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")  # dcp in one process
+    return rank, world_size, device
+
+
+def all_reduce(tensor, op=dist.ReduceOp.SUM):
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_split(path, split, arg):
+    """One split of a hub dataset, a `save_to_disk` folder, a folder of data files (split from file names), or a
+    single .jsonl/.json/.csv/.parquet file (which holds only the split "train"). `arg` names the argument in errors."""
+    builders = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+    if not os.path.exists(path) and (path.startswith((".", "/", "~")) or os.path.splitext(path)[1] in builders):
+        raise FileNotFoundError(f"{arg} {path}: no such file or folder")
+    if os.path.isfile(path) and os.path.splitext(path)[1] not in builders:
+        raise ValueError(f"{arg} {path}: expected a .jsonl, .json, .csv or .parquet file")
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise ValueError(f"{arg} {path}: the file is empty")
+    try:
+        if os.path.isfile(path):
+            builder = builders[os.path.splitext(path)[1]]
+            splits = {"train": datasets.load_dataset(builder, data_files=path, split="train")}
+        elif any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")):
+            loaded = datasets.load_from_disk(path)
+            splits = loaded if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+        else:
+            splits = datasets.load_dataset(path)
+    except (IndexError, StopIteration) as e:  # how datasets fails on a saved dataset without rows
+        raise ValueError(f"{arg} {path}: no rows (datasets cannot read it: {type(e).__name__})") from None
+    if split not in splits:
+        raise ValueError(f"{arg} {path}: no split {split!r}; it has {sorted(splits)}")
+    return splits[split]
+
+
+def require_columns(dataset, columns, what):
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{what}: missing column(s) {missing}; it has {dataset.column_names}")
+    if len(dataset) == 0:
+        raise ValueError(f"{what}: no rows")
+
+
+def load_tokenizer(path, arg="--model_name_or_path"):
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{arg} {path}: cannot load a tokenizer from it ({type(e).__name__}: {e})") from None
+
+
+def lr_at(update, args):
+    """Linear warmup then cosine decay to 0, a function of the update number only (no dependence on ranks)."""
+    warmup = int(args.warmup_ratio * args.num_updates)
+    if update < warmup:
+        return args.lr * (update + 1) / warmup
+    progress = (update - warmup) / max(1, args.num_updates - warmup)
+    return args.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def batch_indices(num_examples, batch_size, update, seed):
+    """Example indices of global batch `update`. Each epoch is a seeded permutation, so the order depends on the
+    update number alone: the same for every world size, and restored exactly on resume."""
+    epoch, step = divmod(update, num_examples // batch_size)
+    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return order[step * batch_size:(step + 1) * batch_size].tolist()
+
+
+def check_output_dir(args):
+    """Refuse to clobber a finished run or to restart an unfinished one silently; return the checkpoint to resume.
+    Writes nothing: the folder is made by create_output_dir once the inputs have been checked."""
+    if args.overwrite and args.resume:
+        raise ValueError("--overwrite and --resume contradict each other")
+    if args.overwrite:
+        return None
+    if os.path.exists(os.path.join(args.output_dir, "config.json")):
+        raise FileExistsError(f"--output_dir {args.output_dir} already holds a finished run (config.json); "
+                              "pass another --output_dir or --overwrite")
+    latest = latest_checkpoint(args.output_dir)
+    if latest and args.resume is None:
+        raise FileExistsError(f"--output_dir {args.output_dir} holds checkpoints of an unfinished run; "
+                              "pass --resume auto to continue it or --overwrite to start over")
+    resume = latest if args.resume == "auto" else args.resume
+    if resume and not os.path.exists(os.path.join(resume, "state.json")):
+        raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (no state.json)")
+    return resume
+
+
+def create_output_dir(args, rank):
+    barrier()
+    if rank == 0:
+        if args.overwrite:
+            shutil.rmtree(args.output_dir, ignore_errors=True)
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+    barrier()
+
+
+def latest_checkpoint(output_dir):
+    root = os.path.join(output_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return None
+    names = sorted(n for n in os.listdir(root) if n.startswith("update_") and "." not in n)
+    return os.path.join(root, names[-1]) if names else None
+
+
+def save_checkpoint(args, model, optimizer, state, rank, generators=None):
+    """Write a resumable checkpoint atomically (a temporary folder renamed when complete): model and optimizer through
+    torch.distributed.checkpoint (FSDP2 shards are written by their owners), `state` (counters, wandb run id) and
+    each rank's RNG states. Keeps the newest `keep_checkpoints`."""
+    root = os.path.join(args.output_dir, "checkpoints")
+    path = os.path.join(root, f"update_{state['update']:07d}")
+    tmp = path + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=os.path.join(tmp, "dcp"))
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+           "generators": {name: g.get_state() for name, g in (generators or {}).items()}}
+    torch.save(rng, os.path.join(tmp, f"rng_rank{rank}.pt"))
+    barrier()
+    if rank == 0:
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump(state, f)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+        old = sorted(n for n in os.listdir(root) if n.startswith("update_") and "." not in n)
+        for name in old[:max(0, len(old) - args.keep_checkpoints)]:
+            shutil.rmtree(os.path.join(root, name))
+    barrier()
+    return path
+
+
+def load_checkpoint(path, model, optimizer, rank, world_size, generators=None):
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    if state["world_size"] != world_size:
+        raise ValueError(f"--resume {path}: written by {state['world_size']} ranks, resumed with {world_size}; "
+                         "exact resume needs the same number of ranks")
+    model_state, optim_state = get_state_dict(model, optimizer)
+    loaded = {"model": model_state, "optimizer": optim_state}
+    dcp.load(loaded, checkpoint_id=os.path.join(path, "dcp"))
+    set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
+    rng = torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    for name, g in (generators or {}).items():
+        g.set_state(rng["generators"][name])
+    return state
+
+
+class Preemption:
+    """SIGTERM, what cluster schedulers send before killing a job, only raises a flag: the training loop finishes the
+    update, all ranks agree to stop, a checkpoint is written and the run exits 143. (torchrun forwards SIGTERM to its
+    workers and kills them --shutdown-timeout seconds later, 30 by default: an update plus a checkpoint must fit.)"""
+
+    def __init__(self):
+        self.flag = False
+        signal.signal(signal.SIGTERM, self.handler)
+
+    def handler(self, signum, frame):
+        self.flag = True
+
+    def requested(self, device):
+        return bool(all_reduce(torch.tensor(float(self.flag), device=device), op=dist.ReduceOp.MAX).item())
+
+
+def step_if_finite(model, optimizer, loss, args, device):
+    """Clip gradients and step, unless the loss or the gradient norm is non-finite on any rank: then the gradients
+    are dropped and the weights are not touched. Returns (stepped, grad_norm)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+        grad_norm = grad_norm.full_tensor()
+    bad = torch.logical_not(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)).float().to(device)
+    finite = all_reduce(bad, op=dist.ReduceOp.MAX).item() == 0
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return finite, grad_norm.item()
+
+
+def count_update(state, stepped):
+    state["update"] += 1
+    state["bad_in_a_row"] = 0 if stepped else state["bad_in_a_row"] + 1
+    state["skipped_updates"] += 0 if stepped else 1
+
+
+def checkpoint_or_stop(args, model, optimizer, state, rank, device, preemption, logger, generators=None):
+    """After an update: stop with a checkpoint after max_bad_updates skipped updates in a row or on SIGTERM;
+    otherwise write the periodic checkpoint."""
+    if state["bad_in_a_row"] >= args.max_bad_updates:  # the weights are the last good ones: none of these stepped
+        path = save_checkpoint(args, model, optimizer, {**state, "bad_in_a_row": 0}, rank, generators)
+        end_run(logger, rank, 1, f"stopping: {state['bad_in_a_row']} updates in a row had a non-finite loss or "
+                                 f"gradient norm and were skipped; the last good weights are in {path}. Lower --lr or "
+                                 f"check the data, then continue with --resume {path}")
+    if preemption.requested(device):
+        path = save_checkpoint(args, model, optimizer, state, rank, generators)
+        end_run(logger, rank, 143, f"preempted: checkpoint written to {path}; continue with the same command plus "
+                                   "--resume auto")
+    if args.save_freq and state["update"] % args.save_freq == 0 and state["update"] < args.num_updates:
+        save_checkpoint(args, model, optimizer, state, rank, generators)
+
+
+def end_run(logger, rank, code=0, message=None):
+    """Close the logger (wandb), print the message and leave with `code`. Under torchrun the process ends with
+    os._exit, skipping Python's own teardown, where gloo's worker threads and the DDP reducer can deadlock over the
+    GIL (pytorch#56297); every file has been written and closed by then."""
+    logger.close()
+    if message and rank == 0:
+        print(message, file=sys.stderr if code == 1 else sys.stdout, flush=True)
+    if dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        raise SystemExit(code)
+
+
+class Logger:
+    """Every logged scalar goes to the console and `<output_dir>/metrics.jsonl`, and to wandb with --track (a resumed
+    run continues the same wandb run). Only rank 0 writes."""
+
+    def __init__(self, args, rank, run_id, resumed_update):
+        self.rank, self.wandb = rank, None
+        self.path = os.path.join(args.output_dir, "metrics.jsonl")
+        if rank != 0:
+            return
+        kept = []  # a fresh start begins a new file; a resumed run drops what was logged after its checkpoint
+        if resumed_update is not None and os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if json.loads(line)["update"] <= resumed_update]
+        with open(self.path, "w") as f:
+            f.writelines(kept)
+        if args.track:
+            import wandb
+
+            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args),
+                                    name=f"{args.exp_name}__{args.seed}__{run_id}", id=run_id, resume="allow")
+
+    def log(self, metrics, update):
+        if self.rank != 0:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"update": update, **metrics}) + "\n")
+        print(f"update {update}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=update)
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def save_model_atomically(model, tokenizer, args, rank, state_dict=None):
+    """`save_pretrained` (safetensors) plus the tokenizer into output_dir; config.json, the file that marks a finished
+    run, is moved in last, so an interrupted save never looks finished. `state_dict`: full weights gathered from a
+    sharded (FSDP2) model."""
+    tmp = os.path.join(args.output_dir, "final.tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+        names = sorted(os.listdir(tmp), key=lambda name: name == "config.json")
+        for name in names:
+            os.replace(os.path.join(tmp, name), os.path.join(args.output_dir, name))
+        os.rmdir(tmp)
+    barrier()
 
 
 if __name__ == "__main__":

@@ -160,7 +160,306 @@ class Args:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# helpers shared, as identical copies, by the training scripts (tests/test_shared_helpers.py checks they agree)
+# REBEL
+
+
+def load_pairs(split, args, vocab_size):
+    """A split of filter.py's output as torch tensors, checked: columns, padded widths, ids inside the embedding table,
+    finite rewards, a real token in every response."""
+    data = load_split(args.task.dataset, split, "--task.dataset")
+    what = f"--task.dataset {args.task.dataset} split {split}"
+    require_columns(data, PAIR_COLUMNS, what)
+    data = data.select_columns(PAIR_COLUMNS)
+    widths = {"prompt": args.task.maxlen_prompt, "chosen": args.task.maxlen, "reject": args.task.maxlen}
+    for start, rows in zip(range(0, len(data), 4096), data.with_format("numpy").iter(batch_size=4096)):
+        for name, width in widths.items():
+            ids, mask = np.stack(rows[f"{name}_input_ids"]), np.stack(rows[f"{name}_attention_mask"])
+            if ids.shape[1] != width:
+                raise ValueError(f"{what}: {name}_input_ids is padded to {ids.shape[1]} tokens, but --task."
+                                 f"{'maxlen_prompt' if name == 'prompt' else 'maxlen'} is {width}")
+            if ids.max() >= vocab_size or ids.min() < 0:
+                raise ValueError(f"{what}: {name}_input_ids holds ids outside the model's embedding table "
+                                 f"(size {vocab_size})")
+            if (mask.sum(1) == 0).any():
+                row = start + int(np.argmax(mask.sum(1) == 0))
+                part = "prompt" if name == "prompt" else f"{name} response"
+                raise ValueError(f"{what}: row {row} has an empty {part} (no real token)")
+        rewards = np.stack([rows["chosen_reward"], rows["reject_reward"]], 1)
+        if not np.isfinite(rewards).all():
+            row = int(np.argmax(~np.isfinite(rewards).all(1)))
+            raise ValueError(f"{what}: row {start + row} has a non-finite reward {rewards[row].tolist()}")
+    return data.with_format("torch")
+
+
+def trimmed_batch(data, indices, device):
+    """Chosen and reject sequences of the pairs `indices` ([chosen..., reject...]), trimmed to the longest real prompt
+    and the longest real response: [left-padded prompt | right-padded response], so they meet in the middle."""
+    rows = data[indices]
+    prompt_len = int(rows["prompt_attention_mask"].sum(1).max())
+    response_len = int(torch.cat([rows["chosen_attention_mask"], rows["reject_attention_mask"]]).sum(1).max())
+    prompt = rows["prompt_input_ids"][:, -prompt_len:].repeat(2, 1)
+    prompt_mask = rows["prompt_attention_mask"][:, -prompt_len:].repeat(2, 1)
+    response = torch.cat([rows["chosen_input_ids"], rows["reject_input_ids"]])[:, :response_len]
+    response_mask = torch.cat([rows["chosen_attention_mask"], rows["reject_attention_mask"]])[:, :response_len]
+    batch = {"input_ids": torch.cat([prompt, response], 1).long(), "attention_mask": torch.cat(
+        [prompt_mask, response_mask], 1).long(), "response_mask": response_mask.bool(), "prompt_len": prompt_len}
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def chunk_logprobs(hidden, targets, lm_head, temperature):
+    logits = lm_head(hidden).float() / temperature
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+
+
+class SequenceLogprobs(torch.nn.Module):
+    """log pi(response | prompt) summed over the real response tokens, from one forward pass on a trimmed batch.
+    Hidden states are kept only at real response positions; the fp32 log-softmax runs over chunks of them, each
+    recomputed in the backward pass (activation checkpointing), so the full fp32 logits never exist."""
+
+    def __init__(self, model, temperature, chunk_size):
+        super().__init__()
+        self.model, self.temperature, self.chunk_size = model, temperature, chunk_size
+
+    def forward(self, input_ids, attention_mask, response_mask, prompt_len):
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                       use_cache=False).last_hidden_state
+        hidden = hidden[:, prompt_len - 1:-1][response_mask]  # states that predict the real response tokens
+        targets = input_ids[:, prompt_len:][response_mask]
+        lm_head = self.model.get_output_embeddings()
+        pieces = []
+        for start in range(0, len(targets), self.chunk_size):
+            args = (hidden[start:start + self.chunk_size], targets[start:start + self.chunk_size], lm_head,
+                    self.temperature)
+            pieces.append(checkpoint(chunk_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled()
+                          else chunk_logprobs(*args))
+        rows = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(response_mask)[response_mask]
+        return torch.zeros(len(input_ids), device=input_ids.device).index_add(0, rows, torch.cat(pieces))
+
+
+def rebel_losses(logprobs, ref_logprobs, rewards, eta):
+    """Per-pair REBEL loss and its parts; every argument is [pairs, 2] (chosen, reject)."""
+    log_ratio = logprobs - ref_logprobs
+    diff = log_ratio[:, 0] - log_ratio[:, 1]
+    target = eta * (rewards[:, 0] - rewards[:, 1])
+    return (diff - target) ** 2, diff, target, log_ratio
+
+
+def sign_align(diff, target):
+    """1 where the log-ratio difference has the sign of the reward difference, 0 where not, 1/2 at a tie (so the
+    untrained policy, whose difference is exactly 0, scores chance level 0.5)."""
+    return ((diff * target > 0).double() + 0.5 * ((diff == 0) & (target != 0)).double())
+
+
+def build_model(path, args, device, trainable=True):
+    """The policy (or the reference) wrapped to return sequence logprobs; dropout off; FSDP2, or DDP when
+    trainable."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=args.attn_implementation,
+                                                     dtype=torch.float32)
+    except OSError as e:
+        raise SystemExit(f"--model_name_or_path {path}: cannot load a model ({e})") from None
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(model.config, "final_logit_softcapping", None):
+        raise SystemExit(f"{path}: logit soft-capping is not supported by the chunked log-softmax")
+    wrapped = SequenceLogprobs(model, args.task.temperature, args.logprob_chunk_size)
+    if args.fsdp:
+        bf16 = args.bf16 and device.type == "cuda"
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+        wrapped.to(device)
+        for module in model.modules():
+            if type(module).__name__ in (model._no_split_modules or ()):
+                fully_shard(module, mp_policy=policy or MixedPrecisionPolicy())
+        fully_shard(wrapped, mp_policy=policy or MixedPrecisionPolicy())
+        return wrapped
+    wrapped.to(device)
+    if dist.is_initialized() and trainable:
+        return DDP(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
+    return wrapped
+
+
+def fingerprint(path):
+    """What identifies a model for the reference cache: its name and, for a local folder, its weight files."""
+    parts = [os.path.abspath(path) if os.path.isdir(path) else path]
+    if os.path.isdir(path):
+        for name in sorted(os.listdir(path)):
+            if name.endswith((".safetensors", ".bin", "config.json")):
+                stat = os.stat(os.path.join(path, name))
+                parts.append(f"{name}:{stat.st_size}:{int(stat.st_mtime)}")
+    return parts
+
+
+def sharded_pass(model, data, indices, args, rank, world_size, device, autocast):
+    """Sequence logprobs [pairs, 2] of the pairs `indices`, computed in micro-batches spread over the ranks (every
+    rank runs the same number of passes, as FSDP2 needs) and summed back together. No gradients."""
+    step = args.local_micro_batch_size * world_size
+    out = torch.zeros(len(indices), 2, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for start in range(0, len(indices), step):
+            mine = list(range(start + rank * args.local_micro_batch_size,
+                              min(start + (rank + 1) * args.local_micro_batch_size, len(indices))))
+            positions = mine or [0]  # a rank with nothing left runs a dummy pass and discards it
+            batch = trimmed_batch(data, [indices[p] for p in positions], device)
+            with autocast:
+                logprobs = model(**batch).double().view(2, -1).T
+            if mine:
+                out[mine] = logprobs
+    return all_reduce(out)
+
+
+def reference_logprobs(splits, args, rank, world_size, device, autocast):
+    """pi0's sequence logprobs of every pair of every split, from the cache beside the run or computed once."""
+    key = hashlib.sha256(json.dumps({
+        "data": {name: data._fingerprint for name, data in splits.items()},
+        "model": fingerprint(args.ref_model_name_or_path or args.model_name_or_path),
+        "temperature": args.task.temperature, "maxlen_prompt": args.task.maxlen_prompt, "maxlen": args.task.maxlen,
+        "attn": args.attn_implementation, "bf16": args.bf16 and device.type == "cuda", "fsdp": args.fsdp,
+    }, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(args.output_dir, "ref_logprobs", f"{key}.pt")
+    if os.path.exists(path):
+        if rank == 0:
+            print(f"reference logprobs: cached in {path}")
+        cached = torch.load(path)
+        return {name: cached[name].to(device) for name in splits}
+    start = time.time()
+    model = build_model(args.ref_model_name_or_path or args.model_name_or_path, args, device, trainable=False)
+    model.eval()
+    result = {name: sharded_pass(model, data, list(range(len(data))), args, rank, world_size, device, autocast)
+              for name, data in splits.items()}
+    del model
+    if rank == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save({name: t.cpu() for name, t in result.items()}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        print(f"reference logprobs: computed in {time.time() - start:.0f} s, cached in {path}")
+    barrier()
+    return result
+
+
+@torch.no_grad()
+def evaluate(model, data, ref, rewards, args, rank, world_size, device, autocast):
+    """val/loss and val/sign_align over the whole eval split."""
+    model.eval()
+    logprobs = sharded_pass(model, data, list(range(len(data))), args, rank, world_size, device, autocast)
+    model.train()
+    losses, diff, target, _ = rebel_losses(logprobs, ref, rewards, args.rebel.eta)
+    return {"val/loss": losses.mean().item(), "val/sign_align": sign_align(diff, target).mean().item()}
+
+
+def main(args: Args):
+    rank, world_size, device = init_distributed()
+    derive_batch_sizes(args, world_size)
+    resume = check_output_dir(args)
+    tokenizer = load_tokenizer(args.model_name_or_path)
+    if args.fsdp and not dist.is_initialized():
+        raise SystemExit("--fsdp shards over a process group: launch with torchrun (--nproc_per_node 1 for one GPU)")
+    vocab_size = AutoConfig.from_pretrained(args.model_name_or_path).get_text_config().vocab_size
+
+    # 1. data, checked before any model is loaded
+    splits = {"train": load_pairs(args.task.train_split, args, vocab_size)}
+    if args.task.eval_split is not None:
+        splits["eval"] = load_pairs(args.task.eval_split, args, vocab_size)
+    train = splits["train"]
+    if args.total_episodes is None:
+        args.total_episodes = args.num_train_epochs * len(train)
+    args.num_updates = args.total_episodes // args.batch_size
+    if args.num_updates == 0 or len(train) < args.batch_size:
+        raise ValueError(f"--batch_size {args.batch_size} is larger than the data ({len(train)} pairs) or "
+                         f"total_episodes ({args.total_episodes})")
+    rewards = {name: torch.stack([d["chosen_reward"][:], d["reject_reward"][:]], 1).double().to(device)
+               for name, d in splits.items()}
+    create_output_dir(args, rank)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16,
+                              enabled=args.bf16 and device.type == "cuda" and not args.fsdp)
+
+    # 2. reference logprobs, once (cached), then the policy
+    ref = reference_logprobs(splits, args, rank, world_size, device, autocast)
+    torch.manual_seed(args.seed)
+    model = build_model(args.model_name_or_path, args, device)
+    model.train()
+    unwrapped = model.module if isinstance(model, DDP) else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+
+    # 3. resume
+    state = {"update": 0, "world_size": world_size, "skipped_updates": 0, "bad_in_a_row": 0,
+             "run_id": f"{int(time.time())}{random.Random().randrange(16**6):06x}"}
+    if resume:
+        state = load_checkpoint(resume, model, optimizer, rank, world_size)
+        if rank == 0:
+            print(f"resumed from {resume} at update {state['update']}")
+    logger = Logger(args, rank, state["run_id"], state["update"] if resume else None)
+    preemption = Preemption()
+    if "eval" in splits and not resume:
+        logger.log({**evaluate(model, splits["eval"], ref["eval"], rewards["eval"], args, rank, world_size, device,
+                               autocast), "episode": 0}, 0)
+
+    # 4. train
+    start_time, start_update = time.time(), state["update"]
+    while state["update"] < args.num_updates:
+        update = state["update"]
+        lr = lr_at(update, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = batch_indices(len(train), args.batch_size, update, args.seed)
+        local = batch[rank * args.local_batch_size:(rank + 1) * args.local_batch_size]
+        sums = torch.zeros(7, dtype=torch.float64, device=device)
+        ratios = []
+        for micro in range(args.gradient_accumulation_steps):
+            pairs = local[micro * args.local_micro_batch_size:(micro + 1) * args.local_micro_batch_size]
+            sync = micro == args.gradient_accumulation_steps - 1 or not isinstance(model, DDP)
+            with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+                logprobs = model(**trimmed_batch(train, pairs, device)).view(2, -1).T  # [pairs, (chosen, reject)]
+                losses, diff, target, log_ratio = rebel_losses(logprobs.double(), ref["train"][pairs],
+                                                               rewards["train"][pairs], args.rebel.eta)
+                loss = losses.sum() / args.batch_size
+                (loss * world_size).backward()  # DDP and FSDP2 average gradients over ranks; undo it
+            with torch.no_grad():
+                sums += torch.stack([losses.sum(), -log_ratio[:, 0].sum(), -log_ratio[:, 1].sum(), diff.abs().sum(),
+                                     target.abs().sum(), sign_align(diff, target).sum(),
+                                     torch.tensor(float(len(pairs)), device=device, dtype=torch.float64)])
+                ratios.append(log_ratio.exp().flatten())
+        stepped, grad_norm = step_if_finite(model, optimizer, sums[0] / args.batch_size, args, device)
+        count_update(state, stepped)
+
+        # metrics, reduced over ranks
+        ratios = torch.cat(ratios)
+        ratio_sums = all_reduce(torch.stack([ratios.sum(), (ratios ** 2).sum(), torch.tensor(
+            float(len(ratios)), device=device, dtype=torch.float64)]).double())
+        loss_sum, chosen_kl, reject_kl, abs_diff, abs_target, aligned, n = all_reduce(sums).tolist()
+        ratio_mean = (ratio_sums[0] / ratio_sums[2]).item()
+        metrics = {"loss/policy_avg": loss_sum / n, "objective/kl": (chosen_kl + reject_kl) / (2 * n),
+                   "objective/chosen_kl": chosen_kl / n, "objective/reject_kl": reject_kl / n,
+                   "objective/abs_logratio_diff": abs_diff / n, "objective/abs_eta_reward_diff": abs_target / n,
+                   "objective/sign_align": aligned / n, "val/ratio": ratio_mean,
+                   "val/ratio_var": (ratio_sums[1] / ratio_sums[2]).item() - ratio_mean ** 2,
+                   "loss/grad_norm": grad_norm, "loss/skipped_updates": state["skipped_updates"], "lr": lr,
+                   "episode": state["update"] * args.batch_size,
+                   "eps": (state["update"] - start_update) * args.batch_size / (time.time() - start_time)}
+        if "eval" in splits and (state["update"] % args.eval_freq == 0 or state["update"] == args.num_updates):
+            metrics.update(evaluate(model, splits["eval"], ref["eval"], rewards["eval"], args, rank, world_size,
+                                    device, autocast))
+        logger.log(metrics, state["update"])
+        checkpoint_or_stop(args, model, optimizer, state, rank, device, preemption, logger)
+
+    # 5. save the full policy (gathered from the shards under FSDP2)
+    full = None
+    if args.fsdp:
+        tied = getattr(unwrapped.model, "all_tied_weights_keys", None) or {}  # saved once, as save_pretrained does
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = {name: t for name, t in ((n.removeprefix("model."), t) for n, t in full.items()) if name not in tied}
+    save_model_atomically(unwrapped.model, tokenizer, args, rank, state_dict=full)
+    if rank == 0:
+        print(f"saved the policy and tokenizer to {args.output_dir}")
+    end_run(logger, rank)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# infrastructure shared, as identical copies, by the training scripts: TRY NOT TO MODIFY in one script alone
+# (tests/test_shared_helpers.py checks that the copies agree: change every copy, or none)
 
 
 def init_distributed():
@@ -463,304 +762,6 @@ def save_model_atomically(model, tokenizer, args, rank, state_dict=None):
             os.replace(os.path.join(tmp, name), os.path.join(args.output_dir, name))
         os.rmdir(tmp)
     barrier()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# REBEL
-
-
-def load_pairs(split, args, vocab_size):
-    """A split of filter.py's output as torch tensors, checked: columns, padded widths, ids inside the embedding table,
-    finite rewards, a real token in every response."""
-    data = load_split(args.task.dataset, split, "--task.dataset")
-    what = f"--task.dataset {args.task.dataset} split {split}"
-    require_columns(data, PAIR_COLUMNS, what)
-    data = data.select_columns(PAIR_COLUMNS)
-    widths = {"prompt": args.task.maxlen_prompt, "chosen": args.task.maxlen, "reject": args.task.maxlen}
-    for start, rows in zip(range(0, len(data), 4096), data.with_format("numpy").iter(batch_size=4096)):
-        for name, width in widths.items():
-            ids, mask = np.stack(rows[f"{name}_input_ids"]), np.stack(rows[f"{name}_attention_mask"])
-            if ids.shape[1] != width:
-                raise ValueError(f"{what}: {name}_input_ids is padded to {ids.shape[1]} tokens, but --task."
-                                 f"{'maxlen_prompt' if name == 'prompt' else 'maxlen'} is {width}")
-            if ids.max() >= vocab_size or ids.min() < 0:
-                raise ValueError(f"{what}: {name}_input_ids holds ids outside the model's embedding table "
-                                 f"(size {vocab_size})")
-            if (mask.sum(1) == 0).any():
-                row = start + int(np.argmax(mask.sum(1) == 0))
-                part = "prompt" if name == "prompt" else f"{name} response"
-                raise ValueError(f"{what}: row {row} has an empty {part} (no real token)")
-        rewards = np.stack([rows["chosen_reward"], rows["reject_reward"]], 1)
-        if not np.isfinite(rewards).all():
-            row = int(np.argmax(~np.isfinite(rewards).all(1)))
-            raise ValueError(f"{what}: row {start + row} has a non-finite reward {rewards[row].tolist()}")
-    return data.with_format("torch")
-
-
-def trimmed_batch(data, indices, device):
-    """Chosen and reject sequences of the pairs `indices` ([chosen..., reject...]), trimmed to the longest real prompt
-    and the longest real response: [left-padded prompt | right-padded response], so they meet in the middle."""
-    rows = data[indices]
-    prompt_len = int(rows["prompt_attention_mask"].sum(1).max())
-    response_len = int(torch.cat([rows["chosen_attention_mask"], rows["reject_attention_mask"]]).sum(1).max())
-    prompt = rows["prompt_input_ids"][:, -prompt_len:].repeat(2, 1)
-    prompt_mask = rows["prompt_attention_mask"][:, -prompt_len:].repeat(2, 1)
-    response = torch.cat([rows["chosen_input_ids"], rows["reject_input_ids"]])[:, :response_len]
-    response_mask = torch.cat([rows["chosen_attention_mask"], rows["reject_attention_mask"]])[:, :response_len]
-    batch = {"input_ids": torch.cat([prompt, response], 1).long(), "attention_mask": torch.cat(
-        [prompt_mask, response_mask], 1).long(), "response_mask": response_mask.bool(), "prompt_len": prompt_len}
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def chunk_logprobs(hidden, targets, lm_head, temperature):
-    logits = lm_head(hidden).float() / temperature
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
-
-
-class SequenceLogprobs(torch.nn.Module):
-    """log pi(response | prompt) summed over the real response tokens, from one forward pass on a trimmed batch.
-    Hidden states are kept only at real response positions; the fp32 log-softmax runs over chunks of them, each
-    recomputed in the backward pass (activation checkpointing), so the full fp32 logits never exist."""
-
-    def __init__(self, model, temperature, chunk_size):
-        super().__init__()
-        self.model, self.temperature, self.chunk_size = model, temperature, chunk_size
-
-    def forward(self, input_ids, attention_mask, response_mask, prompt_len):
-        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                       use_cache=False).last_hidden_state
-        hidden = hidden[:, prompt_len - 1:-1][response_mask]  # states that predict the real response tokens
-        targets = input_ids[:, prompt_len:][response_mask]
-        lm_head = self.model.get_output_embeddings()
-        pieces = []
-        for start in range(0, len(targets), self.chunk_size):
-            args = (hidden[start:start + self.chunk_size], targets[start:start + self.chunk_size], lm_head,
-                    self.temperature)
-            pieces.append(checkpoint(chunk_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled()
-                          else chunk_logprobs(*args))
-        rows = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(response_mask)[response_mask]
-        return torch.zeros(len(input_ids), device=input_ids.device).index_add(0, rows, torch.cat(pieces))
-
-
-def rebel_losses(logprobs, ref_logprobs, rewards, eta):
-    """Per-pair REBEL loss and its parts; every argument is [pairs, 2] (chosen, reject)."""
-    log_ratio = logprobs - ref_logprobs
-    diff = log_ratio[:, 0] - log_ratio[:, 1]
-    target = eta * (rewards[:, 0] - rewards[:, 1])
-    return (diff - target) ** 2, diff, target, log_ratio
-
-
-def sign_align(diff, target):
-    """1 where the log-ratio difference has the sign of the reward difference, 0 where not, 1/2 at a tie (so the
-    untrained policy, whose difference is exactly 0, scores chance level 0.5)."""
-    return ((diff * target > 0).double() + 0.5 * ((diff == 0) & (target != 0)).double())
-
-
-def build_model(path, args, device, trainable=True):
-    """The policy (or the reference) wrapped to return sequence logprobs; dropout off; FSDP2, or DDP when
-    trainable."""
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=args.attn_implementation,
-                                                     dtype=torch.float32)
-    except OSError as e:
-        raise SystemExit(f"--model_name_or_path {path}: cannot load a model ({e})") from None
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if getattr(model.config, "final_logit_softcapping", None):
-        raise SystemExit(f"{path}: logit soft-capping is not supported by the chunked log-softmax")
-    wrapped = SequenceLogprobs(model, args.task.temperature, args.logprob_chunk_size)
-    if args.fsdp:
-        bf16 = args.bf16 and device.type == "cuda"
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
-        wrapped.to(device)
-        for module in model.modules():
-            if type(module).__name__ in (model._no_split_modules or ()):
-                fully_shard(module, mp_policy=policy or MixedPrecisionPolicy())
-        fully_shard(wrapped, mp_policy=policy or MixedPrecisionPolicy())
-        return wrapped
-    wrapped.to(device)
-    if dist.is_initialized() and trainable:
-        return DDP(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
-    return wrapped
-
-
-def fingerprint(path):
-    """What identifies a model for the reference cache: its name and, for a local folder, its weight files."""
-    parts = [os.path.abspath(path) if os.path.isdir(path) else path]
-    if os.path.isdir(path):
-        for name in sorted(os.listdir(path)):
-            if name.endswith((".safetensors", ".bin", "config.json")):
-                stat = os.stat(os.path.join(path, name))
-                parts.append(f"{name}:{stat.st_size}:{int(stat.st_mtime)}")
-    return parts
-
-
-def sharded_pass(model, data, indices, args, rank, world_size, device, autocast):
-    """Sequence logprobs [pairs, 2] of the pairs `indices`, computed in micro-batches spread over the ranks (every
-    rank runs the same number of passes, as FSDP2 needs) and summed back together. No gradients."""
-    step = args.local_micro_batch_size * world_size
-    out = torch.zeros(len(indices), 2, dtype=torch.float64, device=device)
-    with torch.no_grad():
-        for start in range(0, len(indices), step):
-            mine = list(range(start + rank * args.local_micro_batch_size,
-                              min(start + (rank + 1) * args.local_micro_batch_size, len(indices))))
-            positions = mine or [0]  # a rank with nothing left runs a dummy pass and discards it
-            batch = trimmed_batch(data, [indices[p] for p in positions], device)
-            with autocast:
-                logprobs = model(**batch).double().view(2, -1).T
-            if mine:
-                out[mine] = logprobs
-    return all_reduce(out)
-
-
-def reference_logprobs(splits, args, rank, world_size, device, autocast):
-    """pi0's sequence logprobs of every pair of every split, from the cache beside the run or computed once."""
-    key = hashlib.sha256(json.dumps({
-        "data": {name: data._fingerprint for name, data in splits.items()},
-        "model": fingerprint(args.ref_model_name_or_path or args.model_name_or_path),
-        "temperature": args.task.temperature, "maxlen_prompt": args.task.maxlen_prompt, "maxlen": args.task.maxlen,
-        "attn": args.attn_implementation, "bf16": args.bf16 and device.type == "cuda", "fsdp": args.fsdp,
-    }, sort_keys=True).encode()).hexdigest()[:16]
-    path = os.path.join(args.output_dir, "ref_logprobs", f"{key}.pt")
-    if os.path.exists(path):
-        if rank == 0:
-            print(f"reference logprobs: cached in {path}")
-        cached = torch.load(path)
-        return {name: cached[name].to(device) for name in splits}
-    start = time.time()
-    model = build_model(args.ref_model_name_or_path or args.model_name_or_path, args, device, trainable=False)
-    model.eval()
-    result = {name: sharded_pass(model, data, list(range(len(data))), args, rank, world_size, device, autocast)
-              for name, data in splits.items()}
-    del model
-    if rank == 0:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save({name: t.cpu() for name, t in result.items()}, path + ".tmp")
-        os.replace(path + ".tmp", path)
-        print(f"reference logprobs: computed in {time.time() - start:.0f} s, cached in {path}")
-    barrier()
-    return result
-
-
-@torch.no_grad()
-def evaluate(model, data, ref, rewards, args, rank, world_size, device, autocast):
-    """val/loss and val/sign_align over the whole eval split."""
-    model.eval()
-    logprobs = sharded_pass(model, data, list(range(len(data))), args, rank, world_size, device, autocast)
-    model.train()
-    losses, diff, target, _ = rebel_losses(logprobs, ref, rewards, args.rebel.eta)
-    return {"val/loss": losses.mean().item(), "val/sign_align": sign_align(diff, target).mean().item()}
-
-
-def main(args: Args):
-    rank, world_size, device = init_distributed()
-    derive_batch_sizes(args, world_size)
-    resume = check_output_dir(args)
-    tokenizer = load_tokenizer(args.model_name_or_path)
-    if args.fsdp and not dist.is_initialized():
-        raise SystemExit("--fsdp shards over a process group: launch with torchrun (--nproc_per_node 1 for one GPU)")
-    vocab_size = AutoConfig.from_pretrained(args.model_name_or_path).get_text_config().vocab_size
-
-    # 1. data, checked before any model is loaded
-    splits = {"train": load_pairs(args.task.train_split, args, vocab_size)}
-    if args.task.eval_split is not None:
-        splits["eval"] = load_pairs(args.task.eval_split, args, vocab_size)
-    train = splits["train"]
-    if args.total_episodes is None:
-        args.total_episodes = args.num_train_epochs * len(train)
-    args.num_updates = args.total_episodes // args.batch_size
-    if args.num_updates == 0 or len(train) < args.batch_size:
-        raise ValueError(f"--batch_size {args.batch_size} is larger than the data ({len(train)} pairs) or "
-                         f"total_episodes ({args.total_episodes})")
-    rewards = {name: torch.stack([d["chosen_reward"][:], d["reject_reward"][:]], 1).double().to(device)
-               for name, d in splits.items()}
-    create_output_dir(args, rank)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16,
-                              enabled=args.bf16 and device.type == "cuda" and not args.fsdp)
-
-    # 2. reference logprobs, once (cached), then the policy
-    ref = reference_logprobs(splits, args, rank, world_size, device, autocast)
-    torch.manual_seed(args.seed)
-    model = build_model(args.model_name_or_path, args, device)
-    model.train()
-    unwrapped = model.module if isinstance(model, DDP) else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-
-    # 3. resume
-    state = {"update": 0, "world_size": world_size, "skipped_updates": 0, "bad_in_a_row": 0,
-             "run_id": f"{int(time.time())}{random.Random().randrange(16**6):06x}"}
-    if resume:
-        state = load_checkpoint(resume, model, optimizer, rank, world_size)
-        if rank == 0:
-            print(f"resumed from {resume} at update {state['update']}")
-    logger = Logger(args, rank, state["run_id"], state["update"] if resume else None)
-    preemption = Preemption()
-    if "eval" in splits and not resume:
-        logger.log({**evaluate(model, splits["eval"], ref["eval"], rewards["eval"], args, rank, world_size, device,
-                               autocast), "episode": 0}, 0)
-
-    # 4. train
-    start_time, start_update = time.time(), state["update"]
-    while state["update"] < args.num_updates:
-        update = state["update"]
-        lr = lr_at(update, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batch = batch_indices(len(train), args.batch_size, update, args.seed)
-        local = batch[rank * args.local_batch_size:(rank + 1) * args.local_batch_size]
-        sums = torch.zeros(7, dtype=torch.float64, device=device)
-        ratios = []
-        for micro in range(args.gradient_accumulation_steps):
-            pairs = local[micro * args.local_micro_batch_size:(micro + 1) * args.local_micro_batch_size]
-            sync = micro == args.gradient_accumulation_steps - 1 or not isinstance(model, DDP)
-            with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
-                logprobs = model(**trimmed_batch(train, pairs, device)).view(2, -1).T  # [pairs, (chosen, reject)]
-                losses, diff, target, log_ratio = rebel_losses(logprobs.double(), ref["train"][pairs],
-                                                               rewards["train"][pairs], args.rebel.eta)
-                loss = losses.sum() / args.batch_size
-                (loss * world_size).backward()  # DDP and FSDP2 average gradients over ranks; undo it
-            with torch.no_grad():
-                sums += torch.stack([losses.sum(), -log_ratio[:, 0].sum(), -log_ratio[:, 1].sum(), diff.abs().sum(),
-                                     target.abs().sum(), sign_align(diff, target).sum(),
-                                     torch.tensor(float(len(pairs)), device=device, dtype=torch.float64)])
-                ratios.append(log_ratio.exp().flatten())
-        stepped, grad_norm = step_if_finite(model, optimizer, sums[0] / args.batch_size, args, device)
-        count_update(state, stepped)
-
-        # metrics, reduced over ranks
-        ratios = torch.cat(ratios)
-        ratio_sums = all_reduce(torch.stack([ratios.sum(), (ratios ** 2).sum(), torch.tensor(
-            float(len(ratios)), device=device, dtype=torch.float64)]).double())
-        loss_sum, chosen_kl, reject_kl, abs_diff, abs_target, aligned, n = all_reduce(sums).tolist()
-        ratio_mean = (ratio_sums[0] / ratio_sums[2]).item()
-        metrics = {"loss/policy_avg": loss_sum / n, "objective/kl": (chosen_kl + reject_kl) / (2 * n),
-                   "objective/chosen_kl": chosen_kl / n, "objective/reject_kl": reject_kl / n,
-                   "objective/abs_logratio_diff": abs_diff / n, "objective/abs_eta_reward_diff": abs_target / n,
-                   "objective/sign_align": aligned / n, "val/ratio": ratio_mean,
-                   "val/ratio_var": (ratio_sums[1] / ratio_sums[2]).item() - ratio_mean ** 2,
-                   "loss/grad_norm": grad_norm, "loss/skipped_updates": state["skipped_updates"], "lr": lr,
-                   "episode": state["update"] * args.batch_size,
-                   "eps": (state["update"] - start_update) * args.batch_size / (time.time() - start_time)}
-        if "eval" in splits and (state["update"] % args.eval_freq == 0 or state["update"] == args.num_updates):
-            metrics.update(evaluate(model, splits["eval"], ref["eval"], rewards["eval"], args, rank, world_size,
-                                    device, autocast))
-        logger.log(metrics, state["update"])
-        checkpoint_or_stop(args, model, optimizer, state, rank, device, preemption, logger)
-
-    # 5. save the full policy (gathered from the shards under FSDP2)
-    full = None
-    if args.fsdp:
-        tied = getattr(unwrapped.model, "all_tied_weights_keys", None) or {}  # saved once, as save_pretrained does
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        full = {name: t for name, t in ((n.removeprefix("model."), t) for n, t in full.items()) if name not in tied}
-    save_model_atomically(unwrapped.model, tokenizer, args, rank, state_dict=full)
-    if rank == 0:
-        print(f"saved the policy and tokenizer to {args.output_dir}")
-    end_run(logger, rank)
 
 
 if __name__ == "__main__":

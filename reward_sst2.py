@@ -131,7 +131,204 @@ class Args:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# helpers shared, as identical copies, by the training scripts (tests/test_shared_helpers.py checks they agree)
+# reward model
+
+
+def tokenize_by_label(dataset, tokenizer, args):
+    """Token ids (no EOS) of positive and negative sentences; drops empty and over-long ones."""
+    labels = dataset[args.label_column]
+    bad = sorted({y for y in labels if y not in (0, 1)}, key=str)
+    if bad:
+        raise ValueError(f"--dataset {args.dataset}: column {args.label_column!r} must hold 0 or 1, found {bad[:5]}")
+    texts = dataset[args.text_column]
+    ids = tokenizer(list(texts)).input_ids
+    keep = [i for i, (text, x) in enumerate(zip(texts, ids)) if text.strip() and len(x) <= args.maxlen]
+    positives = [ids[i] for i in keep if labels[i] == 1]
+    negatives = [ids[i] for i in keep if labels[i] == 0]
+    if not positives or not negatives:
+        raise ValueError(f"--dataset {args.dataset}: needs sentences of both labels, has {len(positives)} positive "
+                         f"and {len(negatives)} negative (after dropping empty ones and those over --maxlen)")
+    return positives, negatives, len(texts) - len(keep)
+
+
+def pair_batch(positives, negatives, batch_size, update, seed):
+    """Global batch `update` of (positive, negative) pairs. Each epoch pairs a seeded permutation of the positives
+    with one of the negatives, so the pairs depend on the update number alone (any world size, exact resume)."""
+    num_pairs = min(len(positives), len(negatives))
+    epoch, step = divmod(update, num_pairs // batch_size)
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    pos = torch.randperm(len(positives), generator=generator)[:num_pairs]
+    neg = torch.randperm(len(negatives), generator=generator)[:num_pairs]
+    chosen = slice(step * batch_size, (step + 1) * batch_size)
+    return [(positives[i], negatives[j]) for i, j in zip(pos[chosen].tolist(), neg[chosen].tolist())]
+
+
+def collate(examples, pad_id):
+    """Right-pad to the longest example. The mask comes from lengths, so EOS counts even when pad_id == EOS."""
+    width = max(len(x) for x in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, x in enumerate(examples):
+        input_ids[i, :len(x)] = torch.tensor(x)
+        attention_mask[i, :len(x)] = 1
+    return input_ids, attention_mask
+
+
+def rewards(model, examples, pad_id, device):
+    """Scalar reward of each example, read by the model's own pooling at its last real token (fp32)."""
+    input_ids, attention_mask = (t.to(device) for t in collate(examples, pad_id))
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+
+
+def pair_losses(r_chosen, r_rejected, args):
+    """Per-pair loss: Bradley-Terry plus the centring term, or BCE of both sentences against their labels."""
+    if args.loss == "bt":
+        return -F.logsigmoid(r_chosen - r_rejected) + args.center_coef * (r_chosen + r_rejected) ** 2
+    return -F.logsigmoid(r_chosen) - F.logsigmoid(-r_rejected)
+
+
+@torch.no_grad()
+def evaluate(model, positives, negatives, pad_id, args, rank, world_size, device, autocast):
+    """Pairwise accuracy and loss over fixed validation pairs, sign accuracy over every validation sentence.
+    `model` is unwrapped: no DDP collectives while ranks run different numbers of batches."""
+    model.eval()
+    pairs = pair_batch(positives, negatives, min(len(positives), len(negatives)), 0, args.seed)
+    sums = torch.zeros(6, dtype=torch.float64, device=device)  # correct pairs, loss, pairs, sign correct, sentences, r+
+    mine = pairs[rank::world_size]
+    for start in range(0, len(mine), args.local_micro_batch_size):
+        chunk = mine[start:start + args.local_micro_batch_size]
+        with autocast:
+            r = rewards(model, [c for c, _ in chunk] + [r for _, r in chunk], pad_id, device)
+        r_chosen, r_rejected = r[:len(chunk)], r[len(chunk):]
+        sums[:3] += torch.stack([(r_chosen > r_rejected).sum(), pair_losses(r_chosen, r_rejected, args).sum(),
+                                 torch.tensor(len(chunk), device=device)]).double()
+    sentences = [(x, 1) for x in positives] + [(x, 0) for x in negatives]
+    mine = sentences[rank::world_size]
+    for start in range(0, len(mine), args.local_micro_batch_size):
+        chunk = mine[start:start + args.local_micro_batch_size]
+        with autocast:
+            r = rewards(model, [x for x, _ in chunk], pad_id, device)
+        labels = torch.tensor([y for _, y in chunk], device=device)
+        sums[3:] += torch.stack([((r > 0).long() == labels).sum(), torch.tensor(len(chunk), device=device),
+                                 r[labels == 1].sum()]).double()
+    all_reduce(sums)
+    model.train()
+    mean_positive = sums[5] / len(positives)
+    return {"val/accuracy": (sums[0] / sums[2]).item(), "val/loss": (sums[1] / sums[2]).item(),
+            "val/sign_accuracy": (sums[3] / sums[4]).item(), "val/reward_positive": mean_positive.item()}
+
+
+def main(args: Args):
+    rank, world_size, device = init_distributed()
+    derive_batch_sizes(args, world_size)
+    resume = check_output_dir(args)
+    tokenizer = load_tokenizer(args.model_name_or_path)
+    if tokenizer.pad_token is None:  # GPT-2: pad with EOS; sentences never contain it, so pooling is unaffected
+        tokenizer.pad_token = tokenizer.eos_token
+
+    # 1. data: validated and tokenized before any model is loaded
+    train = load_split(args.dataset, args.train_split, "--dataset")
+    require_columns(train, [args.text_column, args.label_column], f"--dataset {args.dataset} split {args.train_split}")
+    positives, negatives, dropped = tokenize_by_label(train, tokenizer, args)
+    if rank == 0:
+        print(f"train: {len(positives)} positive and {len(negatives)} negative sentences; dropped {dropped}")
+    eval_positives = eval_negatives = None
+    if args.eval_split is not None:
+        valid = load_split(args.eval_dataset or args.dataset, args.eval_split, "--eval_dataset")
+        require_columns(valid, [args.text_column, args.label_column],
+                        f"--eval_dataset {args.eval_dataset or args.dataset} split {args.eval_split}")
+        eval_positives, eval_negatives, _ = tokenize_by_label(valid, tokenizer, args)
+    num_pairs = min(len(positives), len(negatives))
+    if args.total_episodes is None:
+        args.total_episodes = args.num_train_epochs * num_pairs
+    args.num_updates = args.total_episodes // args.batch_size
+    if args.num_updates == 0 or num_pairs < args.batch_size:
+        raise ValueError(f"--batch_size {args.batch_size} is larger than the pairs ({num_pairs}) or total_episodes "
+                         f"({args.total_episodes})")
+    create_output_dir(args, rank)
+
+    # 2. model
+    torch.manual_seed(args.seed)  # the same init on every rank
+    try:
+        if args.from_scratch:
+            config = AutoConfig.from_pretrained(args.model_name_or_path, num_labels=1)
+            model = AutoModelForSequenceClassification.from_config(config, attn_implementation=args.attn_implementation)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                args.model_name_or_path, num_labels=1, attn_implementation=args.attn_implementation)
+    except OSError as e:
+        raise SystemExit(f"--model_name_or_path {args.model_name_or_path}: cannot load a model ({e})") from None
+    model.config.pad_token_id = tokenizer.pad_token_id  # the pooling reads the last token that is not this id
+    if args.disable_dropout:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    model.to(device).train()
+    if world_size > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    unwrapped = model.module if isinstance(model, DDP) else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
+
+    # 3. resume
+    state = {"update": 0, "world_size": world_size, "skipped_updates": 0, "bad_in_a_row": 0,
+             "run_id": f"{int(time.time())}{random.Random().randrange(16**6):06x}"}
+    if resume:
+        state = load_checkpoint(resume, model, optimizer, rank, world_size)
+        if rank == 0:
+            print(f"resumed from {resume} at update {state['update']}")
+    else:
+        torch.manual_seed(args.seed + rank)
+    logger = Logger(args, rank, state["run_id"], state["update"] if resume else None)
+    preemption = Preemption()
+
+    # 4. train (evaluating first, so curves start from the initial model)
+    if eval_positives and not resume:
+        logger.log(evaluate(unwrapped, eval_positives, eval_negatives, tokenizer.pad_token_id, args, rank, world_size,
+                            device, autocast), 0)
+    start_time, start_update = time.time(), state["update"]
+    while state["update"] < args.num_updates:
+        update = state["update"]
+        lr = lr_at(update, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        pairs = pair_batch(positives, negatives, args.batch_size, update, args.seed)
+        local = pairs[rank * args.local_batch_size:(rank + 1) * args.local_batch_size]
+        sums = torch.zeros(3, device=device)  # loss, correct pairs, margin; each summed over local pairs / batch_size
+        for micro in range(args.gradient_accumulation_steps):
+            chunk = local[micro * args.local_micro_batch_size:(micro + 1) * args.local_micro_batch_size]
+            sync = micro == args.gradient_accumulation_steps - 1 or not isinstance(model, DDP)
+            with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+                r = rewards(model, [c for c, _ in chunk] + [r for _, r in chunk], tokenizer.pad_token_id, device)
+                r_chosen, r_rejected = r[:len(chunk)], r[len(chunk):]
+                loss = pair_losses(r_chosen, r_rejected, args).sum() / args.batch_size
+                (loss * world_size).backward()  # DDP averages gradients over ranks; undo it to get the global mean
+            sums += torch.stack([loss.detach(), (r_chosen > r_rejected).float().sum() / args.batch_size,
+                                 (r_chosen - r_rejected).detach().sum() / args.batch_size])
+        stepped, grad_norm = step_if_finite(model, optimizer, sums[0], args, device)
+        count_update(state, stepped)
+        all_reduce(sums)
+        metrics = {"loss/reward_avg": sums[0].item(), "objective/accuracy": sums[1].item(),
+                   "objective/reward_margin": sums[2].item(), "loss/grad_norm": grad_norm,
+                   "loss/skipped_updates": state["skipped_updates"], "lr": lr,
+                   "episode": state["update"] * args.batch_size,
+                   "eps": (state["update"] - start_update) * args.batch_size / (time.time() - start_time)}
+        if eval_positives and (state["update"] % args.eval_freq == 0 or state["update"] == args.num_updates):
+            metrics.update(evaluate(unwrapped, eval_positives, eval_negatives, tokenizer.pad_token_id, args, rank,
+                                    world_size, device, autocast))
+        logger.log(metrics, state["update"])
+        checkpoint_or_stop(args, model, optimizer, state, rank, device, preemption, logger)
+
+    # 5. save
+    save_model_atomically(unwrapped, tokenizer, args, rank)
+    if rank == 0:
+        print(f"saved the reward model and tokenizer to {args.output_dir}")
+    end_run(logger, rank)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# infrastructure shared, as identical copies, by the training scripts: TRY NOT TO MODIFY in one script alone
+# (tests/test_shared_helpers.py checks that the copies agree: change every copy, or none)
 
 
 def init_distributed():
@@ -426,202 +623,6 @@ def save_model_atomically(model, tokenizer, args, rank, state_dict=None):
             os.replace(os.path.join(tmp, name), os.path.join(args.output_dir, name))
         os.rmdir(tmp)
     barrier()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# reward model
-
-
-def tokenize_by_label(dataset, tokenizer, args):
-    """Token ids (no EOS) of positive and negative sentences; drops empty and over-long ones."""
-    labels = dataset[args.label_column]
-    bad = sorted({y for y in labels if y not in (0, 1)}, key=str)
-    if bad:
-        raise ValueError(f"--dataset {args.dataset}: column {args.label_column!r} must hold 0 or 1, found {bad[:5]}")
-    texts = dataset[args.text_column]
-    ids = tokenizer(list(texts)).input_ids
-    keep = [i for i, (text, x) in enumerate(zip(texts, ids)) if text.strip() and len(x) <= args.maxlen]
-    positives = [ids[i] for i in keep if labels[i] == 1]
-    negatives = [ids[i] for i in keep if labels[i] == 0]
-    if not positives or not negatives:
-        raise ValueError(f"--dataset {args.dataset}: needs sentences of both labels, has {len(positives)} positive "
-                         f"and {len(negatives)} negative (after dropping empty ones and those over --maxlen)")
-    return positives, negatives, len(texts) - len(keep)
-
-
-def pair_batch(positives, negatives, batch_size, update, seed):
-    """Global batch `update` of (positive, negative) pairs. Each epoch pairs a seeded permutation of the positives
-    with one of the negatives, so the pairs depend on the update number alone (any world size, exact resume)."""
-    num_pairs = min(len(positives), len(negatives))
-    epoch, step = divmod(update, num_pairs // batch_size)
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    pos = torch.randperm(len(positives), generator=generator)[:num_pairs]
-    neg = torch.randperm(len(negatives), generator=generator)[:num_pairs]
-    chosen = slice(step * batch_size, (step + 1) * batch_size)
-    return [(positives[i], negatives[j]) for i, j in zip(pos[chosen].tolist(), neg[chosen].tolist())]
-
-
-def collate(examples, pad_id):
-    """Right-pad to the longest example. The mask comes from lengths, so EOS counts even when pad_id == EOS."""
-    width = max(len(x) for x in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, x in enumerate(examples):
-        input_ids[i, :len(x)] = torch.tensor(x)
-        attention_mask[i, :len(x)] = 1
-    return input_ids, attention_mask
-
-
-def rewards(model, examples, pad_id, device):
-    """Scalar reward of each example, read by the model's own pooling at its last real token (fp32)."""
-    input_ids, attention_mask = (t.to(device) for t in collate(examples, pad_id))
-    return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
-
-
-def pair_losses(r_chosen, r_rejected, args):
-    """Per-pair loss: Bradley-Terry plus the centring term, or BCE of both sentences against their labels."""
-    if args.loss == "bt":
-        return -F.logsigmoid(r_chosen - r_rejected) + args.center_coef * (r_chosen + r_rejected) ** 2
-    return -F.logsigmoid(r_chosen) - F.logsigmoid(-r_rejected)
-
-
-@torch.no_grad()
-def evaluate(model, positives, negatives, pad_id, args, rank, world_size, device, autocast):
-    """Pairwise accuracy and loss over fixed validation pairs, sign accuracy over every validation sentence.
-    `model` is unwrapped: no DDP collectives while ranks run different numbers of batches."""
-    model.eval()
-    pairs = pair_batch(positives, negatives, min(len(positives), len(negatives)), 0, args.seed)
-    sums = torch.zeros(6, dtype=torch.float64, device=device)  # correct pairs, loss, pairs, sign correct, sentences, r+
-    mine = pairs[rank::world_size]
-    for start in range(0, len(mine), args.local_micro_batch_size):
-        chunk = mine[start:start + args.local_micro_batch_size]
-        with autocast:
-            r = rewards(model, [c for c, _ in chunk] + [r for _, r in chunk], pad_id, device)
-        r_chosen, r_rejected = r[:len(chunk)], r[len(chunk):]
-        sums[:3] += torch.stack([(r_chosen > r_rejected).sum(), pair_losses(r_chosen, r_rejected, args).sum(),
-                                 torch.tensor(len(chunk), device=device)]).double()
-    sentences = [(x, 1) for x in positives] + [(x, 0) for x in negatives]
-    mine = sentences[rank::world_size]
-    for start in range(0, len(mine), args.local_micro_batch_size):
-        chunk = mine[start:start + args.local_micro_batch_size]
-        with autocast:
-            r = rewards(model, [x for x, _ in chunk], pad_id, device)
-        labels = torch.tensor([y for _, y in chunk], device=device)
-        sums[3:] += torch.stack([((r > 0).long() == labels).sum(), torch.tensor(len(chunk), device=device),
-                                 r[labels == 1].sum()]).double()
-    all_reduce(sums)
-    model.train()
-    mean_positive = sums[5] / len(positives)
-    return {"val/accuracy": (sums[0] / sums[2]).item(), "val/loss": (sums[1] / sums[2]).item(),
-            "val/sign_accuracy": (sums[3] / sums[4]).item(), "val/reward_positive": mean_positive.item()}
-
-
-def main(args: Args):
-    rank, world_size, device = init_distributed()
-    derive_batch_sizes(args, world_size)
-    resume = check_output_dir(args)
-    tokenizer = load_tokenizer(args.model_name_or_path)
-    if tokenizer.pad_token is None:  # GPT-2: pad with EOS; sentences never contain it, so pooling is unaffected
-        tokenizer.pad_token = tokenizer.eos_token
-
-    # 1. data: validated and tokenized before any model is loaded
-    train = load_split(args.dataset, args.train_split, "--dataset")
-    require_columns(train, [args.text_column, args.label_column], f"--dataset {args.dataset} split {args.train_split}")
-    positives, negatives, dropped = tokenize_by_label(train, tokenizer, args)
-    if rank == 0:
-        print(f"train: {len(positives)} positive and {len(negatives)} negative sentences; dropped {dropped}")
-    eval_positives = eval_negatives = None
-    if args.eval_split is not None:
-        valid = load_split(args.eval_dataset or args.dataset, args.eval_split, "--eval_dataset")
-        require_columns(valid, [args.text_column, args.label_column],
-                        f"--eval_dataset {args.eval_dataset or args.dataset} split {args.eval_split}")
-        eval_positives, eval_negatives, _ = tokenize_by_label(valid, tokenizer, args)
-    num_pairs = min(len(positives), len(negatives))
-    if args.total_episodes is None:
-        args.total_episodes = args.num_train_epochs * num_pairs
-    args.num_updates = args.total_episodes // args.batch_size
-    if args.num_updates == 0 or num_pairs < args.batch_size:
-        raise ValueError(f"--batch_size {args.batch_size} is larger than the pairs ({num_pairs}) or total_episodes "
-                         f"({args.total_episodes})")
-    create_output_dir(args, rank)
-
-    # 2. model
-    torch.manual_seed(args.seed)  # the same init on every rank
-    try:
-        if args.from_scratch:
-            config = AutoConfig.from_pretrained(args.model_name_or_path, num_labels=1)
-            model = AutoModelForSequenceClassification.from_config(config, attn_implementation=args.attn_implementation)
-        else:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                args.model_name_or_path, num_labels=1, attn_implementation=args.attn_implementation)
-    except OSError as e:
-        raise SystemExit(f"--model_name_or_path {args.model_name_or_path}: cannot load a model ({e})") from None
-    model.config.pad_token_id = tokenizer.pad_token_id  # the pooling reads the last token that is not this id
-    if args.disable_dropout:
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
-    model.to(device).train()
-    if world_size > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    unwrapped = model.module if isinstance(model, DDP) else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
-
-    # 3. resume
-    state = {"update": 0, "world_size": world_size, "skipped_updates": 0, "bad_in_a_row": 0,
-             "run_id": f"{int(time.time())}{random.Random().randrange(16**6):06x}"}
-    if resume:
-        state = load_checkpoint(resume, model, optimizer, rank, world_size)
-        if rank == 0:
-            print(f"resumed from {resume} at update {state['update']}")
-    else:
-        torch.manual_seed(args.seed + rank)
-    logger = Logger(args, rank, state["run_id"], state["update"] if resume else None)
-    preemption = Preemption()
-
-    # 4. train (evaluating first, so curves start from the initial model)
-    if eval_positives and not resume:
-        logger.log(evaluate(unwrapped, eval_positives, eval_negatives, tokenizer.pad_token_id, args, rank, world_size,
-                            device, autocast), 0)
-    start_time, start_update = time.time(), state["update"]
-    while state["update"] < args.num_updates:
-        update = state["update"]
-        lr = lr_at(update, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        pairs = pair_batch(positives, negatives, args.batch_size, update, args.seed)
-        local = pairs[rank * args.local_batch_size:(rank + 1) * args.local_batch_size]
-        sums = torch.zeros(3, device=device)  # loss, correct pairs, margin; each summed over local pairs / batch_size
-        for micro in range(args.gradient_accumulation_steps):
-            chunk = local[micro * args.local_micro_batch_size:(micro + 1) * args.local_micro_batch_size]
-            sync = micro == args.gradient_accumulation_steps - 1 or not isinstance(model, DDP)
-            with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
-                r = rewards(model, [c for c, _ in chunk] + [r for _, r in chunk], tokenizer.pad_token_id, device)
-                r_chosen, r_rejected = r[:len(chunk)], r[len(chunk):]
-                loss = pair_losses(r_chosen, r_rejected, args).sum() / args.batch_size
-                (loss * world_size).backward()  # DDP averages gradients over ranks; undo it to get the global mean
-            sums += torch.stack([loss.detach(), (r_chosen > r_rejected).float().sum() / args.batch_size,
-                                 (r_chosen - r_rejected).detach().sum() / args.batch_size])
-        stepped, grad_norm = step_if_finite(model, optimizer, sums[0], args, device)
-        count_update(state, stepped)
-        all_reduce(sums)
-        metrics = {"loss/reward_avg": sums[0].item(), "objective/accuracy": sums[1].item(),
-                   "objective/reward_margin": sums[2].item(), "loss/grad_norm": grad_norm,
-                   "loss/skipped_updates": state["skipped_updates"], "lr": lr,
-                   "episode": state["update"] * args.batch_size,
-                   "eps": (state["update"] - start_update) * args.batch_size / (time.time() - start_time)}
-        if eval_positives and (state["update"] % args.eval_freq == 0 or state["update"] == args.num_updates):
-            metrics.update(evaluate(unwrapped, eval_positives, eval_negatives, tokenizer.pad_token_id, args, rank,
-                                    world_size, device, autocast))
-        logger.log(metrics, state["update"])
-        checkpoint_or_stop(args, model, optimizer, state, rank, device, preemption, logger)
-
-    # 5. save
-    save_model_atomically(unwrapped, tokenizer, args, rank)
-    if rank == 0:
-        print(f"saved the reward model and tokenizer to {args.output_dir}")
-    end_run(logger, rank)
 
 
 if __name__ == "__main__":

@@ -61,133 +61,6 @@ class Args:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# helpers shared, as identical copies, by the data stages (tests/test_shared_helpers.py checks they agree)
-
-
-def init_distributed():
-    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; a plain `python script.py` is one process. gloo on CPU, nccl on GPU."""
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")  # dcp in one process
-    return rank, world_size, device
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def load_split(path, split, arg):
-    """One split of a hub dataset, a `save_to_disk` folder, a folder of data files (split from file names), or a
-    single .jsonl/.json/.csv/.parquet file (which holds only the split "train"). `arg` names the argument in errors."""
-    builders = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-    if not os.path.exists(path) and (path.startswith((".", "/", "~")) or os.path.splitext(path)[1] in builders):
-        raise FileNotFoundError(f"{arg} {path}: no such file or folder")
-    if os.path.isfile(path) and os.path.splitext(path)[1] not in builders:
-        raise ValueError(f"{arg} {path}: expected a .jsonl, .json, .csv or .parquet file")
-    if os.path.isfile(path) and os.path.getsize(path) == 0:
-        raise ValueError(f"{arg} {path}: the file is empty")
-    try:
-        if os.path.isfile(path):
-            builder = builders[os.path.splitext(path)[1]]
-            splits = {"train": datasets.load_dataset(builder, data_files=path, split="train")}
-        elif any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")):
-            loaded = datasets.load_from_disk(path)
-            splits = loaded if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
-        else:
-            splits = datasets.load_dataset(path)
-    except (IndexError, StopIteration) as e:  # how datasets fails on a saved dataset without rows
-        raise ValueError(f"{arg} {path}: no rows (datasets cannot read it: {type(e).__name__})") from None
-    if split not in splits:
-        raise ValueError(f"{arg} {path}: no split {split!r}; it has {sorted(splits)}")
-    return splits[split]
-
-
-def require_columns(dataset, columns, what):
-    missing = [c for c in columns if c not in dataset.column_names]
-    if missing:
-        raise ValueError(f"{what}: missing column(s) {missing}; it has {dataset.column_names}")
-    if len(dataset) == 0:
-        raise ValueError(f"{what}: no rows")
-
-
-def load_tokenizer(path, arg="--model_name_or_path"):
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"{arg} {path}: cannot load a tokenizer from it ({type(e).__name__}: {e})") from None
-
-
-def check_data_output_dir(args):
-    """A finished output is never overwritten without --overwrite (it is written last, atomically)."""
-    if os.path.exists(args.output_dir) and not args.overwrite:
-        raise FileExistsError(f"--output_dir {args.output_dir} already holds a finished dataset; pass another "
-                              "--output_dir or --overwrite")
-
-
-def open_partial(args, rank):
-    """`<output_dir>.partial/`, where shards accumulate. Work left there by the same command is reused; work left by
-    different arguments is an error rather than a silent mix."""
-    partial = args.output_dir.rstrip("/") + ".partial"
-    recorded = os.path.join(partial, "args.json")
-    settings = {k: v for k, v in asdict(args).items() if k not in ("overwrite", "push_to_hub")}
-    barrier()
-    if rank == 0:
-        if args.overwrite:
-            shutil.rmtree(partial, ignore_errors=True)
-        if os.path.exists(recorded):
-            with open(recorded) as f:
-                before = json.load(f)
-            changed = sorted(k for k in settings if before.get(k) != settings[k])
-            if changed:
-                raise ValueError(f"{partial} holds partial work made with other arguments ({', '.join(changed)}); "
-                                 "rerun the same command, or pass --overwrite to discard it")
-        os.makedirs(partial, exist_ok=True)
-        with open(recorded, "w") as f:
-            json.dump(settings, f, indent=2)
-    barrier()
-    return partial
-
-
-def shard_file(partial, shard):
-    return os.path.join(partial, f"shard_{shard:06d}")
-
-
-def write_shard(path, rows):
-    """A finished shard: a `save_to_disk` folder, renamed into place once complete."""
-    shutil.rmtree(path + ".tmp", ignore_errors=True)
-    datasets.Dataset.from_list(rows).save_to_disk(path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def read_shards(partial, num_shards, key):
-    """Every shard as one memory-mapped dataset, in the order of column `key` (which is then dropped)."""
-    shards = datasets.concatenate_datasets([datasets.load_from_disk(shard_file(partial, s)) for s in range(num_shards)])
-    keys = shards[key][:]
-    return shards.select(sorted(range(len(keys)), key=keys.__getitem__)).remove_columns(key)
-
-
-def save_dataset_atomically(dataset, args, extra_files=None):
-    """save_to_disk into a temporary folder, add args.json (and extra json files), then rename it into place."""
-    tmp = args.output_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    dataset.save_to_disk(tmp)
-    for name, content in {"args.json": asdict(args), **(extra_files or {})}.items():
-        with open(os.path.join(tmp, name), "w") as f:
-            json.dump(content, f, indent=2)
-    if args.overwrite:
-        shutil.rmtree(args.output_dir, ignore_errors=True)
-    os.replace(tmp, args.output_dir)
-    if args.push_to_hub:
-        dataset.push_to_hub(args.push_to_hub)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # scoring
 
 
@@ -326,6 +199,134 @@ def main(args: Args):
     barrier()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# infrastructure shared, as identical copies, by the data stages: TRY NOT TO MODIFY in one script alone
+# (tests/test_shared_helpers.py checks that the copies agree: change every copy, or none)
+
+
+def init_distributed():
+    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; a plain `python script.py` is one process. gloo on CPU, nccl on GPU."""
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")  # dcp in one process
+    return rank, world_size, device
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_split(path, split, arg):
+    """One split of a hub dataset, a `save_to_disk` folder, a folder of data files (split from file names), or a
+    single .jsonl/.json/.csv/.parquet file (which holds only the split "train"). `arg` names the argument in errors."""
+    builders = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+    if not os.path.exists(path) and (path.startswith((".", "/", "~")) or os.path.splitext(path)[1] in builders):
+        raise FileNotFoundError(f"{arg} {path}: no such file or folder")
+    if os.path.isfile(path) and os.path.splitext(path)[1] not in builders:
+        raise ValueError(f"{arg} {path}: expected a .jsonl, .json, .csv or .parquet file")
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise ValueError(f"{arg} {path}: the file is empty")
+    try:
+        if os.path.isfile(path):
+            builder = builders[os.path.splitext(path)[1]]
+            splits = {"train": datasets.load_dataset(builder, data_files=path, split="train")}
+        elif any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")):
+            loaded = datasets.load_from_disk(path)
+            splits = loaded if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+        else:
+            splits = datasets.load_dataset(path)
+    except (IndexError, StopIteration) as e:  # how datasets fails on a saved dataset without rows
+        raise ValueError(f"{arg} {path}: no rows (datasets cannot read it: {type(e).__name__})") from None
+    if split not in splits:
+        raise ValueError(f"{arg} {path}: no split {split!r}; it has {sorted(splits)}")
+    return splits[split]
+
+
+def require_columns(dataset, columns, what):
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{what}: missing column(s) {missing}; it has {dataset.column_names}")
+    if len(dataset) == 0:
+        raise ValueError(f"{what}: no rows")
+
+
+def load_tokenizer(path, arg="--model_name_or_path"):
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{arg} {path}: cannot load a tokenizer from it ({type(e).__name__}: {e})") from None
+
+
+def check_data_output_dir(args):
+    """A finished output is never overwritten without --overwrite (it is written last, atomically)."""
+    if os.path.exists(args.output_dir) and not args.overwrite:
+        raise FileExistsError(f"--output_dir {args.output_dir} already holds a finished dataset; pass another "
+                              "--output_dir or --overwrite")
+
+
+def open_partial(args, rank):
+    """`<output_dir>.partial/`, where shards accumulate. Work left there by the same command is reused; work left by
+    different arguments is an error rather than a silent mix."""
+    partial = args.output_dir.rstrip("/") + ".partial"
+    recorded = os.path.join(partial, "args.json")
+    settings = {k: v for k, v in asdict(args).items() if k not in ("overwrite", "push_to_hub")}
+    barrier()
+    if rank == 0:
+        if args.overwrite:
+            shutil.rmtree(partial, ignore_errors=True)
+        if os.path.exists(recorded):
+            with open(recorded) as f:
+                before = json.load(f)
+            changed = sorted(k for k in settings if before.get(k) != settings[k])
+            if changed:
+                raise ValueError(f"{partial} holds partial work made with other arguments ({', '.join(changed)}); "
+                                 "rerun the same command, or pass --overwrite to discard it")
+        os.makedirs(partial, exist_ok=True)
+        with open(recorded, "w") as f:
+            json.dump(settings, f, indent=2)
+    barrier()
+    return partial
+
+
+def shard_file(partial, shard):
+    return os.path.join(partial, f"shard_{shard:06d}")
+
+
+def write_shard(path, rows):
+    """A finished shard: a `save_to_disk` folder, renamed into place once complete."""
+    shutil.rmtree(path + ".tmp", ignore_errors=True)
+    datasets.Dataset.from_list(rows).save_to_disk(path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def read_shards(partial, num_shards, key):
+    """Every shard as one memory-mapped dataset, in the order of column `key` (which is then dropped)."""
+    shards = datasets.concatenate_datasets([datasets.load_from_disk(shard_file(partial, s)) for s in range(num_shards)])
+    keys = shards[key][:]
+    return shards.select(sorted(range(len(keys)), key=keys.__getitem__)).remove_columns(key)
+
+
+def save_dataset_atomically(dataset, args, extra_files=None):
+    """save_to_disk into a temporary folder, add args.json (and extra json files), then rename it into place."""
+    tmp = args.output_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    dataset.save_to_disk(tmp)
+    for name, content in {"args.json": asdict(args), **(extra_files or {})}.items():
+        with open(os.path.join(tmp, name), "w") as f:
+            json.dump(content, f, indent=2)
+    if args.overwrite:
+        shutil.rmtree(args.output_dir, ignore_errors=True)
+    os.replace(tmp, args.output_dir)
+    if args.push_to_hub:
+        dataset.push_to_hub(args.push_to_hub)
 
 
 if __name__ == "__main__":

@@ -121,7 +121,173 @@ class Args:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# helpers shared, as identical copies, by the training scripts (tests/test_shared_helpers.py checks they agree)
+# SFT
+
+
+def tokenize(texts, tokenizer, maxlen):
+    """Token ids of each text with EOS appended; drops empty texts and those longer than maxlen (EOS included)."""
+    ids = tokenizer(list(texts)).input_ids
+    examples = [x + [tokenizer.eos_token_id] for x, text in zip(ids, texts) if text.strip()]
+    kept = [x for x in examples if len(x) <= maxlen]
+    return kept, {"empty": len(texts) - len(examples), "too_long": len(examples) - len(kept)}
+
+
+def collate(examples, pad_id):
+    """Right-pad to the longest example. The mask comes from lengths, so EOS counts even when pad_id == EOS."""
+    width = max(len(x) for x in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, x in enumerate(examples):
+        input_ids[i, :len(x)] = torch.tensor(x)
+        attention_mask[i, :len(x)] = 1
+    return input_ids, attention_mask
+
+
+def token_nll(model, input_ids, attention_mask):
+    """Per-token negative log-likelihood of tokens 1..T-1 (fp32), and the mask of the ones that are real."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    nll = F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
+    return nll, attention_mask[:, 1:].float()
+
+
+@torch.no_grad()
+def evaluate(model, examples, prompts, tokenizer, args, rank, world_size, device, autocast):
+    """Validation loss and perplexity (token-weighted over all ranks) and how often sampled continuations of
+    validation prompts end with EOS within maxlen tokens. `model` is unwrapped: ranks may run different numbers of
+    batches, so there must be no DDP collectives here."""
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    mine = examples[rank::world_size]
+    for start in range(0, len(mine), args.local_micro_batch_size):
+        batch = mine[start:start + args.local_micro_batch_size]
+        input_ids, attention_mask = (t.to(device) for t in collate(batch, tokenizer.pad_token_id))
+        with autocast:
+            nll, mask = token_nll(model, input_ids, attention_mask)
+        totals += torch.stack([(nll * mask).sum(), mask.sum()]).double()
+    ended = 0
+    for index in range(rank, len(prompts), world_size):
+        ids = torch.tensor([tokenizer(prompts[index]).input_ids], device=device)
+        with autocast, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(args.seed * 100_003 + index)  # per prompt: the same samples for any world size
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=args.maxlen,
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        ended += int(tokenizer.eos_token_id in out[0, ids.shape[1]:].tolist())
+    counts = all_reduce(torch.tensor([float(ended), float(len(prompts[rank::world_size]))], device=device))
+    all_reduce(totals)
+    model.train()
+    loss = (totals[0] / totals[1]).item()
+    return {"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0)),
+            "val/eos_rate": (counts[0] / counts[1]).item()}
+
+
+def main(args: Args):
+    rank, world_size, device = init_distributed()
+    derive_batch_sizes(args, world_size)
+    resume = check_output_dir(args)
+    tokenizer = load_tokenizer(args.model_name_or_path)
+    if tokenizer.pad_token is None:  # GPT-2: pad with EOS for batching; loss masks never look at pad ids
+        tokenizer.pad_token = tokenizer.eos_token
+
+    # 1. data: validated and tokenized before any model is loaded
+    train = load_split(args.dataset, args.train_split, "--dataset")
+    require_columns(train, [args.text_column], f"--dataset {args.dataset} split {args.train_split}")
+    train_examples, dropped = tokenize(train[args.text_column], tokenizer, args.maxlen)
+    if rank == 0:
+        print(f"train: {len(train_examples)} examples; dropped {dropped} (maxlen {args.maxlen})")
+    eval_examples, prompts = [], []
+    if args.eval_split is not None:
+        valid = load_split(args.eval_dataset or args.dataset, args.eval_split, "--eval_dataset")
+        require_columns(valid, [args.text_column],
+                        f"--eval_dataset {args.eval_dataset or args.dataset} split {args.eval_split}")
+        eval_examples, _ = tokenize(valid[args.text_column], tokenizer, args.maxlen)
+        prompts = [" ".join(text.split()[:2]) for text in valid[args.text_column][:args.num_samples] if text.strip()]
+    if args.total_episodes is None:
+        args.total_episodes = args.num_train_epochs * len(train_examples)
+    args.num_updates = args.total_episodes // args.batch_size
+    if args.num_updates == 0 or len(train_examples) < args.batch_size:
+        raise ValueError(f"--batch_size {args.batch_size} is larger than the data ({len(train_examples)} examples) "
+                         f"or total_episodes ({args.total_episodes})")
+    create_output_dir(args, rank)
+
+    # 2. model
+    torch.manual_seed(args.seed)  # the same init on every rank
+    try:
+        if args.from_scratch:
+            config = AutoConfig.from_pretrained(args.model_name_or_path)
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=args.attn_implementation)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path,
+                                                         attn_implementation=args.attn_implementation)
+    except OSError as e:
+        raise SystemExit(f"--model_name_or_path {args.model_name_or_path}: cannot load a model ({e})") from None
+    if args.disable_dropout:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    model.to(device).train()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if world_size > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    unwrapped = model.module if isinstance(model, DDP) else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
+
+    # 3. resume
+    state = {"update": 0, "world_size": world_size, "skipped_updates": 0, "bad_in_a_row": 0,
+             "run_id": f"{int(time.time())}{random.Random().randrange(16**6):06x}"}
+    if resume:
+        state = load_checkpoint(resume, model, optimizer, rank, world_size)
+        if rank == 0:
+            print(f"resumed from {resume} at update {state['update']}")
+    else:
+        torch.manual_seed(args.seed + rank)
+    logger = Logger(args, rank, state["run_id"], state["update"] if resume else None)
+    preemption = Preemption()
+
+    # 4. train (evaluating first, so curves start from the initial model)
+    if eval_examples and not resume:
+        logger.log(evaluate(unwrapped, eval_examples, prompts, tokenizer, args, rank, world_size, device, autocast), 0)
+    start_time, start_update = time.time(), state["update"]
+    while state["update"] < args.num_updates:
+        update = state["update"]
+        lr = lr_at(update, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = [train_examples[i] for i in batch_indices(len(train_examples), args.batch_size, update, args.seed)]
+        global_tokens = sum(len(x) - 1 for x in batch)  # predicted tokens in the global batch
+        local = batch[rank * args.local_batch_size:(rank + 1) * args.local_batch_size]
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(args.gradient_accumulation_steps):
+            examples = local[micro * args.local_micro_batch_size:(micro + 1) * args.local_micro_batch_size]
+            input_ids, attention_mask = (t.to(device) for t in collate(examples, tokenizer.pad_token_id))
+            sync = micro == args.gradient_accumulation_steps - 1 or not isinstance(model, DDP)
+            with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+                nll, mask = token_nll(model, input_ids, attention_mask)
+                loss = (nll * mask).sum() / global_tokens
+                (loss * world_size).backward()  # DDP averages gradients over ranks; undo it to get the global mean
+            loss_sum += loss.detach()
+        stepped, grad_norm = step_if_finite(model, optimizer, loss_sum, args, device)
+        count_update(state, stepped)
+        metrics = {"loss/sft_avg": all_reduce(loss_sum.clone()).item(), "loss/grad_norm": grad_norm,
+                   "loss/skipped_updates": state["skipped_updates"], "lr": lr,
+                   "episode": state["update"] * args.batch_size,
+                   "eps": (state["update"] - start_update) * args.batch_size / (time.time() - start_time)}
+        if eval_examples and (state["update"] % args.eval_freq == 0 or state["update"] == args.num_updates):
+            metrics.update(evaluate(unwrapped, eval_examples, prompts, tokenizer, args, rank, world_size, device,
+                                    autocast))
+        logger.log(metrics, state["update"])
+        checkpoint_or_stop(args, model, optimizer, state, rank, device, preemption, logger)
+
+    # 5. save
+    save_model_atomically(unwrapped, tokenizer, args, rank)
+    if rank == 0:
+        print(f"saved the model and tokenizer to {args.output_dir}")
+    end_run(logger, rank)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# infrastructure shared, as identical copies, by the training scripts: TRY NOT TO MODIFY in one script alone
+# (tests/test_shared_helpers.py checks that the copies agree: change every copy, or none)
 
 
 def init_distributed():
@@ -424,171 +590,6 @@ def save_model_atomically(model, tokenizer, args, rank, state_dict=None):
             os.replace(os.path.join(tmp, name), os.path.join(args.output_dir, name))
         os.rmdir(tmp)
     barrier()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# SFT
-
-
-def tokenize(texts, tokenizer, maxlen):
-    """Token ids of each text with EOS appended; drops empty texts and those longer than maxlen (EOS included)."""
-    ids = tokenizer(list(texts)).input_ids
-    examples = [x + [tokenizer.eos_token_id] for x, text in zip(ids, texts) if text.strip()]
-    kept = [x for x in examples if len(x) <= maxlen]
-    return kept, {"empty": len(texts) - len(examples), "too_long": len(examples) - len(kept)}
-
-
-def collate(examples, pad_id):
-    """Right-pad to the longest example. The mask comes from lengths, so EOS counts even when pad_id == EOS."""
-    width = max(len(x) for x in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, x in enumerate(examples):
-        input_ids[i, :len(x)] = torch.tensor(x)
-        attention_mask[i, :len(x)] = 1
-    return input_ids, attention_mask
-
-
-def token_nll(model, input_ids, attention_mask):
-    """Per-token negative log-likelihood of tokens 1..T-1 (fp32), and the mask of the ones that are real."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    nll = F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
-    return nll, attention_mask[:, 1:].float()
-
-
-@torch.no_grad()
-def evaluate(model, examples, prompts, tokenizer, args, rank, world_size, device, autocast):
-    """Validation loss and perplexity (token-weighted over all ranks) and how often sampled continuations of
-    validation prompts end with EOS within maxlen tokens. `model` is unwrapped: ranks may run different numbers of
-    batches, so there must be no DDP collectives here."""
-    model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
-    mine = examples[rank::world_size]
-    for start in range(0, len(mine), args.local_micro_batch_size):
-        batch = mine[start:start + args.local_micro_batch_size]
-        input_ids, attention_mask = (t.to(device) for t in collate(batch, tokenizer.pad_token_id))
-        with autocast:
-            nll, mask = token_nll(model, input_ids, attention_mask)
-        totals += torch.stack([(nll * mask).sum(), mask.sum()]).double()
-    ended = 0
-    for index in range(rank, len(prompts), world_size):
-        ids = torch.tensor([tokenizer(prompts[index]).input_ids], device=device)
-        with autocast, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(args.seed * 100_003 + index)  # per prompt: the same samples for any world size
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=args.maxlen,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        ended += int(tokenizer.eos_token_id in out[0, ids.shape[1]:].tolist())
-    counts = all_reduce(torch.tensor([float(ended), float(len(prompts[rank::world_size]))], device=device))
-    all_reduce(totals)
-    model.train()
-    loss = (totals[0] / totals[1]).item()
-    return {"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0)),
-            "val/eos_rate": (counts[0] / counts[1]).item()}
-
-
-def main(args: Args):
-    rank, world_size, device = init_distributed()
-    derive_batch_sizes(args, world_size)
-    resume = check_output_dir(args)
-    tokenizer = load_tokenizer(args.model_name_or_path)
-    if tokenizer.pad_token is None:  # GPT-2: pad with EOS for batching; loss masks never look at pad ids
-        tokenizer.pad_token = tokenizer.eos_token
-
-    # 1. data: validated and tokenized before any model is loaded
-    train = load_split(args.dataset, args.train_split, "--dataset")
-    require_columns(train, [args.text_column], f"--dataset {args.dataset} split {args.train_split}")
-    train_examples, dropped = tokenize(train[args.text_column], tokenizer, args.maxlen)
-    if rank == 0:
-        print(f"train: {len(train_examples)} examples; dropped {dropped} (maxlen {args.maxlen})")
-    eval_examples, prompts = [], []
-    if args.eval_split is not None:
-        valid = load_split(args.eval_dataset or args.dataset, args.eval_split, "--eval_dataset")
-        require_columns(valid, [args.text_column],
-                        f"--eval_dataset {args.eval_dataset or args.dataset} split {args.eval_split}")
-        eval_examples, _ = tokenize(valid[args.text_column], tokenizer, args.maxlen)
-        prompts = [" ".join(text.split()[:2]) for text in valid[args.text_column][:args.num_samples] if text.strip()]
-    if args.total_episodes is None:
-        args.total_episodes = args.num_train_epochs * len(train_examples)
-    args.num_updates = args.total_episodes // args.batch_size
-    if args.num_updates == 0 or len(train_examples) < args.batch_size:
-        raise ValueError(f"--batch_size {args.batch_size} is larger than the data ({len(train_examples)} examples) "
-                         f"or total_episodes ({args.total_episodes})")
-    create_output_dir(args, rank)
-
-    # 2. model
-    torch.manual_seed(args.seed)  # the same init on every rank
-    try:
-        if args.from_scratch:
-            config = AutoConfig.from_pretrained(args.model_name_or_path)
-            model = AutoModelForCausalLM.from_config(config, attn_implementation=args.attn_implementation)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path,
-                                                         attn_implementation=args.attn_implementation)
-    except OSError as e:
-        raise SystemExit(f"--model_name_or_path {args.model_name_or_path}: cannot load a model ({e})") from None
-    if args.disable_dropout:
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
-    model.to(device).train()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    if world_size > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    unwrapped = model.module if isinstance(model, DDP) else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
-
-    # 3. resume
-    state = {"update": 0, "world_size": world_size, "skipped_updates": 0, "bad_in_a_row": 0,
-             "run_id": f"{int(time.time())}{random.Random().randrange(16**6):06x}"}
-    if resume:
-        state = load_checkpoint(resume, model, optimizer, rank, world_size)
-        if rank == 0:
-            print(f"resumed from {resume} at update {state['update']}")
-    else:
-        torch.manual_seed(args.seed + rank)
-    logger = Logger(args, rank, state["run_id"], state["update"] if resume else None)
-    preemption = Preemption()
-
-    # 4. train (evaluating first, so curves start from the initial model)
-    if eval_examples and not resume:
-        logger.log(evaluate(unwrapped, eval_examples, prompts, tokenizer, args, rank, world_size, device, autocast), 0)
-    start_time, start_update = time.time(), state["update"]
-    while state["update"] < args.num_updates:
-        update = state["update"]
-        lr = lr_at(update, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batch = [train_examples[i] for i in batch_indices(len(train_examples), args.batch_size, update, args.seed)]
-        global_tokens = sum(len(x) - 1 for x in batch)  # predicted tokens in the global batch
-        local = batch[rank * args.local_batch_size:(rank + 1) * args.local_batch_size]
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(args.gradient_accumulation_steps):
-            examples = local[micro * args.local_micro_batch_size:(micro + 1) * args.local_micro_batch_size]
-            input_ids, attention_mask = (t.to(device) for t in collate(examples, tokenizer.pad_token_id))
-            sync = micro == args.gradient_accumulation_steps - 1 or not isinstance(model, DDP)
-            with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
-                nll, mask = token_nll(model, input_ids, attention_mask)
-                loss = (nll * mask).sum() / global_tokens
-                (loss * world_size).backward()  # DDP averages gradients over ranks; undo it to get the global mean
-            loss_sum += loss.detach()
-        stepped, grad_norm = step_if_finite(model, optimizer, loss_sum, args, device)
-        count_update(state, stepped)
-        metrics = {"loss/sft_avg": all_reduce(loss_sum.clone()).item(), "loss/grad_norm": grad_norm,
-                   "loss/skipped_updates": state["skipped_updates"], "lr": lr,
-                   "episode": state["update"] * args.batch_size,
-                   "eps": (state["update"] - start_update) * args.batch_size / (time.time() - start_time)}
-        if eval_examples and (state["update"] % args.eval_freq == 0 or state["update"] == args.num_updates):
-            metrics.update(evaluate(unwrapped, eval_examples, prompts, tokenizer, args, rank, world_size, device,
-                                    autocast))
-        logger.log(metrics, state["update"])
-        checkpoint_or_stop(args, model, optimizer, state, rank, device, preemption, logger)
-
-    # 5. save
-    save_model_atomically(unwrapped, tokenizer, args, rank)
-    if rank == 0:
-        print(f"saved the model and tokenizer to {args.output_dir}")
-    end_run(logger, rank)
 
 
 if __name__ == "__main__":

@@ -22,15 +22,28 @@ def top_level(path):
 
 
 def shared_block_names(path):
-    """Names defined in the script's block headed 'helpers shared, as identical copies'."""
+    """Names defined in the script's block headed 'infrastructure shared, as identical copies', which runs from its
+    heading to the `__main__` guard (it sits below `main`, so the algorithm reads first)."""
     source, tree, _ = top_level(path)
     lines = source.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.startswith("# helpers shared, as identical copies")), None)
+    start = next((i for i, line in enumerate(lines) if line.startswith("# infrastructure shared, as identical copies")),
+                 None)
     if start is None:
         return set()
-    end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith("# ----"))
+    end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith(("# ----", "if __name__")))
     return {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))
             and start < node.lineno - 1 < end}
+
+
+@pytest.mark.parametrize("path", SCRIPTS)
+def test_algorithm_reads_before_the_infrastructure(path):
+    """Reading order: docstring, Args, the algorithm's helpers, main, then the shared infrastructure block."""
+    _, tree, defs = top_level(path)
+    names = [node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))]
+    shared = shared_block_names(path)
+    assert shared, f"{path} has no shared infrastructure block"
+    assert names.index("main") < min(names.index(n) for n in shared), f"{path}: shared block is above main"
+    assert names[names.index("main") + 1:] == [n for n in names if n in shared], f"{path}: own helpers after main"
 
 
 def test_shared_helpers_are_identical_copies():
