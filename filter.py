@@ -18,16 +18,21 @@ exists in the model's embedding table. Output: a `save_to_disk` DatasetDict with
     python filter.py --dataset runs/score --model_name_or_path meta-llama/Meta-Llama-3-8B-Instruct
 """
 
+import fcntl
 import json
 import math
 import os
 import random
 import re
 import shutil
+import socket
+import sys
+import time
 from dataclasses import asdict, dataclass
 from typing import Literal
 
 import datasets
+import torch.distributed as dist
 import tyro
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
@@ -168,6 +173,7 @@ def to_dataset(rows):
 
 
 def main(args: Args):
+    check_numbers(args, positive=["maxlen_prompt", "maxlen", "test_size"])
     check_data_output_dir(args)
     tokenizer = load_tokenizer(args.model_name_or_path)
     dataset = load_split(args.dataset, args.split, "--dataset")
@@ -191,6 +197,9 @@ def main(args: Args):
         else:
             encoded = tokenizer(list(prompts)).input_ids
         dataset = dataset.add_column("prompt_token_ids", encoded)
+
+    lock = lock_output_dir(args.output_dir, 0)  # noqa: F841 (held until the run ends)
+    check_data_output_dir(args)  # again: a run on the same folder may have finished meanwhile
 
     # a chunk of rows at a time, so the padded output is held as compact Arrow tables, not Python lists
     stats, parts, chunk = None, [], 1000
@@ -265,6 +274,51 @@ def load_tokenizer(path, arg="--model_name_or_path"):
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise SystemExit(f"{arg} {path}: cannot load a tokenizer from it ({type(e).__name__}: {e})") from None
+
+
+def check_numbers(args, positive=(), non_negative=(), fraction=()):
+    """Numeric arguments in their valid range, checked before anything is written: `positive` > 0, `non_negative` >= 0,
+    `fraction` in [0, 1]. Names may be dotted (task.maxlen); a field left at None (computed later) is not checked."""
+    rules = [(positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
+             (fraction, lambda v: 0 <= v <= 1, "in [0, 1]")]
+    for names, ok, expected in rules:
+        for name in names:
+            value = args
+            for part in name.split("."):
+                value = getattr(value, part)
+            if value is not None and not (ok(value) and not math.isnan(value)):
+                raise ValueError(f"--{name} must be {expected}, got {value}")
+
+
+def lock_output_dir(output_dir, rank):
+    """One run per output folder: rank 0 holds an exclusive lock on `.<name>.lock` beside the folder for the life of the
+    process (the OS releases it however the process ends, SIGKILL included). A second run on the same folder is
+    refused, naming the holder. Returns the open lock file, to be kept referenced until the run ends."""
+    output_dir = os.path.normpath(output_dir)
+    path = os.path.join(os.path.dirname(output_dir), f".{os.path.basename(output_dir)}.lock")
+    handle, holder = None, None
+    if rank == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                         f"{' '.join(sys.argv)}\n")
+            handle.flush()
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "a process that has not written its name yet"
+            handle.close()
+    if dist.is_initialized():
+        box = [holder]
+        dist.broadcast_object_list(box, src=0)
+        holder = box[0]
+    if holder is not None:
+        raise SystemExit(f"--output_dir {output_dir} is in use by another run ({holder}; lock file {path}). Wait for "
+                         "it to end or stop it, or pass another --output_dir")
+    return handle
 
 
 def check_data_output_dir(args):

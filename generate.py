@@ -19,10 +19,15 @@ again after a crash skips the finished shards and produces the same output as an
         --prompt_format text --prompt_words 4 --maxlen 24 --backend hf      # the SST-2 example
 """
 
+import fcntl
 import importlib.util
 import json
+import math
 import os
 import shutil
+import socket
+import sys
+import time
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -184,6 +189,10 @@ def generate_vllm(llm, prompt_ids, indices, stop_ids, args):
 
 
 def main(args: Args):
+    check_numbers(args, positive=["num_responses", "maxlen", "tensor_parallel_size", "local_micro_batch_size",
+                                  "shard_size", "end_idx", "top_p", "gpu_memory_utilization"],
+                  non_negative=["prompt_words", "start_idx", "temperature"],
+                  fraction=["top_p", "gpu_memory_utilization"])
     rank, world_size, device = init_distributed()
     check_data_output_dir(args)
     backend, reason = select_backend(args, world_size)
@@ -208,6 +217,8 @@ def main(args: Args):
     stop_ids = stop_token_ids(tokenizer, args.model_name_or_path)
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompt_ids[i]), i))  # longest first: OOM shows early
     num_shards = (len(order) + args.shard_size - 1) // args.shard_size
+    lock = lock_output_dir(args.output_dir, rank)  # noqa: F841 (held until the run ends)
+    check_data_output_dir(args)  # again: a run on the same folder may have finished meanwhile
     partial = open_partial(args, rank)
 
     # 2. shards: round-robin over ranks, each written when done; finished ones are skipped
@@ -320,6 +331,51 @@ def load_tokenizer(path, arg="--model_name_or_path"):
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise SystemExit(f"{arg} {path}: cannot load a tokenizer from it ({type(e).__name__}: {e})") from None
+
+
+def check_numbers(args, positive=(), non_negative=(), fraction=()):
+    """Numeric arguments in their valid range, checked before anything is written: `positive` > 0, `non_negative` >= 0,
+    `fraction` in [0, 1]. Names may be dotted (task.maxlen); a field left at None (computed later) is not checked."""
+    rules = [(positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
+             (fraction, lambda v: 0 <= v <= 1, "in [0, 1]")]
+    for names, ok, expected in rules:
+        for name in names:
+            value = args
+            for part in name.split("."):
+                value = getattr(value, part)
+            if value is not None and not (ok(value) and not math.isnan(value)):
+                raise ValueError(f"--{name} must be {expected}, got {value}")
+
+
+def lock_output_dir(output_dir, rank):
+    """One run per output folder: rank 0 holds an exclusive lock on `.<name>.lock` beside the folder for the life of the
+    process (the OS releases it however the process ends, SIGKILL included). A second run on the same folder is
+    refused, naming the holder. Returns the open lock file, to be kept referenced until the run ends."""
+    output_dir = os.path.normpath(output_dir)
+    path = os.path.join(os.path.dirname(output_dir), f".{os.path.basename(output_dir)}.lock")
+    handle, holder = None, None
+    if rank == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                         f"{' '.join(sys.argv)}\n")
+            handle.flush()
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "a process that has not written its name yet"
+            handle.close()
+    if dist.is_initialized():
+        box = [holder]
+        dist.broadcast_object_list(box, src=0)
+        holder = box[0]
+    if holder is not None:
+        raise SystemExit(f"--output_dir {output_dir} is in use by another run ({holder}; lock file {path}). Wait for "
+                         "it to end or stop it, or pass another --output_dir")
+    return handle
 
 
 def check_data_output_dir(args):

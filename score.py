@@ -16,11 +16,15 @@ run again after a crash skips them and produces the same output as an uninterrup
     python score.py --reward_model runs/reward_sst2 --prompt_format text --dataset runs/generate_sst2
 """
 
+import fcntl
 import json
 import math
 import os
 import re
 import shutil
+import socket
+import sys
+import time
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -135,6 +139,7 @@ def check_padding(model, sequences, pad_id, device):
 
 
 def main(args: Args):
+    check_numbers(args, positive=["local_micro_batch_size", "shard_size"])
     rank, world_size, device = init_distributed()
     check_data_output_dir(args)
     tokenizer = load_tokenizer(args.reward_model, "--reward_model")
@@ -155,6 +160,8 @@ def main(args: Args):
                              f"{len(sequences[too_long[0]])} tokens with the prompt, more than the reward model's "
                              f"{limit} ({len(too_long)} such sequences in rows {rows[0]}-{rows[-1]})")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    lock = lock_output_dir(args.output_dir, rank)  # noqa: F841 (held until the run ends)
+    check_data_output_dir(args)  # again: a run on the same folder may have finished meanwhile
     partial = open_partial(args, rank)
 
     # 2. shards of rows, round-robin over ranks; finished ones are skipped
@@ -263,6 +270,51 @@ def load_tokenizer(path, arg="--model_name_or_path"):
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise SystemExit(f"{arg} {path}: cannot load a tokenizer from it ({type(e).__name__}: {e})") from None
+
+
+def check_numbers(args, positive=(), non_negative=(), fraction=()):
+    """Numeric arguments in their valid range, checked before anything is written: `positive` > 0, `non_negative` >= 0,
+    `fraction` in [0, 1]. Names may be dotted (task.maxlen); a field left at None (computed later) is not checked."""
+    rules = [(positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
+             (fraction, lambda v: 0 <= v <= 1, "in [0, 1]")]
+    for names, ok, expected in rules:
+        for name in names:
+            value = args
+            for part in name.split("."):
+                value = getattr(value, part)
+            if value is not None and not (ok(value) and not math.isnan(value)):
+                raise ValueError(f"--{name} must be {expected}, got {value}")
+
+
+def lock_output_dir(output_dir, rank):
+    """One run per output folder: rank 0 holds an exclusive lock on `.<name>.lock` beside the folder for the life of the
+    process (the OS releases it however the process ends, SIGKILL included). A second run on the same folder is
+    refused, naming the holder. Returns the open lock file, to be kept referenced until the run ends."""
+    output_dir = os.path.normpath(output_dir)
+    path = os.path.join(os.path.dirname(output_dir), f".{os.path.basename(output_dir)}.lock")
+    handle, holder = None, None
+    if rank == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                         f"{' '.join(sys.argv)}\n")
+            handle.flush()
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "a process that has not written its name yet"
+            handle.close()
+    if dist.is_initialized():
+        box = [holder]
+        dist.broadcast_object_list(box, src=0)
+        holder = box[0]
+    if holder is not None:
+        raise SystemExit(f"--output_dir {output_dir} is in use by another run ({holder}; lock file {path}). Wait for "
+                         "it to end or stop it, or pass another --output_dir")
+    return handle
 
 
 def check_data_output_dir(args):

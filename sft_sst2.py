@@ -12,15 +12,19 @@ policy that never stops. `val/eos_rate` (how often sampled continuations end wit
 """
 
 import contextlib
+import errno
+import fcntl
 import json
 import math
 import os
 import random
 import shutil
 import signal
+import socket
 import sys
 import time
 import warnings
+import zlib
 from dataclasses import asdict, dataclass
 
 import datasets
@@ -181,6 +185,10 @@ def evaluate(model, examples, prompts, tokenizer, args, rank, world_size, device
 
 
 def main(args: Args):
+    check_numbers(args, positive=["maxlen", "batch_size", "local_micro_batch_size", "total_episodes",
+                                  "num_train_epochs", "eval_freq", "keep_checkpoints", "max_bad_updates",
+                                  "max_grad_norm"],
+                  non_negative=["lr", "weight_decay", "save_freq", "num_samples"], fraction=["warmup_ratio"])
     rank, world_size, device = init_distributed()
     derive_batch_sizes(args, world_size)
     resume = check_output_dir(args)
@@ -207,7 +215,7 @@ def main(args: Args):
     if args.num_updates == 0 or len(train_examples) < args.batch_size:
         raise ValueError(f"--batch_size {args.batch_size} is larger than the data ({len(train_examples)} examples) "
                          f"or total_episodes ({args.total_episodes})")
-    create_output_dir(args, rank)
+    lock = create_output_dir(args, rank, resume)  # noqa: F841 (held until the run ends)
 
     # 2. model
     torch.manual_seed(args.seed)  # the same init on every rank
@@ -384,9 +392,55 @@ def batch_indices(num_examples, batch_size, update, seed):
     return order[step * batch_size:(step + 1) * batch_size].tolist()
 
 
+def check_numbers(args, positive=(), non_negative=(), fraction=()):
+    """Numeric arguments in their valid range, checked before anything is written: `positive` > 0, `non_negative` >= 0,
+    `fraction` in [0, 1]. Names may be dotted (task.maxlen); a field left at None (computed later) is not checked."""
+    rules = [(positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
+             (fraction, lambda v: 0 <= v <= 1, "in [0, 1]")]
+    for names, ok, expected in rules:
+        for name in names:
+            value = args
+            for part in name.split("."):
+                value = getattr(value, part)
+            if value is not None and not (ok(value) and not math.isnan(value)):
+                raise ValueError(f"--{name} must be {expected}, got {value}")
+
+
+def lock_output_dir(output_dir, rank):
+    """One run per output folder: rank 0 holds an exclusive lock on `.<name>.lock` beside the folder for the life of the
+    process (the OS releases it however the process ends, SIGKILL included). A second run on the same folder is
+    refused, naming the holder. Returns the open lock file, to be kept referenced until the run ends."""
+    output_dir = os.path.normpath(output_dir)
+    path = os.path.join(os.path.dirname(output_dir), f".{os.path.basename(output_dir)}.lock")
+    handle, holder = None, None
+    if rank == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                         f"{' '.join(sys.argv)}\n")
+            handle.flush()
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "a process that has not written its name yet"
+            handle.close()
+    if dist.is_initialized():
+        box = [holder]
+        dist.broadcast_object_list(box, src=0)
+        holder = box[0]
+    if holder is not None:
+        raise SystemExit(f"--output_dir {output_dir} is in use by another run ({holder}; lock file {path}). Wait for "
+                         "it to end or stop it, or pass another --output_dir")
+    return handle
+
+
 def check_output_dir(args):
-    """Refuse to clobber a finished run or to restart an unfinished one silently; return the checkpoint to resume.
-    Writes nothing: the folder is made by create_output_dir once the inputs have been checked."""
+    """Refuse to clobber a finished run or to restart an unfinished one silently; return the checkpoint to resume
+    (`--resume auto`: the newest one that passes verification). Writes nothing: the folder is made by
+    create_output_dir once the inputs have been checked."""
     if args.overwrite and args.resume:
         raise ValueError("--overwrite and --resume contradict each other")
     if args.overwrite:
@@ -394,61 +448,169 @@ def check_output_dir(args):
     if os.path.exists(os.path.join(args.output_dir, "config.json")):
         raise FileExistsError(f"--output_dir {args.output_dir} already holds a finished run (config.json); "
                               "pass another --output_dir or --overwrite")
-    latest = latest_checkpoint(args.output_dir)
-    if latest and args.resume is None:
+    if checkpoint_names(args.output_dir) and args.resume is None:
         raise FileExistsError(f"--output_dir {args.output_dir} holds checkpoints of an unfinished run; "
                               "pass --resume auto to continue it or --overwrite to start over")
-    resume = latest if args.resume == "auto" else args.resume
-    if resume and not os.path.exists(os.path.join(resume, "state.json")):
-        raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (no state.json)")
-    return resume
+    if args.resume == "auto":
+        return latest_checkpoint(args.output_dir)
+    if args.resume:
+        if not os.path.exists(os.path.join(args.resume, "state.json")):
+            raise FileNotFoundError(f"--resume {args.resume}: not a checkpoint folder (no state.json)")
+        problem = verify_checkpoint(args.resume)
+        if problem:
+            raise ValueError(f"--resume {args.resume}: the checkpoint fails verification: {problem}")
+    return args.resume
 
 
-def create_output_dir(args, rank):
+def changed_settings(args, recorded):
+    """`--name old -> new` for every argument that differs from those a run was started with, except the ones that
+    cannot change its results (where it writes, how often it checkpoints, how it logs)."""
+    neutral = {"output_dir", "overwrite", "resume", "save_freq", "keep_checkpoints", "max_bad_updates", "track",
+               "wandb_project_name", "wandb_entity", "exp_name"}
+
+    def flat(d, prefix=""):
+        return {k: v for key, value in d.items() for k, v in (flat(value, f"{prefix}{key}.").items()
+                                                            if isinstance(value, dict) else [(prefix + key, value)])}
+
+    now, then = flat(json.loads(json.dumps(asdict(args)))), flat(recorded)
+    return [f"--{name} {then.get(name, '(absent)')} -> {now.get(name, '(absent)')}"
+            for name in sorted(set(now) | set(then)) if name not in neutral and now.get(name) != then.get(name)]
+
+
+def create_output_dir(args, rank, resume):
+    """Take the folder's lock, then: a fresh start (re)creates it and writes args.json; a resume first checks that
+    every argument that changes results equals the checkpoint's and never rewrites args.json. Returns the lock."""
+    if resume:
+        recorded = os.path.join(resume, "args.json")
+        if not os.path.exists(recorded):  # checkpoints of older versions: the run's own args.json
+            recorded = os.path.join(os.path.dirname(os.path.dirname(os.path.normpath(resume))), "args.json")
+        with open(recorded) as f:
+            changed = changed_settings(args, json.load(f))
+        if changed:
+            raise ValueError(f"--resume {resume}: the run was started with other settings, and a resumed run must "
+                             f"train as the original would: {'; '.join(changed)}. Resume with the original arguments "
+                             f"({recorded}), or start a new run in another --output_dir")
+    lock = lock_output_dir(args.output_dir, rank)
     barrier()
     if rank == 0:
         if args.overwrite:
             shutil.rmtree(args.output_dir, ignore_errors=True)
         os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(asdict(args), f, indent=2)
+        path = os.path.join(args.output_dir, "args.json")
+        if not (resume and os.path.exists(path)):
+            with open(path + ".tmp", "w") as f:
+                json.dump(asdict(args), f, indent=2)
+            os.replace(path + ".tmp", path)
     barrier()
+    return lock
+
+
+def checkpoint_names(output_dir):
+    """Names of the finished checkpoints in output_dir, oldest first (temporary folders have a dot in their name)."""
+    root = os.path.join(output_dir, "checkpoints")
+    names = os.listdir(root) if os.path.isdir(root) else []
+    return sorted(n for n in names if n.startswith("update_") and "." not in n)
 
 
 def latest_checkpoint(output_dir):
-    root = os.path.join(output_dir, "checkpoints")
-    if not os.path.isdir(root):
-        return None
-    names = sorted(n for n in os.listdir(root) if n.startswith("update_") and "." not in n)
-    return os.path.join(root, names[-1]) if names else None
+    """The newest checkpoint in output_dir that passes verification; newer ones that fail are reported and skipped."""
+    for name in reversed(checkpoint_names(output_dir)):
+        path = os.path.join(output_dir, "checkpoints", name)
+        problem = verify_checkpoint(path)
+        if not problem:
+            return path
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"skipping checkpoint {path}: it fails verification ({problem})", file=sys.stderr, flush=True)
+    return None
+
+
+def file_checksums(folder, names):
+    """{name: [size, crc32]} of files in `folder`, each rank reading its share (checkpoints can be hundreds of GB)."""
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = {}
+    for name in names[rank::world_size]:
+        crc = 0
+        with open(os.path.join(folder, name), "rb") as f:
+            while block := f.read(1 << 24):
+                crc = zlib.crc32(block, crc)
+        mine[name] = [os.path.getsize(os.path.join(folder, name)), crc]
+    parts = [mine]
+    if dist.is_initialized():
+        parts = [None] * world_size
+        dist.all_gather_object(parts, mine)
+    return {name: value for part in parts for name, value in part.items()}
+
+
+def verify_checkpoint(path):
+    """None if every file listed in the checkpoint's manifest.json (written last) is there with its size and
+    checksum; otherwise what is wrong, naming the file."""
+    manifest = os.path.join(path, "manifest.json")
+    if not os.path.exists(manifest):
+        return f"no {manifest} (written last: the checkpoint is incomplete or from an older version)"
+    with open(manifest) as f:
+        expected = json.load(f)
+    missing = [name for name in expected if not os.path.isfile(os.path.join(path, name))]
+    if missing:
+        return f"missing file {os.path.join(path, missing[0])}"
+    for name, (size, crc) in file_checksums(path, sorted(expected)).items():
+        if [size, crc] != expected[name]:
+            what = "size" if size != expected[name][0] else "checksum"
+            return f"{os.path.join(path, name)} has another {what} than when it was written (corrupt)"
+    return None
+
+
+@contextlib.contextmanager
+def disk_errors(path):
+    """A write that fails for lack of space says so, with the path, instead of torch's C++ messages ("file write
+    failed", "enforce fail"); what was half-written at `path` is removed."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        shutil.rmtree(path, ignore_errors=True)
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or free < 64 * 2**20:
+            raise SystemExit(f"no space left on device while writing {path} ({free / 2**20:.0f} MiB free there): free "
+                             "some space or lower --keep_checkpoints, then continue with --resume auto") from e
+        raise
 
 
 def save_checkpoint(args, model, optimizer, state, rank, generators=None):
     """Write a resumable checkpoint atomically (a temporary folder renamed when complete): model and optimizer through
-    torch.distributed.checkpoint (FSDP2 shards are written by their owners), `state` (counters, wandb run id) and
-    each rank's RNG states. Keeps the newest `keep_checkpoints`."""
+    torch.distributed.checkpoint (FSDP2 shards are written by their owners), `state` (counters, wandb run id), each
+    rank's RNG states, the run's args.json, and last manifest.json (size and checksum of every file), which resume
+    verifies. Keeps the newest `keep_checkpoints` (this one, verified, always among them)."""
     root = os.path.join(args.output_dir, "checkpoints")
     path = os.path.join(root, f"update_{state['update']:07d}")
     tmp = path + ".tmp"
+    with disk_errors(tmp):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        barrier()
+        model_state, optim_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=os.path.join(tmp, "dcp"))
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+               "generators": {name: g.get_state() for name, g in (generators or {}).items()}}
+        torch.save(rng, os.path.join(tmp, f"rng_rank{rank}.pt"))
+        barrier()
+        if rank == 0:
+            with open(os.path.join(tmp, "state.json"), "w") as f:
+                json.dump(state, f)
+            shutil.copyfile(os.path.join(args.output_dir, "args.json"), os.path.join(tmp, "args.json"))
+        barrier()
+        names = sorted(os.path.relpath(os.path.join(d, n), tmp) for d, _, files in os.walk(tmp) for n in files)
+        checksums = file_checksums(tmp, names)
+        if rank == 0:
+            with open(os.path.join(tmp, "manifest.json"), "w") as f:
+                json.dump(checksums, f)
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=os.path.join(tmp, "dcp"))
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-           "generators": {name: g.get_state() for name, g in (generators or {}).items()}}
-    torch.save(rng, os.path.join(tmp, f"rng_rank{rank}.pt"))
-    barrier()
-    if rank == 0:
-        with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump(state, f)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
-        old = sorted(n for n in os.listdir(root) if n.startswith("update_") and "." not in n)
-        for name in old[:max(0, len(old) - args.keep_checkpoints)]:
-            shutil.rmtree(os.path.join(root, name))
+        old = checkpoint_names(args.output_dir)
+        for name in old[:max(0, len(old) - max(1, args.keep_checkpoints))]:
+            if name != os.path.basename(path):
+                shutil.rmtree(os.path.join(root, name))
     barrier()
     return path
 
@@ -472,6 +634,30 @@ def load_checkpoint(path, model, optimizer, rank, world_size, generators=None):
     for name, g in (generators or {}).items():
         g.set_state(rng["generators"][name])
     return state
+
+
+def rewrite_log(path, resumed_update):
+    """A fresh start (resumed_update None) begins `path` (a jsonl log with an "update" key) anew; a resumed run keeps
+    the lines logged up to its checkpoint. An incomplete last line (a kill or a full disk mid-write) is dropped with a
+    warning; a malformed line elsewhere is an error naming the file and line. Rewritten atomically (temporary file,
+    rename), so a kill here loses nothing."""
+    kept = []
+    if resumed_update is not None and os.path.exists(path):
+        with open(path, "rb") as f:
+            lines = f.read().decode("utf-8", errors="replace").splitlines(keepends=True)
+        for i, line in enumerate(lines):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:
+                    print(f"warning: dropping the incomplete last line of {path}: {line[:80]!r}", file=sys.stderr)
+                    break
+                raise ValueError(f"{path} line {i + 1} is not valid JSON: {line[:80]!r}") from None
+            if row["update"] <= resumed_update:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
 
 
 class Preemption:
@@ -550,12 +736,7 @@ class Logger:
         self.path = os.path.join(args.output_dir, "metrics.jsonl")
         if rank != 0:
             return
-        kept = []  # a fresh start begins a new file; a resumed run drops what was logged after its checkpoint
-        if resumed_update is not None and os.path.exists(self.path):
-            with open(self.path) as f:
-                kept = [line for line in f if json.loads(line)["update"] <= resumed_update]
-        with open(self.path, "w") as f:
-            f.writelines(kept)
+        rewrite_log(self.path, resumed_update)  # a resumed run drops what was logged after its checkpoint
         if args.track:
             import wandb
 
@@ -583,8 +764,9 @@ def save_model_atomically(model, tokenizer, args, rank, state_dict=None):
     tmp = os.path.join(args.output_dir, "final.tmp")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-        tokenizer.save_pretrained(tmp)
+        with disk_errors(tmp):
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+            tokenizer.save_pretrained(tmp)
         names = sorted(os.listdir(tmp), key=lambda name: name == "config.json")
         for name in names:
             os.replace(os.path.join(tmp, name), os.path.join(args.output_dir, name))

@@ -5,6 +5,7 @@ Everything runs offline on the tiny models in data/ and the synthetic SST-2 corp
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -123,6 +124,19 @@ def check_preempt_and_resume(script, args, reference_dir, run_dir, nproc):
     return output, resumed.stdout
 
 
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Loading any model fails the test: errors that must come before that expensive work use it."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was reported")
+
+    for cls in (transformers.AutoModelForCausalLM, transformers.AutoModelForSequenceClassification):
+        monkeypatch.setattr(cls, "from_pretrained", refuse)
+        monkeypatch.setattr(cls, "from_config", refuse)
+
+
 def run_in_process(module, args, run_dir):
     """main() of an imported script, with the arguments a user would type (faster than a new process)."""
     import tyro
@@ -137,6 +151,27 @@ def check_resume_from_checkpoint(module, args, reference_dir, run_dir, update):
     run_in_process(module, [*args, "--resume", Path(reference_dir) / "checkpoints" / f"update_{update:07d}"], run_dir)
     assert_weights_equal(reference_dir, run_dir)
     assert_same_metrics(reference_dir, run_dir)
+
+
+def copy_unfinished(run_dir, to):
+    """A copy of a finished run as it was before its final save: args, logs and checkpoints, no model."""
+    shutil.copytree(run_dir, to, ignore=lambda d, names: [n for n in names if n == "config.json" or
+                                                          n.endswith(".safetensors")])
+    return to
+
+
+def check_resume_refuses_other_settings(module, args, reference_dir, tmp_path, changes):
+    """`--resume auto` with arguments that change results (`changes`: (flag, old, new) triples) is refused before any
+    model is loaded, naming each changed flag with its old and new value, and leaves args.json as it was."""
+    run_dir = copy_unfinished(reference_dir, tmp_path / "unfinished")
+    before = (run_dir / "args.json").read_bytes()
+    flags = [part for flag, _, new in changes for part in (flag, new)]
+    with pytest.raises(ValueError, match="the run was started with other settings") as refused:
+        run_in_process(module, [*args, *flags, "--resume", "auto"], run_dir)
+    for flag, old, new in changes:
+        assert f"{flag} {old} -> {new}" in str(refused.value), str(refused.value)
+    assert (run_dir / "args.json").read_bytes() == before
+    assert not (run_dir / "config.json").exists()
 
 
 def checkpoint_weights(checkpoint):

@@ -2,13 +2,14 @@
 the documented handling) before any model is loaded, and leaves no output behind. README's "Failure modes" table
 lists the same cases."""
 
+import dataclasses
 import json
 import math
+import re
 
 import datasets
 import pytest
 import torch
-import transformers
 import tyro
 from conftest import SST2, TINY_GPT2, TINY_LLAMA
 
@@ -21,17 +22,6 @@ import score
 import sft_sst2
 
 ERRORS = (ValueError, FileExistsError, FileNotFoundError, SystemExit)
-
-
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    """Loading any model fails the test: the errors below must come before that expensive work."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the bad input was reported")
-
-    for cls in (transformers.AutoModelForCausalLM, transformers.AutoModelForSequenceClassification):
-        monkeypatch.setattr(cls, "from_pretrained", refuse)
-        monkeypatch.setattr(cls, "from_config", refuse)
 
 
 def save(rows, path):
@@ -216,3 +206,38 @@ def test_empty_responses_are_kept_as_real_samples():
     kept, stats = filter_stage.filter_rows([row], columns, None, 4, {4}, 4, args)
     assert stats["kept"] == 1 and kept[0]["reject"] == "" and kept[0]["reject_input_ids"] == [4, 4, 4, 4]
     assert kept[0]["reject_attention_mask"] == [1, 0, 0, 0]  # the empty response is its end-of-turn token
+
+
+MODULES = [sft_sst2, reward_sst2, ppo, rebel, generate, score, filter_stage]
+UNBOUNDED = {"seed", "task.penalty_reward_value"}  # numeric arguments where every value means something
+
+
+def numeric_arguments(cls, prefix=""):
+    """Dotted names of the int and float fields a user can set (computed fields are hidden from the command line)."""
+    for f in dataclasses.fields(cls):
+        if "Suppress" in str(f.type):
+            continue
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory()):
+            yield from numeric_arguments(type(f.default_factory()), f"{prefix}{f.name}.")
+        elif re.search(r"\b(int|float)\b", str(f.type)):
+            yield prefix + f.name
+
+
+@pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)
+def test_every_numeric_argument_is_range_checked_before_anything_is_written(module, tmp_path, no_model_loading):
+    names = [name for name in numeric_arguments(module.Args) if name not in UNBOUNDED]
+    assert len(names) >= 2
+    for name in names:
+        argv = [f"--{name}", "-1", "--output_dir", str(tmp_path / "out")]
+        with pytest.raises(ValueError, match=rf"--{re.escape(name)} must be .*, got -1"):
+            module.main(tyro.cli(module.Args, use_underscores=True, args=argv))
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("flag, value", [("--total_episodes", "-16"), ("--batch_size", "0"), ("--lr", "-1e-3"),
+                                         ("--warmup_ratio", "1.5"), ("--lr", "nan")])
+def test_the_reported_numbers_are_refused(flag, value, tmp_path, no_model_loading):
+    argv = [flag, value, "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match=rf"{flag} must be"):
+        sft_sst2.main(tyro.cli(sft_sst2.Args, use_underscores=True, args=argv))
+    assert not list(tmp_path.iterdir())
