@@ -13,6 +13,7 @@ from conftest import (
     check_nonfinite_guard,
     check_preempt_and_resume,
     check_resume_from_checkpoint,
+    check_resume_refuses_other_settings,
     metrics,
     run,
     run_in_process,
@@ -216,3 +217,8 @@ def test_reward_model_with_another_tokenizer_end_to_end(sft_policy, chat_reward_
     rows = metrics(tmp_path / "out")
     assert rows[-1]["update"] == 1 and math.isfinite(rows[-1]["objective/scores"])
     assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_resume_with_other_settings_is_refused(ppo_1p, sft_policy, reward_model, tmp_path, no_model_loading):
+    check_resume_refuses_other_settings(ppo, short_ppo(sft_policy, reward_model), ppo_1p, tmp_path,
+                                        [("--ppo.kl_coef", "0.05", "0.2"), ("--seed", "1", "7")])

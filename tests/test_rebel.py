@@ -12,6 +12,7 @@ from conftest import (
     check_nonfinite_guard,
     check_preempt_and_resume,
     check_resume_from_checkpoint,
+    check_resume_refuses_other_settings,
     metrics,
     run,
     run_in_process,
@@ -187,3 +188,8 @@ def test_sst2_chain_raises_held_out_sign_agreement(session_dir, sft_policy, sst2
 
     policy = AutoModelForCausalLM.from_pretrained(out)  # a full save_pretrained folder, tokenizer and args.json too
     assert (out / "tokenizer.json").exists() and (out / "args.json").exists() and policy.config.vocab_size == 1024
+
+
+def test_resume_with_other_settings_is_refused(rebel_1p, sft_policy, sst2_pairs, tmp_path, no_model_loading):
+    check_resume_refuses_other_settings(rebel, short_rebel(sft_policy, sst2_pairs), rebel_1p, tmp_path,
+                                        [("--rebel.eta", "1.0", "2.0"), ("--task.temperature", "0.7", "1.0")])

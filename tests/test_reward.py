@@ -10,6 +10,7 @@ from conftest import (
     check_nonfinite_guard,
     check_preempt_and_resume,
     check_resume_from_checkpoint,
+    check_resume_refuses_other_settings,
     metrics,
     run_into,
 )
@@ -83,3 +84,8 @@ def test_preempted_two_rank_run_resumes_exactly(rm_short_2p, tmp_path):
 
 def test_nonfinite_updates_are_skipped_then_stop_the_run(rm_short_1p, tmp_path, capsys):
     check_nonfinite_guard(reward_sst2, RM_ARGS + SHORT, rm_short_1p, tmp_path, good=2, capsys=capsys)
+
+
+def test_resume_with_other_settings_is_refused(rm_short_1p, tmp_path, no_model_loading):
+    check_resume_refuses_other_settings(reward_sst2, RM_ARGS + SHORT, rm_short_1p, tmp_path,
+                                        [("--lr", "0.003", "0.01"), ("--center_coef", "0.01", "0.0")])

@@ -1,15 +1,28 @@
-"""sft_sst2.py: EOS is learned with pad == EOS, validation loss falls, 2 ranks == 1 rank, bad columns fail early."""
+"""sft_sst2.py: EOS is learned with pad == EOS, validation loss falls, 2 ranks == 1 rank, bad columns fail early;
+and, on SFT as the cheapest training script, the run-survival guards every training script shares (settings checked
+on resume, torn logs, corrupt checkpoints, one run per folder, a full disk)."""
+
+import collections
+import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 from conftest import (
+    ROOT,
     SST2,
     TINY_GPT2,
+    assert_same_metrics,
     assert_weights_equal,
     check_nonfinite_guard,
     check_preempt_and_resume,
     check_resume_from_checkpoint,
+    check_resume_refuses_other_settings,
+    copy_unfinished,
     metrics,
+    run_in_process,
     run_into,
 )
 
@@ -100,3 +113,92 @@ def test_preempted_two_rank_run_resumes_exactly(sft_2p, tmp_path):
 
 def test_nonfinite_updates_are_skipped_then_stop_the_run(sft_1p, tmp_path, capsys):
     check_nonfinite_guard(sft_sst2, SFT_ARGS, sft_1p, tmp_path, good=4, capsys=capsys)
+
+
+def test_resume_with_other_settings_is_refused(sft_1p, tmp_path, no_model_loading):
+    other = tmp_path / "other_data"
+    other.mkdir()
+    lines = (SST2 / "train.jsonl").read_text().splitlines(keepends=True)
+    (other / "train.jsonl").write_text("".join(lines[:1000]))
+    shutil.copy(SST2 / "validation.jsonl", other / "validation.jsonl")
+    check_resume_refuses_other_settings(sft_sst2, SFT_ARGS, sft_1p, tmp_path, [
+        ("--lr", "0.001", "0.05"), ("--batch_size", "16", "32"), ("--dataset", SST2, other)])
+
+
+def test_resume_skips_a_corrupt_checkpoint_and_a_torn_log_line(sft_1p, tmp_path, capsys):
+    """The newest checkpoint fails verification (one flipped byte) and metrics.jsonl ends in half a line (a kill):
+    --resume auto says so, takes the newest intact checkpoint, drops the torn line, accepts a setting that cannot
+    change results (save_freq) and ends bitwise equal to the uninterrupted run; an explicit --resume of the corrupt
+    checkpoint names the bad file."""
+    run_dir = copy_unfinished(sft_1p, tmp_path / "run")
+    args_json = (run_dir / "args.json").read_bytes()
+    corrupt = run_dir / "checkpoints" / "update_0000016"
+    shard = sorted((corrupt / "dcp").glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"update": 21, "loss/sft_av')
+    with pytest.raises(ValueError, match=rf"update_0000016/dcp/{shard.name} has another checksum"):
+        run_in_process(sft_sst2, [*SFT_ARGS, "--resume", corrupt], tmp_path / "explicit")
+    capsys.readouterr()
+    run_in_process(sft_sst2, [*SFT_ARGS, "--save_freq", "1000", "--resume", "auto"], run_dir)
+    err = capsys.readouterr().err
+    assert "skipping checkpoint" in err and "update_0000016" in err and "corrupt" in err
+    assert "dropping the incomplete last line" in err
+    assert_weights_equal(sft_1p, run_dir)
+    assert_same_metrics(sft_1p, run_dir)
+    assert len(metrics(run_dir)) == len(metrics(sft_1p))
+    assert (run_dir / "args.json").read_bytes() == args_json
+
+
+def test_log_rewrite_is_atomic_and_names_a_malformed_line(tmp_path, monkeypatch):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"update": 1}\n{"update": 2}\n{"update": 3}\n{"upd')
+    sft_sst2.rewrite_log(str(log), 2)
+    assert log.read_text() == '{"update": 1}\n{"update": 2}\n'
+    log.write_text('{"update": 1}\nnot json\n{"update": 3}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not valid JSON"):
+        sft_sst2.rewrite_log(str(log), 3)
+
+    def killed(*args):
+        raise KeyboardInterrupt  # a kill between writing the new file and renaming it
+
+    log.write_text('{"update": 1}\n{"update": 2}\n')
+    monkeypatch.setattr(sft_sst2.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        sft_sst2.rewrite_log(str(log), 1)
+    assert log.read_text() == '{"update": 1}\n{"update": 2}\n'  # the old code had already truncated it
+
+
+def test_a_second_run_on_a_live_runs_folder_is_refused(sft_1p, tmp_path, no_model_loading):
+    """While a run holds its folder, a second run (fresh, or --resume auto as a scheduler's requeue would start) is
+    refused naming the holder, and touches nothing; once the holder dies (SIGKILL), the folder is free."""
+    run_dir = copy_unfinished(sft_1p, tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import sft_sst2; "
+                               f"lock = sft_sst2.lock_output_dir({str(run_dir)!r}, 0); print('locked', flush=True); "
+                               "import time; time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        logged = (run_dir / "metrics.jsonl").read_bytes()
+        for extra in (["--resume", "auto"], ["--overwrite"]):
+            with pytest.raises(SystemExit, match=rf"in use by another run \(pid {holder.pid} on "):
+                run_in_process(sft_sst2, [*SFT_ARGS, *extra], run_dir)
+        assert (run_dir / "metrics.jsonl").read_bytes() == logged
+        assert sorted(p.name for p in (run_dir / "checkpoints").iterdir())[-1] == "update_0000016"
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert sft_sst2.lock_output_dir(str(run_dir), 0) is not None
+
+
+def test_a_full_disk_says_so_and_leaves_no_half_checkpoint(tmp_path, monkeypatch, capsys):
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file")
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(sft_sst2.torch, "save", full)
+    monkeypatch.setattr(sft_sst2.shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 2**20, 2**20))
+    with pytest.raises(SystemExit, match=r"no space left on device while writing .*checkpoints/update_0000004.tmp"):
+        run_in_process(sft_sst2, [*SFT_ARGS, "--total_episodes", "96"], tmp_path / "run")
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == []
