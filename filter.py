@@ -5,8 +5,8 @@ that never reached a stop token (it was cut at generate.py's maxlen) drops its r
 tokens, its end-of-turn token included, drops its row. Lengths count each response's own token ids (generate.py's
 `response_{i}_token_ids`; or, for data without them, the tokenized text plus the end-of-turn token), never "the
 templated text minus a fixed number of tokens". Of the rows left, the best response (argmax reward) becomes `chosen`
-and the worst (argmin) `reject`; a row whose chosen and reject text are identical is dropped. Non-finite rewards are
-an error naming the row.
+and the worst (argmin) `reject`; a row whose chosen and reject text are identical is dropped. Non-finite rewards and
+empty prompts (generate.py drops those) are errors naming the row.
 
 Layout, so that the prompt and the response meet in the middle: `prompt_input_ids` left-padded to `maxlen_prompt`,
 `chosen_input_ids` and `reject_input_ids` right-padded to `maxlen`, each response ending with the end-of-turn token
@@ -174,6 +174,11 @@ def main(args: Args):
     what = f"--dataset {args.dataset} split {args.split}"
     require_columns(dataset, [args.prompt_column], what)
     columns = response_columns(dataset, what)
+    empty = [i for i, p in enumerate(dataset[args.prompt_column]) if is_empty_prompt(p)]
+    if empty:
+        prompt_id = dataset[empty[0]].get("prompt_id", empty[0])
+        raise ValueError(f"{what}: row {empty[0]} (prompt_id {prompt_id}) has an empty prompt ({len(empty)} such "
+                         "rows); generate.py drops empty prompts: regenerate, or remove those rows")
     rewards = [c for c in dataset.column_names if re.fullmatch(r"response_\d+_reward", c)]
     if sorted(rewards) != sorted(f"{c}_reward" for c in columns):
         raise ValueError(f"{what}: {len(columns)} response columns but reward columns {sorted(rewards)}; expected "
@@ -298,6 +303,13 @@ def require_columns(dataset, columns, what):
         raise ValueError(f"{what}: missing column(s) {missing}; it has {dataset.column_names}")
     if len(dataset) == 0:
         raise ValueError(f"{what}: no rows")
+
+
+def is_empty_prompt(prompt):
+    """A prompt with no text: None, a blank string, or chat messages whose contents are all blank."""
+    if isinstance(prompt, list):
+        return all(isinstance(m, dict) and not str(m.get("content") or "").strip() for m in prompt)
+    return prompt is None or (isinstance(prompt, str) and not prompt.strip())
 
 
 def load_tokenizer(path, arg="--model_name_or_path", needs_eos=True):

@@ -10,8 +10,10 @@ and says which it picked. Chat prompts go through the tokenizer's chat template 
 
 Output (a `save_to_disk` folder with the `args.json` that made it): `prompt_id`, `prompt`, `prompt_token_ids`,
 `response_0 ... response_{n-1}` (text) and `response_{i}_token_ids` (the sampled ids, ending with the stop token
-when the response finished). Work is written shard by shard to `<output_dir>.partial/`: running the same command
-again after a crash skips the finished shards and produces the same output as an uninterrupted run.
+when the response finished), plus `generate_stats.json`: empty prompts (blank text, or chat messages without
+content) are dropped and counted there. Work is written shard by shard to `<output_dir>.partial/`: running the same
+command again after a crash skips the finished shards and produces the same output as an uninterrupted run; if the
+prompts or the model's weights changed in the meantime, it stops instead of mixing old and new work.
 
     python generate.py --model_name_or_path meta-llama/Meta-Llama-3-8B-Instruct \\
         --dataset HuggingFaceH4/ultrafeedback_binarized --split train_prefs --tensor_parallel_size 8
@@ -19,6 +21,7 @@ again after a crash skips the finished shards and produces the same output as an
         --prompt_format text --prompt_words 4 --maxlen 24 --backend hf      # the SST-2 example
 """
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -31,6 +34,7 @@ import datasets
 import torch
 import torch.distributed as dist
 import tyro
+from huggingface_hub import try_to_load_from_cache
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 
@@ -194,21 +198,32 @@ def main(args: Args):
     # 1. prompts, encoded and checked before any model is loaded
     dataset = load_split(args.dataset, args.split, "--dataset")
     require_columns(dataset, [args.prompt_column], f"--dataset {args.dataset} split {args.split}")
+    full_dataset = dataset  # its fingerprint identifies the input's content (partial work is keyed on it)
     dataset = dataset.select(range(args.start_idx, min(args.end_idx or len(dataset), len(dataset))))
     if len(dataset) == 0:
         raise ValueError(f"--start_idx {args.start_idx} --end_idx {args.end_idx}: no prompts selected")
     prompts = dataset[args.prompt_column]
     if args.prompt_words:
         prompts = [" ".join(str(p).split()[:args.prompt_words]) for p in prompts]
-    prompt_ids = encode_prompts(prompts, tokenizer, args)
+    kept = [i for i, p in enumerate(prompts) if not is_empty_prompt(p)]  # empty prompts are dropped, counted
+    stats = {"input_rows": len(prompts), "empty_prompt": len(prompts) - len(kept), "kept": len(kept)}
+    if rank == 0 and stats["empty_prompt"]:
+        print(f"dropped {stats['empty_prompt']} empty prompts (blank text, or chat messages without content)")
+    if not kept:
+        raise ValueError(f"--dataset {args.dataset} split {args.split}: every selected prompt is empty")
     if args.prompt_id_column in dataset.column_names:
-        ids = dataset[args.prompt_id_column]
+        column = dataset[args.prompt_id_column]
+        ids = [column[i] for i in kept]
     else:
-        ids = list(range(args.start_idx, args.start_idx + len(dataset)))
+        ids = [args.start_idx + i for i in kept]
+    prompts = [prompts[i] for i in kept]
+    prompt_ids = encode_prompts(prompts, tokenizer, args)
     stop_ids = stop_token_ids(tokenizer, args.model_name_or_path)
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompt_ids[i]), i))  # longest first: OOM shows early
     num_shards = (len(order) + args.shard_size - 1) // args.shard_size
-    partial = open_partial(args, rank)
+    inputs = {f"--dataset {args.dataset}": full_dataset._fingerprint,
+              f"--model_name_or_path {args.model_name_or_path}": weights_identity(args.model_name_or_path)}
+    partial = open_partial(args, rank, inputs)
 
     # 2. shards: round-robin over ranks, each written when done; finished ones are skipped
     todo = [s for s in range(rank, num_shards, world_size) if not os.path.exists(shard_file(partial, s))]
@@ -217,6 +232,9 @@ def main(args: Args):
         print(f"{len(prompts)} prompts in {num_shards} shards of {args.shard_size}; {done} done by an earlier run")
     if todo:
         if backend == "vllm":
+            if device.type != "cuda" and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:  # vLLM's CPU default fails
+                os.environ["VLLM_CPU_KVCACHE_SPACE"] = "4"
+                print("vLLM on CPU: VLLM_CPU_KVCACHE_SPACE is not set, using 4 (GiB of KV cache); set it to change")
             from vllm import LLM
 
             model = LLM(model=args.model_name_or_path, tensor_parallel_size=args.tensor_parallel_size, seed=args.seed,
@@ -233,7 +251,8 @@ def main(args: Args):
         indices = order[shard * args.shard_size:(shard + 1) * args.shard_size]
         shard_prompt_ids = [prompt_ids[i] for i in indices]
         if backend == "vllm":
-            responses = generate_vllm(model, shard_prompt_ids, [args.start_idx + i for i in indices], stop_ids, args)
+            responses = generate_vllm(model, shard_prompt_ids, [args.start_idx + kept[i] for i in indices], stop_ids,
+                                      args)
         else:
             responses = generate_hf(model, tokenizer, shard_prompt_ids, shard, stop_ids, args, device)
         rows = []
@@ -250,7 +269,7 @@ def main(args: Args):
     barrier()
     if rank == 0:
         dataset = read_shards(partial, num_shards, "index")
-        save_dataset_atomically(dataset, args)
+        save_dataset_atomically(dataset, args, {"generate_stats.json": stats})
         shutil.rmtree(partial)
         print(f"wrote {len(dataset)} prompts x {args.num_responses} responses to {args.output_dir}")
     barrier()
@@ -355,6 +374,13 @@ def require_columns(dataset, columns, what):
         raise ValueError(f"{what}: no rows")
 
 
+def is_empty_prompt(prompt):
+    """A prompt with no text: None, a blank string, or chat messages whose contents are all blank."""
+    if isinstance(prompt, list):
+        return all(isinstance(m, dict) and not str(m.get("content") or "").strip() for m in prompt)
+    return prompt is None or (isinstance(prompt, str) and not prompt.strip())
+
+
 def load_tokenizer(path, arg="--model_name_or_path", needs_eos=True):
     """The tokenizer at `path`, checked before any model is loaded: it must have an EOS token where the script ends
     sequences with it (needs_eos), else at least a pad or EOS token to pad batches with."""
@@ -378,12 +404,14 @@ def check_data_output_dir(args):
                               "--output_dir or --overwrite")
 
 
-def open_partial(args, rank):
-    """`<output_dir>.partial/`, where shards accumulate. Work left there by the same command is reused; work left by
-    different arguments is an error rather than a silent mix."""
+def open_partial(args, rank, inputs):
+    """`<output_dir>.partial/`, where shards accumulate. Work left there by the same command on the same inputs is
+    reused; work left by other arguments, or made from an input that changed since (`inputs`: "--argument value" ->
+    identity, a dataset's fingerprint or a model's `weights_identity`), is an error rather than a silent mix."""
     partial = args.output_dir.rstrip("/") + ".partial"
     recorded = os.path.join(partial, "args.json")
     settings = {k: v for k, v in asdict(args).items() if k not in ("overwrite", "push_to_hub")}
+    settings["output_dir"] = os.path.normpath(args.output_dir)  # runs/x/ is runs/x
     barrier()
     if rank == 0:
         if args.overwrite:
@@ -395,11 +423,41 @@ def open_partial(args, rank):
             if changed:
                 raise ValueError(f"{partial} holds partial work made with other arguments ({', '.join(changed)}); "
                                  "rerun the same command, or pass --overwrite to discard it")
+            for name, identity in inputs.items():
+                if before.get("inputs", {}).get(name) != identity:
+                    raise ValueError(f"the input {name} changed since the partial work in {partial} was made "
+                                     f"(identity {before.get('inputs', {}).get(name)} -> {identity}): its finished "
+                                     "shards belong to the old input. Restore that input, or pass --overwrite to "
+                                     "discard the partial work and redo it")
         os.makedirs(partial, exist_ok=True)
         with open(recorded, "w") as f:
-            json.dump(settings, f, indent=2)
+            json.dump({**settings, "inputs": inputs}, f, indent=2)
     barrier()
     return partial
+
+
+def weights_identity(path):
+    """A cheap identity of a model: for a local folder, a sha256 over each top-level file's name, size, first and last
+    MiB (config, tokenizer and other small files whole; multi-GB weights are not read whole, but weights replaced in
+    place differ in size or in those bytes); for a hub id, the commit of its cached snapshot (None if not cached)."""
+    if not os.path.isdir(path):
+        try:
+            cached = try_to_load_from_cache(path, "config.json")
+        except ValueError:  # not a hub id either
+            return None
+        return f"commit {os.path.basename(os.path.dirname(cached))}" if isinstance(cached, str) else None
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        file = os.path.join(path, name)
+        if name.startswith(".") or not os.path.isfile(file):
+            continue
+        size = os.path.getsize(file)
+        with open(file, "rb") as f:
+            head = f.read(1 << 20)
+            if size > 2 << 20:
+                f.seek(-(1 << 20), os.SEEK_END)
+            digest.update(f"{name}\0{size}\0".encode() + head + f.read())
+    return f"sha256 {digest.hexdigest()[:16]}"
 
 
 def shard_file(partial, shard):

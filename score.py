@@ -8,14 +8,16 @@ added a second time); `--prompt_format text` scores prompt + response as plain t
 Sequences are sorted by length and scored in batches, right-padded with the reward model's pad id (bf16 on GPU). A
 start-up check compares a few batched rewards with one-at-a-time rewards, so a model whose pooling mishandles padding
 fails loudly instead of scoring wrongly. Under torchrun, shards of rows go round-robin to the ranks. A non-finite
-reward is an error naming the row. Shards are written to `<output_dir>.partial/` as they finish: the same command
-run again after a crash skips them and produces the same output as an uninterrupted run.
+reward, and an empty prompt, are errors naming the row. Shards are written to `<output_dir>.partial/` as they
+finish: the same command run again after a crash skips them and produces the same output as an uninterrupted run; if
+the input dataset or the reward model's weights changed in the meantime, it stops instead of mixing old and new work.
 
     python score.py --reward_model RLHFlow/ArmoRM-Llama3-8B-v0.1 --trust_remote_code --dataset runs/generate
     torchrun --nproc_per_node 8 score.py --reward_model RLHFlow/ArmoRM-Llama3-8B-v0.1 --trust_remote_code ...
     python score.py --reward_model runs/reward_sst2 --prompt_format text --dataset runs/generate_sst2
 """
 
+import hashlib
 import json
 import math
 import os
@@ -29,6 +31,7 @@ import datasets
 import torch
 import torch.distributed as dist
 import tyro
+from huggingface_hub import try_to_load_from_cache
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 
@@ -143,6 +146,12 @@ def main(args: Args):
     dataset = load_split(args.dataset, args.split, "--dataset")
     require_columns(dataset, [args.prompt_column], f"--dataset {args.dataset} split {args.split}")
     columns = response_columns(dataset, f"--dataset {args.dataset}")
+    empty = [i for i, p in enumerate(dataset[args.prompt_column]) if is_empty_prompt(p)]
+    if empty:
+        prompt_id = dataset[empty[0]].get("prompt_id", empty[0])
+        raise ValueError(f"--dataset {args.dataset} split {args.split}: row {empty[0]} (prompt_id {prompt_id}) has an "
+                         f"empty prompt ({len(empty)} such rows); generate.py drops empty prompts: regenerate, or "
+                         "remove those rows")
     n, num_shards = len(columns), (len(dataset) + args.shard_size - 1) // args.shard_size
     config = AutoConfig.from_pretrained(args.reward_model, trust_remote_code=args.trust_remote_code)
     limit = getattr(config.get_text_config(), "max_position_embeddings", None)
@@ -155,7 +164,9 @@ def main(args: Args):
                              f"{len(sequences[too_long[0]])} tokens with the prompt, more than the reward model's "
                              f"{limit} ({len(too_long)} such sequences in rows {rows[0]}-{rows[-1]})")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    partial = open_partial(args, rank)
+    inputs = {f"--dataset {args.dataset}": dataset._fingerprint,
+              f"--reward_model {args.reward_model}": weights_identity(args.reward_model)}
+    partial = open_partial(args, rank, inputs)
 
     # 2. shards of rows, round-robin over ranks; finished ones are skipped
     todo = [s for s in range(rank, num_shards, world_size) if not os.path.exists(shard_file(partial, s))]
@@ -298,6 +309,13 @@ def require_columns(dataset, columns, what):
         raise ValueError(f"{what}: no rows")
 
 
+def is_empty_prompt(prompt):
+    """A prompt with no text: None, a blank string, or chat messages whose contents are all blank."""
+    if isinstance(prompt, list):
+        return all(isinstance(m, dict) and not str(m.get("content") or "").strip() for m in prompt)
+    return prompt is None or (isinstance(prompt, str) and not prompt.strip())
+
+
 def load_tokenizer(path, arg="--model_name_or_path", needs_eos=True):
     """The tokenizer at `path`, checked before any model is loaded: it must have an EOS token where the script ends
     sequences with it (needs_eos), else at least a pad or EOS token to pad batches with."""
@@ -321,12 +339,14 @@ def check_data_output_dir(args):
                               "--output_dir or --overwrite")
 
 
-def open_partial(args, rank):
-    """`<output_dir>.partial/`, where shards accumulate. Work left there by the same command is reused; work left by
-    different arguments is an error rather than a silent mix."""
+def open_partial(args, rank, inputs):
+    """`<output_dir>.partial/`, where shards accumulate. Work left there by the same command on the same inputs is
+    reused; work left by other arguments, or made from an input that changed since (`inputs`: "--argument value" ->
+    identity, a dataset's fingerprint or a model's `weights_identity`), is an error rather than a silent mix."""
     partial = args.output_dir.rstrip("/") + ".partial"
     recorded = os.path.join(partial, "args.json")
     settings = {k: v for k, v in asdict(args).items() if k not in ("overwrite", "push_to_hub")}
+    settings["output_dir"] = os.path.normpath(args.output_dir)  # runs/x/ is runs/x
     barrier()
     if rank == 0:
         if args.overwrite:
@@ -338,11 +358,41 @@ def open_partial(args, rank):
             if changed:
                 raise ValueError(f"{partial} holds partial work made with other arguments ({', '.join(changed)}); "
                                  "rerun the same command, or pass --overwrite to discard it")
+            for name, identity in inputs.items():
+                if before.get("inputs", {}).get(name) != identity:
+                    raise ValueError(f"the input {name} changed since the partial work in {partial} was made "
+                                     f"(identity {before.get('inputs', {}).get(name)} -> {identity}): its finished "
+                                     "shards belong to the old input. Restore that input, or pass --overwrite to "
+                                     "discard the partial work and redo it")
         os.makedirs(partial, exist_ok=True)
         with open(recorded, "w") as f:
-            json.dump(settings, f, indent=2)
+            json.dump({**settings, "inputs": inputs}, f, indent=2)
     barrier()
     return partial
+
+
+def weights_identity(path):
+    """A cheap identity of a model: for a local folder, a sha256 over each top-level file's name, size, first and last
+    MiB (config, tokenizer and other small files whole; multi-GB weights are not read whole, but weights replaced in
+    place differ in size or in those bytes); for a hub id, the commit of its cached snapshot (None if not cached)."""
+    if not os.path.isdir(path):
+        try:
+            cached = try_to_load_from_cache(path, "config.json")
+        except ValueError:  # not a hub id either
+            return None
+        return f"commit {os.path.basename(os.path.dirname(cached))}" if isinstance(cached, str) else None
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        file = os.path.join(path, name)
+        if name.startswith(".") or not os.path.isfile(file):
+            continue
+        size = os.path.getsize(file)
+        with open(file, "rb") as f:
+            head = f.read(1 << 20)
+            if size > 2 << 20:
+                f.seek(-(1 << 20), os.SEEK_END)
+            digest.update(f"{name}\0{size}\0".encode() + head + f.read())
+    return f"sha256 {digest.hexdigest()[:16]}"
 
 
 def shard_file(partial, shard):

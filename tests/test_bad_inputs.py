@@ -159,6 +159,11 @@ def make(case, tmp):
         "generate: finished output": (generate, [*gen, "--dataset", "x.jsonl", "--output_dir", str(finished)],
                                       r"already holds a finished dataset"),
         # score.py
+        "score: empty prompt": (score, ["--reward_model", str(TINY_LLAMA), "--dataset", save(
+            [{**generated, "prompt": [{"role": "user", "content": "hi"}]},
+             {**generated, "prompt_id": "b", "prompt": [{"role": "system", "content": ""},
+                                                        {"role": "user", "content": " "}]}], tmp / "s4")],
+                                r"split train: row 1 \(prompt_id b\) has an empty prompt \(1 such rows\)"),
         "score: reward tokenizer without a pad or EOS token": (score, ["--reward_model", no_eos, "--dataset", "x"],
                                                                r"--reward_model .*no_eos: its tokenizer has neither "
                                                                r"a pad nor an EOS token"),
@@ -172,6 +177,9 @@ def make(case, tmp):
                                     r"--reward_model .*tiny-gpt2: its tokenizer has no chat template"),
         "score: finished output": (score, ["--dataset", "x", "--output_dir", str(finished)], r"finished dataset"),
         # filter.py
+        "filter: empty prompt": (filter_stage, ["--model_name_or_path", str(TINY_LLAMA), "--dataset", save(
+            [scored, {**scored, "prompt_id": "b", "prompt": " \n"}], tmp / "f3")],
+                                 r"split train: row 1 \(prompt_id b\) has an empty prompt"),
         "filter: tokenizer without an EOS token": (filter_stage, ["--model_name_or_path", no_eos, "--dataset",
                                                                   "x"], r"no_eos: its tokenizer has no EOS token"),
         "filter: non-finite reward": (filter_stage, ["--model_name_or_path", str(TINY_LLAMA), "--dataset", save(
@@ -208,7 +216,8 @@ CASES = [
     "sft: malformed JSON line", "sft: tokenizer without an EOS token", "reward: non-UTF-8 file",
     "ppo: malformed JSON in a folder of data files", "ppo: policy tokenizer without an EOS token",
     "generate: non-UTF-8 file", "generate: tokenizer without an EOS token",
-    "score: reward tokenizer without a pad or EOS token", "filter: tokenizer without an EOS token",
+    "score: reward tokenizer without a pad or EOS token", "score: empty prompt", "filter: empty prompt",
+    "filter: tokenizer without an EOS token",
     "rebel: tokenizer without an EOS token",
     "sft: misnamed column", "sft: empty dataset", "sft: empty file", "sft: only empty sentences",
     "sft: no such data file", "sft: no such split", "sft: nonexistent model", "sft: finished output",
