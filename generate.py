@@ -10,8 +10,10 @@ and says which it picked. Chat prompts go through the tokenizer's chat template 
 
 Output (a `save_to_disk` folder with the `args.json` that made it): `prompt_id`, `prompt`, `prompt_token_ids`,
 `response_0 ... response_{n-1}` (text) and `response_{i}_token_ids` (the sampled ids, ending with the stop token
-when the response finished). Work is written shard by shard to `<output_dir>.partial/`: running the same command
-again after a crash skips the finished shards and produces the same output as an uninterrupted run.
+when the response finished), plus `generate_stats.json`: empty prompts (blank text, or chat messages without
+content) are dropped and counted there. Work is written shard by shard to `<output_dir>.partial/`: running the same
+command again after a crash skips the finished shards and produces the same output as an uninterrupted run; if the
+prompts or the model's weights changed in the meantime, it stops instead of mixing old and new work.
 
     python generate.py --model_name_or_path meta-llama/Meta-Llama-3-8B-Instruct \\
         --dataset HuggingFaceH4/ultrafeedback_binarized --split train_prefs --tensor_parallel_size 8
@@ -20,6 +22,7 @@ again after a crash skips the finished shards and produces the same output as an
 """
 
 import fcntl
+import hashlib
 import importlib.util
 import json
 import math
@@ -36,6 +39,7 @@ import datasets
 import torch
 import torch.distributed as dist
 import tyro
+from huggingface_hub import try_to_load_from_cache
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 
@@ -203,23 +207,34 @@ def main(args: Args):
     # 1. prompts, encoded and checked before any model is loaded
     dataset = load_split(args.dataset, args.split, "--dataset")
     require_columns(dataset, [args.prompt_column], f"--dataset {args.dataset} split {args.split}")
+    full_dataset = dataset  # its fingerprint identifies the input's content (partial work is keyed on it)
     dataset = dataset.select(range(args.start_idx, min(args.end_idx or len(dataset), len(dataset))))
     if len(dataset) == 0:
         raise ValueError(f"--start_idx {args.start_idx} --end_idx {args.end_idx}: no prompts selected")
     prompts = dataset[args.prompt_column]
     if args.prompt_words:
         prompts = [" ".join(str(p).split()[:args.prompt_words]) for p in prompts]
-    prompt_ids = encode_prompts(prompts, tokenizer, args)
+    kept = [i for i, p in enumerate(prompts) if not is_empty_prompt(p)]  # empty prompts are dropped, counted
+    stats = {"input_rows": len(prompts), "empty_prompt": len(prompts) - len(kept), "kept": len(kept)}
+    if rank == 0 and stats["empty_prompt"]:
+        print(f"dropped {stats['empty_prompt']} empty prompts (blank text, or chat messages without content)")
+    if not kept:
+        raise ValueError(f"--dataset {args.dataset} split {args.split}: every selected prompt is empty")
     if args.prompt_id_column in dataset.column_names:
-        ids = dataset[args.prompt_id_column]
+        column = dataset[args.prompt_id_column]
+        ids = [column[i] for i in kept]
     else:
-        ids = list(range(args.start_idx, args.start_idx + len(dataset)))
+        ids = [args.start_idx + i for i in kept]
+    prompts = [prompts[i] for i in kept]
+    prompt_ids = encode_prompts(prompts, tokenizer, args)
     stop_ids = stop_token_ids(tokenizer, args.model_name_or_path)
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompt_ids[i]), i))  # longest first: OOM shows early
     num_shards = (len(order) + args.shard_size - 1) // args.shard_size
     lock = lock_output_dir(args.output_dir, rank)  # noqa: F841 (held until the run ends)
     check_data_output_dir(args)  # again: a run on the same folder may have finished meanwhile
-    partial = open_partial(args, rank)
+    inputs = {f"--dataset {args.dataset}": full_dataset._fingerprint,
+              f"--model_name_or_path {args.model_name_or_path}": weights_identity(args.model_name_or_path)}
+    partial = open_partial(args, rank, inputs)
 
     # 2. shards: round-robin over ranks, each written when done; finished ones are skipped
     todo = [s for s in range(rank, num_shards, world_size) if not os.path.exists(shard_file(partial, s))]
@@ -228,6 +243,9 @@ def main(args: Args):
         print(f"{len(prompts)} prompts in {num_shards} shards of {args.shard_size}; {done} done by an earlier run")
     if todo:
         if backend == "vllm":
+            if device.type != "cuda" and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:  # vLLM's CPU default fails
+                os.environ["VLLM_CPU_KVCACHE_SPACE"] = "4"
+                print("vLLM on CPU: VLLM_CPU_KVCACHE_SPACE is not set, using 4 (GiB of KV cache); set it to change")
             from vllm import LLM
 
             model = LLM(model=args.model_name_or_path, tensor_parallel_size=args.tensor_parallel_size, seed=args.seed,
@@ -244,7 +262,8 @@ def main(args: Args):
         indices = order[shard * args.shard_size:(shard + 1) * args.shard_size]
         shard_prompt_ids = [prompt_ids[i] for i in indices]
         if backend == "vllm":
-            responses = generate_vllm(model, shard_prompt_ids, [args.start_idx + i for i in indices], stop_ids, args)
+            responses = generate_vllm(model, shard_prompt_ids, [args.start_idx + kept[i] for i in indices], stop_ids,
+                                      args)
         else:
             responses = generate_hf(model, tokenizer, shard_prompt_ids, shard, stop_ids, args, device)
         rows = []
@@ -261,7 +280,7 @@ def main(args: Args):
     barrier()
     if rank == 0:
         dataset = read_shards(partial, num_shards, "index")
-        save_dataset_atomically(dataset, args)
+        save_dataset_atomically(dataset, args, {"generate_stats.json": stats})
         shutil.rmtree(partial)
         print(f"wrote {len(dataset)} prompts x {args.num_responses} responses to {args.output_dir}")
     barrier()
@@ -294,7 +313,8 @@ def barrier():
 
 def load_split(path, split, arg):
     """One split of a hub dataset, a `save_to_disk` folder, a folder of data files (split from file names), or a
-    single .jsonl/.json/.csv/.parquet file (which holds only the split "train"). `arg` names the argument in errors."""
+    single .jsonl/.json/.csv/.parquet file (which holds only the split "train"). `arg` names the argument in errors,
+    with the file and line of a local text file that is not UTF-8 or not JSON (datasets would show a traceback)."""
     builders = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
     if not os.path.exists(path) and (path.startswith((".", "/", "~")) or os.path.splitext(path)[1] in builders):
         raise FileNotFoundError(f"{arg} {path}: no such file or folder")
@@ -302,20 +322,59 @@ def load_split(path, split, arg):
         raise ValueError(f"{arg} {path}: expected a .jsonl, .json, .csv or .parquet file")
     if os.path.isfile(path) and os.path.getsize(path) == 0:
         raise ValueError(f"{arg} {path}: the file is empty")
+    saved = any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json"))
+    files = [path] if os.path.isfile(path) else [] if saved or not os.path.isdir(path) else sorted(
+        os.path.join(folder, name) for folder, _, names in os.walk(path) for name in names)
+    text_files = [f for f in files if os.path.splitext(f)[1] in (".jsonl", ".json", ".csv")]
+    for file in text_files:
+        check_text_file(file, arg)
     try:
         if os.path.isfile(path):
             builder = builders[os.path.splitext(path)[1]]
             splits = {"train": datasets.load_dataset(builder, data_files=path, split="train")}
-        elif any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")):
+        elif saved:
             loaded = datasets.load_from_disk(path)
             splits = loaded if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
         else:
             splits = datasets.load_dataset(path)
     except (IndexError, StopIteration) as e:  # how datasets fails on a saved dataset without rows
         raise ValueError(f"{arg} {path}: no rows (datasets cannot read it: {type(e).__name__})") from None
+    except datasets.exceptions.DatasetGenerationError as e:
+        for file in text_files:
+            check_text_file(file, arg, parse_json=True)
+        cause = e.__cause__ or e
+        raise ValueError(f"{arg} {path}: datasets cannot read it ({type(cause).__name__}: {cause})") from None
     if split not in splits:
         raise ValueError(f"{arg} {path}: no split {split!r}; it has {sorted(splits)}")
     return splits[split]
+
+
+def check_text_file(path, arg, parse_json=False):
+    """A .jsonl/.json/.csv data file must be UTF-8 and, with parse_json (after datasets failed on it), a .jsonl or
+    .json file valid JSON Lines or one JSON document: the first offence is an error naming the file and line."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{arg} {path} line {number}: not UTF-8 text (byte {line[e.start]:#04x} at column "
+                                 f"{e.start + 1})") from None
+    if not parse_json or path.endswith(".csv"):
+        return
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    lines = text.splitlines()
+    try:  # JSON Lines when the first line is a JSON value of its own, else one document (e.g. a list of rows)
+        json.loads(next((line for line in lines if line.strip()), ""))
+    except json.JSONDecodeError:
+        lines = [text]
+    for number, line in enumerate(lines, start=1):
+        try:
+            if line.strip():
+                json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{arg} {path} line {e.lineno if len(lines) == 1 else number}: not valid JSON ({e.msg} "
+                             f"at column {e.colno})") from None
 
 
 def require_columns(dataset, columns, what):
@@ -326,11 +385,27 @@ def require_columns(dataset, columns, what):
         raise ValueError(f"{what}: no rows")
 
 
-def load_tokenizer(path, arg="--model_name_or_path"):
+def is_empty_prompt(prompt):
+    """A prompt with no text: None, a blank string, or chat messages whose contents are all blank."""
+    if isinstance(prompt, list):
+        return all(isinstance(m, dict) and not str(m.get("content") or "").strip() for m in prompt)
+    return prompt is None or (isinstance(prompt, str) and not prompt.strip())
+
+
+def load_tokenizer(path, arg="--model_name_or_path", needs_eos=True):
+    """The tokenizer at `path`, checked before any model is loaded: it must have an EOS token where the script ends
+    sequences with it (needs_eos), else at least a pad or EOS token to pad batches with."""
     try:
-        return AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise SystemExit(f"{arg} {path}: cannot load a tokenizer from it ({type(e).__name__}: {e})") from None
+    if needs_eos and tokenizer.eos_token_id is None:
+        raise SystemExit(f"{arg} {path}: its tokenizer has no EOS token (eos_token is None), which ends every sequence "
+                         "here; set one (tokenizer.eos_token = ...; tokenizer.save_pretrained(...))")
+    if tokenizer.eos_token_id is None and tokenizer.pad_token_id is None:
+        raise SystemExit(f"{arg} {path}: its tokenizer has neither a pad nor an EOS token to pad batches with; set "
+                         "one (tokenizer.pad_token = ...; tokenizer.save_pretrained(...))")
+    return tokenizer
 
 
 def check_numbers(args, positive=(), non_negative=(), fraction=()):
@@ -385,12 +460,14 @@ def check_data_output_dir(args):
                               "--output_dir or --overwrite")
 
 
-def open_partial(args, rank):
-    """`<output_dir>.partial/`, where shards accumulate. Work left there by the same command is reused; work left by
-    different arguments is an error rather than a silent mix."""
+def open_partial(args, rank, inputs):
+    """`<output_dir>.partial/`, where shards accumulate. Work left there by the same command on the same inputs is
+    reused; work left by other arguments, or made from an input that changed since (`inputs`: "--argument value" ->
+    identity, a dataset's fingerprint or a model's `weights_identity`), is an error rather than a silent mix."""
     partial = args.output_dir.rstrip("/") + ".partial"
     recorded = os.path.join(partial, "args.json")
     settings = {k: v for k, v in asdict(args).items() if k not in ("overwrite", "push_to_hub")}
+    settings["output_dir"] = os.path.normpath(args.output_dir)  # runs/x/ is runs/x
     barrier()
     if rank == 0:
         if args.overwrite:
@@ -402,11 +479,41 @@ def open_partial(args, rank):
             if changed:
                 raise ValueError(f"{partial} holds partial work made with other arguments ({', '.join(changed)}); "
                                  "rerun the same command, or pass --overwrite to discard it")
+            for name, identity in inputs.items():
+                if before.get("inputs", {}).get(name) != identity:
+                    raise ValueError(f"the input {name} changed since the partial work in {partial} was made "
+                                     f"(identity {before.get('inputs', {}).get(name)} -> {identity}): its finished "
+                                     "shards belong to the old input. Restore that input, or pass --overwrite to "
+                                     "discard the partial work and redo it")
         os.makedirs(partial, exist_ok=True)
         with open(recorded, "w") as f:
-            json.dump(settings, f, indent=2)
+            json.dump({**settings, "inputs": inputs}, f, indent=2)
     barrier()
     return partial
+
+
+def weights_identity(path):
+    """A cheap identity of a model: for a local folder, a sha256 over each top-level file's name, size, first and last
+    MiB (config, tokenizer and other small files whole; multi-GB weights are not read whole, but weights replaced in
+    place differ in size or in those bytes); for a hub id, the commit of its cached snapshot (None if not cached)."""
+    if not os.path.isdir(path):
+        try:
+            cached = try_to_load_from_cache(path, "config.json")
+        except ValueError:  # not a hub id either
+            return None
+        return f"commit {os.path.basename(os.path.dirname(cached))}" if isinstance(cached, str) else None
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        file = os.path.join(path, name)
+        if name.startswith(".") or not os.path.isfile(file):
+            continue
+        size = os.path.getsize(file)
+        with open(file, "rb") as f:
+            head = f.read(1 << 20)
+            if size > 2 << 20:
+                f.seek(-(1 << 20), os.SEEK_END)
+            digest.update(f"{name}\0{size}\0".encode() + head + f.read())
+    return f"sha256 {digest.hexdigest()[:16]}"
 
 
 def shard_file(partial, shard):

@@ -498,7 +498,7 @@ def main(args: Args):
     derive_ppo_batch_sizes(args, world_size)
     resume = check_output_dir(args)
     tokenizer = load_tokenizer(args.model_name_or_path)
-    rm_tokenizer = load_tokenizer(args.reward_model_name_or_path, "--reward_model_name_or_path")
+    rm_tokenizer = load_tokenizer(args.reward_model_name_or_path, "--reward_model_name_or_path", needs_eos=False)
     for tok in (tokenizer, rm_tokenizer):
         if tok.pad_token is None:  # GPT-2: pad with EOS; masks are explicit, never inferred from pad ids
             tok.pad_token = tok.eos_token
@@ -714,7 +714,8 @@ def barrier():
 
 def load_split(path, split, arg):
     """One split of a hub dataset, a `save_to_disk` folder, a folder of data files (split from file names), or a
-    single .jsonl/.json/.csv/.parquet file (which holds only the split "train"). `arg` names the argument in errors."""
+    single .jsonl/.json/.csv/.parquet file (which holds only the split "train"). `arg` names the argument in errors,
+    with the file and line of a local text file that is not UTF-8 or not JSON (datasets would show a traceback)."""
     builders = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
     if not os.path.exists(path) and (path.startswith((".", "/", "~")) or os.path.splitext(path)[1] in builders):
         raise FileNotFoundError(f"{arg} {path}: no such file or folder")
@@ -722,20 +723,59 @@ def load_split(path, split, arg):
         raise ValueError(f"{arg} {path}: expected a .jsonl, .json, .csv or .parquet file")
     if os.path.isfile(path) and os.path.getsize(path) == 0:
         raise ValueError(f"{arg} {path}: the file is empty")
+    saved = any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json"))
+    files = [path] if os.path.isfile(path) else [] if saved or not os.path.isdir(path) else sorted(
+        os.path.join(folder, name) for folder, _, names in os.walk(path) for name in names)
+    text_files = [f for f in files if os.path.splitext(f)[1] in (".jsonl", ".json", ".csv")]
+    for file in text_files:
+        check_text_file(file, arg)
     try:
         if os.path.isfile(path):
             builder = builders[os.path.splitext(path)[1]]
             splits = {"train": datasets.load_dataset(builder, data_files=path, split="train")}
-        elif any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")):
+        elif saved:
             loaded = datasets.load_from_disk(path)
             splits = loaded if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
         else:
             splits = datasets.load_dataset(path)
     except (IndexError, StopIteration) as e:  # how datasets fails on a saved dataset without rows
         raise ValueError(f"{arg} {path}: no rows (datasets cannot read it: {type(e).__name__})") from None
+    except datasets.exceptions.DatasetGenerationError as e:
+        for file in text_files:
+            check_text_file(file, arg, parse_json=True)
+        cause = e.__cause__ or e
+        raise ValueError(f"{arg} {path}: datasets cannot read it ({type(cause).__name__}: {cause})") from None
     if split not in splits:
         raise ValueError(f"{arg} {path}: no split {split!r}; it has {sorted(splits)}")
     return splits[split]
+
+
+def check_text_file(path, arg, parse_json=False):
+    """A .jsonl/.json/.csv data file must be UTF-8 and, with parse_json (after datasets failed on it), a .jsonl or
+    .json file valid JSON Lines or one JSON document: the first offence is an error naming the file and line."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{arg} {path} line {number}: not UTF-8 text (byte {line[e.start]:#04x} at column "
+                                 f"{e.start + 1})") from None
+    if not parse_json or path.endswith(".csv"):
+        return
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    lines = text.splitlines()
+    try:  # JSON Lines when the first line is a JSON value of its own, else one document (e.g. a list of rows)
+        json.loads(next((line for line in lines if line.strip()), ""))
+    except json.JSONDecodeError:
+        lines = [text]
+    for number, line in enumerate(lines, start=1):
+        try:
+            if line.strip():
+                json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{arg} {path} line {e.lineno if len(lines) == 1 else number}: not valid JSON ({e.msg} "
+                             f"at column {e.colno})") from None
 
 
 def require_columns(dataset, columns, what):
@@ -746,11 +786,20 @@ def require_columns(dataset, columns, what):
         raise ValueError(f"{what}: no rows")
 
 
-def load_tokenizer(path, arg="--model_name_or_path"):
+def load_tokenizer(path, arg="--model_name_or_path", needs_eos=True):
+    """The tokenizer at `path`, checked before any model is loaded: it must have an EOS token where the script ends
+    sequences with it (needs_eos), else at least a pad or EOS token to pad batches with."""
     try:
-        return AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise SystemExit(f"{arg} {path}: cannot load a tokenizer from it ({type(e).__name__}: {e})") from None
+    if needs_eos and tokenizer.eos_token_id is None:
+        raise SystemExit(f"{arg} {path}: its tokenizer has no EOS token (eos_token is None), which ends every sequence "
+                         "here; set one (tokenizer.eos_token = ...; tokenizer.save_pretrained(...))")
+    if tokenizer.eos_token_id is None and tokenizer.pad_token_id is None:
+        raise SystemExit(f"{arg} {path}: its tokenizer has neither a pad nor an EOS token to pad batches with; set "
+                         "one (tokenizer.pad_token = ...; tokenizer.save_pretrained(...))")
+    return tokenizer
 
 
 def lr_at(update, args):

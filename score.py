@@ -8,8 +8,9 @@ added a second time); `--prompt_format text` scores prompt + response as plain t
 Sequences are sorted by length and scored in batches, right-padded with the reward model's pad id (bf16 on GPU). A
 start-up check compares a few batched rewards with one-at-a-time rewards, so a model whose pooling mishandles padding
 fails loudly instead of scoring wrongly. Under torchrun, shards of rows go round-robin to the ranks. A non-finite
-reward is an error naming the row. Shards are written to `<output_dir>.partial/` as they finish: the same command
-run again after a crash skips them and produces the same output as an uninterrupted run.
+reward, and an empty prompt, are errors naming the row. Shards are written to `<output_dir>.partial/` as they
+finish: the same command run again after a crash skips them and produces the same output as an uninterrupted run; if
+the input dataset or the reward model's weights changed in the meantime, it stops instead of mixing old and new work.
 
     python score.py --reward_model RLHFlow/ArmoRM-Llama3-8B-v0.1 --trust_remote_code --dataset runs/generate
     torchrun --nproc_per_node 8 score.py --reward_model RLHFlow/ArmoRM-Llama3-8B-v0.1 --trust_remote_code ...
@@ -17,6 +18,7 @@ run again after a crash skips them and produces the same output as an uninterrup
 """
 
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -33,6 +35,7 @@ import datasets
 import torch
 import torch.distributed as dist
 import tyro
+from huggingface_hub import try_to_load_from_cache
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 
@@ -142,12 +145,18 @@ def main(args: Args):
     check_numbers(args, positive=["local_micro_batch_size", "shard_size"])
     rank, world_size, device = init_distributed()
     check_data_output_dir(args)
-    tokenizer = load_tokenizer(args.reward_model, "--reward_model")
+    tokenizer = load_tokenizer(args.reward_model, "--reward_model", needs_eos=False)
 
     # 1. inputs, tokenized and checked before the model is loaded
     dataset = load_split(args.dataset, args.split, "--dataset")
     require_columns(dataset, [args.prompt_column], f"--dataset {args.dataset} split {args.split}")
     columns = response_columns(dataset, f"--dataset {args.dataset}")
+    empty = [i for i, p in enumerate(dataset[args.prompt_column]) if is_empty_prompt(p)]
+    if empty:
+        prompt_id = dataset[empty[0]].get("prompt_id", empty[0])
+        raise ValueError(f"--dataset {args.dataset} split {args.split}: row {empty[0]} (prompt_id {prompt_id}) has an "
+                         f"empty prompt ({len(empty)} such rows); generate.py drops empty prompts: regenerate, or "
+                         "remove those rows")
     n, num_shards = len(columns), (len(dataset) + args.shard_size - 1) // args.shard_size
     config = AutoConfig.from_pretrained(args.reward_model, trust_remote_code=args.trust_remote_code)
     limit = getattr(config.get_text_config(), "max_position_embeddings", None)
@@ -162,7 +171,9 @@ def main(args: Args):
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     lock = lock_output_dir(args.output_dir, rank)  # noqa: F841 (held until the run ends)
     check_data_output_dir(args)  # again: a run on the same folder may have finished meanwhile
-    partial = open_partial(args, rank)
+    inputs = {f"--dataset {args.dataset}": dataset._fingerprint,
+              f"--reward_model {args.reward_model}": weights_identity(args.reward_model)}
+    partial = open_partial(args, rank, inputs)
 
     # 2. shards of rows, round-robin over ranks; finished ones are skipped
     todo = [s for s in range(rank, num_shards, world_size) if not os.path.exists(shard_file(partial, s))]
@@ -233,7 +244,8 @@ def barrier():
 
 def load_split(path, split, arg):
     """One split of a hub dataset, a `save_to_disk` folder, a folder of data files (split from file names), or a
-    single .jsonl/.json/.csv/.parquet file (which holds only the split "train"). `arg` names the argument in errors."""
+    single .jsonl/.json/.csv/.parquet file (which holds only the split "train"). `arg` names the argument in errors,
+    with the file and line of a local text file that is not UTF-8 or not JSON (datasets would show a traceback)."""
     builders = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
     if not os.path.exists(path) and (path.startswith((".", "/", "~")) or os.path.splitext(path)[1] in builders):
         raise FileNotFoundError(f"{arg} {path}: no such file or folder")
@@ -241,20 +253,59 @@ def load_split(path, split, arg):
         raise ValueError(f"{arg} {path}: expected a .jsonl, .json, .csv or .parquet file")
     if os.path.isfile(path) and os.path.getsize(path) == 0:
         raise ValueError(f"{arg} {path}: the file is empty")
+    saved = any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json"))
+    files = [path] if os.path.isfile(path) else [] if saved or not os.path.isdir(path) else sorted(
+        os.path.join(folder, name) for folder, _, names in os.walk(path) for name in names)
+    text_files = [f for f in files if os.path.splitext(f)[1] in (".jsonl", ".json", ".csv")]
+    for file in text_files:
+        check_text_file(file, arg)
     try:
         if os.path.isfile(path):
             builder = builders[os.path.splitext(path)[1]]
             splits = {"train": datasets.load_dataset(builder, data_files=path, split="train")}
-        elif any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json")):
+        elif saved:
             loaded = datasets.load_from_disk(path)
             splits = loaded if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
         else:
             splits = datasets.load_dataset(path)
     except (IndexError, StopIteration) as e:  # how datasets fails on a saved dataset without rows
         raise ValueError(f"{arg} {path}: no rows (datasets cannot read it: {type(e).__name__})") from None
+    except datasets.exceptions.DatasetGenerationError as e:
+        for file in text_files:
+            check_text_file(file, arg, parse_json=True)
+        cause = e.__cause__ or e
+        raise ValueError(f"{arg} {path}: datasets cannot read it ({type(cause).__name__}: {cause})") from None
     if split not in splits:
         raise ValueError(f"{arg} {path}: no split {split!r}; it has {sorted(splits)}")
     return splits[split]
+
+
+def check_text_file(path, arg, parse_json=False):
+    """A .jsonl/.json/.csv data file must be UTF-8 and, with parse_json (after datasets failed on it), a .jsonl or
+    .json file valid JSON Lines or one JSON document: the first offence is an error naming the file and line."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{arg} {path} line {number}: not UTF-8 text (byte {line[e.start]:#04x} at column "
+                                 f"{e.start + 1})") from None
+    if not parse_json or path.endswith(".csv"):
+        return
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    lines = text.splitlines()
+    try:  # JSON Lines when the first line is a JSON value of its own, else one document (e.g. a list of rows)
+        json.loads(next((line for line in lines if line.strip()), ""))
+    except json.JSONDecodeError:
+        lines = [text]
+    for number, line in enumerate(lines, start=1):
+        try:
+            if line.strip():
+                json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{arg} {path} line {e.lineno if len(lines) == 1 else number}: not valid JSON ({e.msg} "
+                             f"at column {e.colno})") from None
 
 
 def require_columns(dataset, columns, what):
@@ -265,11 +316,27 @@ def require_columns(dataset, columns, what):
         raise ValueError(f"{what}: no rows")
 
 
-def load_tokenizer(path, arg="--model_name_or_path"):
+def is_empty_prompt(prompt):
+    """A prompt with no text: None, a blank string, or chat messages whose contents are all blank."""
+    if isinstance(prompt, list):
+        return all(isinstance(m, dict) and not str(m.get("content") or "").strip() for m in prompt)
+    return prompt is None or (isinstance(prompt, str) and not prompt.strip())
+
+
+def load_tokenizer(path, arg="--model_name_or_path", needs_eos=True):
+    """The tokenizer at `path`, checked before any model is loaded: it must have an EOS token where the script ends
+    sequences with it (needs_eos), else at least a pad or EOS token to pad batches with."""
     try:
-        return AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise SystemExit(f"{arg} {path}: cannot load a tokenizer from it ({type(e).__name__}: {e})") from None
+    if needs_eos and tokenizer.eos_token_id is None:
+        raise SystemExit(f"{arg} {path}: its tokenizer has no EOS token (eos_token is None), which ends every sequence "
+                         "here; set one (tokenizer.eos_token = ...; tokenizer.save_pretrained(...))")
+    if tokenizer.eos_token_id is None and tokenizer.pad_token_id is None:
+        raise SystemExit(f"{arg} {path}: its tokenizer has neither a pad nor an EOS token to pad batches with; set "
+                         "one (tokenizer.pad_token = ...; tokenizer.save_pretrained(...))")
+    return tokenizer
 
 
 def check_numbers(args, positive=(), non_negative=(), fraction=()):
@@ -324,12 +391,14 @@ def check_data_output_dir(args):
                               "--output_dir or --overwrite")
 
 
-def open_partial(args, rank):
-    """`<output_dir>.partial/`, where shards accumulate. Work left there by the same command is reused; work left by
-    different arguments is an error rather than a silent mix."""
+def open_partial(args, rank, inputs):
+    """`<output_dir>.partial/`, where shards accumulate. Work left there by the same command on the same inputs is
+    reused; work left by other arguments, or made from an input that changed since (`inputs`: "--argument value" ->
+    identity, a dataset's fingerprint or a model's `weights_identity`), is an error rather than a silent mix."""
     partial = args.output_dir.rstrip("/") + ".partial"
     recorded = os.path.join(partial, "args.json")
     settings = {k: v for k, v in asdict(args).items() if k not in ("overwrite", "push_to_hub")}
+    settings["output_dir"] = os.path.normpath(args.output_dir)  # runs/x/ is runs/x
     barrier()
     if rank == 0:
         if args.overwrite:
@@ -341,11 +410,41 @@ def open_partial(args, rank):
             if changed:
                 raise ValueError(f"{partial} holds partial work made with other arguments ({', '.join(changed)}); "
                                  "rerun the same command, or pass --overwrite to discard it")
+            for name, identity in inputs.items():
+                if before.get("inputs", {}).get(name) != identity:
+                    raise ValueError(f"the input {name} changed since the partial work in {partial} was made "
+                                     f"(identity {before.get('inputs', {}).get(name)} -> {identity}): its finished "
+                                     "shards belong to the old input. Restore that input, or pass --overwrite to "
+                                     "discard the partial work and redo it")
         os.makedirs(partial, exist_ok=True)
         with open(recorded, "w") as f:
-            json.dump(settings, f, indent=2)
+            json.dump({**settings, "inputs": inputs}, f, indent=2)
     barrier()
     return partial
+
+
+def weights_identity(path):
+    """A cheap identity of a model: for a local folder, a sha256 over each top-level file's name, size, first and last
+    MiB (config, tokenizer and other small files whole; multi-GB weights are not read whole, but weights replaced in
+    place differ in size or in those bytes); for a hub id, the commit of its cached snapshot (None if not cached)."""
+    if not os.path.isdir(path):
+        try:
+            cached = try_to_load_from_cache(path, "config.json")
+        except ValueError:  # not a hub id either
+            return None
+        return f"commit {os.path.basename(os.path.dirname(cached))}" if isinstance(cached, str) else None
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        file = os.path.join(path, name)
+        if name.startswith(".") or not os.path.isfile(file):
+            continue
+        size = os.path.getsize(file)
+        with open(file, "rb") as f:
+            head = f.read(1 << 20)
+            if size > 2 << 20:
+                f.seek(-(1 << 20), os.SEEK_END)
+            digest.update(f"{name}\0{size}\0".encode() + head + f.read())
+    return f"sha256 {digest.hexdigest()[:16]}"
 
 
 def shard_file(partial, shard):

@@ -10,6 +10,7 @@ import re
 import datasets
 import pytest
 import torch
+import transformers
 import tyro
 from conftest import SST2, TINY_GPT2, TINY_LLAMA
 
@@ -53,6 +54,15 @@ def pairs(path, **override):
     return path
 
 
+def tokenizer_without_eos(path):
+    """tiny-gpt2's tokenizer and config with the EOS token removed (it has no pad token either)."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(TINY_GPT2)
+    tokenizer.eos_token = None
+    tokenizer.save_pretrained(path)
+    (path / "config.json").write_text((TINY_GPT2 / "config.json").read_text())
+    return str(path)
+
+
 def make(case, tmp):
     """(module, argv, expected message) of each case; files are created in tmp."""
     out = ["--output_dir", str(tmp / "out")]
@@ -70,8 +80,20 @@ def make(case, tmp):
     pair_path = lambda name, **override: pairs(str(tmp / name), **override)  # noqa: E731
     rebel_args = lambda path: [*gpt2, "--task.dataset", path, "--task.maxlen_prompt", "7", "--task.maxlen", "6",  # noqa: E731
                                "--batch_size", "2"]
+    broken_json = tmp / "broken.jsonl"
+    broken_json.write_text('{"sentence": "a fine film .", "label": 1}\n{"sentence": "dull .", "label": 0\n')
+    not_utf8 = tmp / "latin1.jsonl"
+    not_utf8.write_bytes('{"prompt": "a fine film"}\n{"prompt": "caf\u00e9"}\n'.encode("latin-1"))
+    broken_folder = tmp / "broken_folder"
+    broken_folder.mkdir()
+    (broken_folder / "train.jsonl").write_text('{"sentence": "a fine film ."}\n\n{"sentence": "dull .", }\n')
+    no_eos = tokenizer_without_eos(tmp / "no_eos")
     cases = {
         # sft_sst2.py
+        "sft: malformed JSON line": (sft_sst2, [*sst2, "--dataset", str(broken_json)],
+                                     r"broken.jsonl line 2: not valid JSON \(Expecting ',' delimiter at column 34\)"),
+        "sft: tokenizer without an EOS token": (sft_sst2, ["--model_name_or_path", no_eos, "--from_scratch"],
+                                                r"no_eos: its tokenizer has no EOS token"),
         "sft: misnamed column": (sft_sst2, [*sst2, "--dataset", str(SST2), "--text_column", "text"],
                                  r"split train: missing column\(s\) \['text'\]"),
         "sft: empty dataset": (sft_sst2, [*sst2, "--dataset", empty(["sentence", "label"], tmp / "e")],
@@ -89,6 +111,8 @@ def make(case, tmp):
         "sft: batch does not divide": (sft_sst2, [*sst2, "--dataset", str(SST2), "--local_micro_batch_size", "5"],
                                        r"not a multiple of --local_micro_batch_size 5"),
         # reward_sst2.py
+        "reward: non-UTF-8 file": (reward_sst2, [*sst2, "--dataset", str(not_utf8)],
+                                   r"--dataset .*latin1.jsonl line 2: not UTF-8 text \(byte 0xe9 at column 16\)"),
         "reward: labels not 0/1": (reward_sst2, [*sst2, "--dataset", jsonl([{"sentence": "ok", "label": 2}] * 40,
                                                                             tmp / "l.jsonl"), "--eval_split", "None"],
                                    r"column 'label' must hold 0 or 1"),
@@ -98,6 +122,12 @@ def make(case, tmp):
                                       r"/no/such/model: cannot load a tokenizer"),
         "reward: finished output": (reward_sst2, [*sst2, "--output_dir", str(finished)], r"finished run"),
         # ppo.py
+        "ppo: malformed JSON in a folder of data files": (ppo, [*ppo_models, "--task.dataset", str(broken_folder)],
+                                                          r"--task.dataset .*broken_folder/train.jsonl line 3: not "
+                                                          r"valid JSON"),
+        "ppo: policy tokenizer without an EOS token": (ppo, ["--model_name_or_path", no_eos,
+                                                             "--reward_model_name_or_path", str(TINY_GPT2)],
+                                                       r"--model_name_or_path .*no_eos: its tokenizer has no EOS"),
         "ppo: misnamed prompt column": (ppo, [*ppo_models, "--task.dataset", str(SST2), "--task.prompt_column", "text"],
                                         r"missing column\(s\) \['text'\]"),
         "ppo: every prompt too long": (ppo, [*ppo_models, "--task.dataset", str(SST2), "--task.maxlen_prompt", "1"],
@@ -107,6 +137,11 @@ def make(case, tmp):
         "ppo: minibatches do not divide": (ppo, [*ppo_models, "--ppo.nminibatches", "3"], r"does not split into"),
         "ppo: finished output": (ppo, [*ppo_models, "--output_dir", str(finished)], r"finished run"),
         # generate.py
+        "generate: non-UTF-8 file": (generate, [*gen, "--dataset", str(not_utf8)],
+                                     r"latin1.jsonl line 2: not UTF-8 text"),
+        "generate: tokenizer without an EOS token": (generate, ["--model_name_or_path", no_eos, "--dataset",
+                                                                "x.jsonl", "--prompt_format", "text"],
+                                                     r"no_eos: its tokenizer has no EOS token"),
         "generate: empty slice": (generate, [*gen, "--dataset", jsonl([{"prompt": "hi"}], tmp / "g.jsonl"),
                                              "--start_idx", "5"], r"no prompts selected"),
         "generate: empty dataset": (generate, [*gen, "--dataset", empty(["prompt"], tmp / "g0")], r"no rows"),
@@ -115,6 +150,14 @@ def make(case, tmp):
         "generate: finished output": (generate, [*gen, "--dataset", "x.jsonl", "--output_dir", str(finished)],
                                       r"already holds a finished dataset"),
         # score.py
+        "score: empty prompt": (score, ["--reward_model", str(TINY_LLAMA), "--dataset", save(
+            [{**generated, "prompt": [{"role": "user", "content": "hi"}]},
+             {**generated, "prompt_id": "b", "prompt": [{"role": "system", "content": ""},
+                                                        {"role": "user", "content": " "}]}], tmp / "s4")],
+                                r"split train: row 1 \(prompt_id b\) has an empty prompt \(1 such rows\)"),
+        "score: reward tokenizer without a pad or EOS token": (score, ["--reward_model", no_eos, "--dataset", "x"],
+                                                               r"--reward_model .*no_eos: its tokenizer has neither "
+                                                               r"a pad nor an EOS token"),
         "score: misnumbered responses": (score, ["--reward_model", str(TINY_LLAMA), "--dataset", save(
             [{"prompt": "hi", "response_0": "a", "response_2": "b"}], tmp / "s")], r"not numbered 0 ... 1: \[0, 2\]"),
         "score: longer than the reward model": (score, ["--reward_model", str(TINY_LLAMA), "--dataset", save(
@@ -125,6 +168,11 @@ def make(case, tmp):
                                     r"--reward_model .*tiny-gpt2: its tokenizer has no chat template"),
         "score: finished output": (score, ["--dataset", "x", "--output_dir", str(finished)], r"finished dataset"),
         # filter.py
+        "filter: empty prompt": (filter_stage, ["--model_name_or_path", str(TINY_LLAMA), "--dataset", save(
+            [scored, {**scored, "prompt_id": "b", "prompt": " \n"}], tmp / "f3")],
+                                 r"split train: row 1 \(prompt_id b\) has an empty prompt"),
+        "filter: tokenizer without an EOS token": (filter_stage, ["--model_name_or_path", no_eos, "--dataset",
+                                                                  "x"], r"no_eos: its tokenizer has no EOS token"),
         "filter: non-finite reward": (filter_stage, ["--model_name_or_path", str(TINY_LLAMA), "--dataset", save(
             [scored, {**scored, "prompt_id": "b", "response_1_reward": math.nan}], tmp / "f")],
                                       r"row 1 \(prompt_id b\) has a non-finite or missing reward nan"),
@@ -134,6 +182,8 @@ def make(case, tmp):
                                       r"/no/model: cannot load a tokenizer"),
         "filter: finished output": (filter_stage, ["--dataset", "x", "--output_dir", str(finished)], r"finished"),
         # rebel.py
+        "rebel: tokenizer without an EOS token": (rebel, ["--model_name_or_path", no_eos],
+                                                  r"no_eos: its tokenizer has no EOS token"),
         "rebel: missing column": (rebel, rebel_args(save([{"prompt_input_ids": [1]}], tmp / "r")),
                                   r"missing column\(s\) \['prompt_attention_mask'"),
         "rebel: widths differ from --task.maxlen": (rebel, [*rebel_args(pair_path("ok")), "--task.maxlen", "5"],
@@ -154,6 +204,12 @@ def make(case, tmp):
 
 
 CASES = [
+    "sft: malformed JSON line", "sft: tokenizer without an EOS token", "reward: non-UTF-8 file",
+    "ppo: malformed JSON in a folder of data files", "ppo: policy tokenizer without an EOS token",
+    "generate: non-UTF-8 file", "generate: tokenizer without an EOS token",
+    "score: reward tokenizer without a pad or EOS token", "score: empty prompt", "filter: empty prompt",
+    "filter: tokenizer without an EOS token",
+    "rebel: tokenizer without an EOS token",
     "sft: misnamed column", "sft: empty dataset", "sft: empty file", "sft: only empty sentences",
     "sft: no such data file", "sft: no such split", "sft: nonexistent model", "sft: finished output",
     "sft: batch does not divide",

@@ -1,7 +1,10 @@
 """The REBEL data stages on a tiny Llama-3-style chat setup: generate.py -> score.py -> filter.py chained end to end,
 torchrun == one process, every filter rule on a crafted fixture, the layout token by token, no double BOS, bad input."""
 
+import json
 import math
+import os
+import shutil
 import signal
 import subprocess
 import time
@@ -209,6 +212,98 @@ def test_data_stage_killed_part_way_resumes_to_identical_output(stage, tmp_path,
     assert f"{len(shards)} done by an earlier run" in capsys.readouterr().out
     assert datasets.load_from_disk(str(out)).to_list() == datasets.load_from_disk(str(reference)).to_list()
     assert not (tmp_path / f"{stage}.partial").exists()
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_after(monkeypatch, module, shards):
+    """Make `module` die like a killed run once `shards` shards are on disk (the partial folder stays)."""
+    real, written = module.write_shard, []
+
+    def write_then_crash(path, rows):
+        if len(written) == shards:
+            raise Crash
+        real(path, rows)
+        written.append(path)
+
+    monkeypatch.setattr(module, "write_shard", write_then_crash)
+
+
+def test_score_refuses_partial_work_made_from_another_input(tmp_path, monkeypatch, capsys, generated, scored,
+                                                            chat_reward_model):
+    """Killed part-way, its input regenerated in place with other responses, the same command again: refused, not
+    mixed (old rewards for new responses). With the input restored, it resumes, also when --output_dir gains a
+    trailing slash, and writes what an uninterrupted run wrote."""
+    data, out = tmp_path / "generated", tmp_path / "scored"
+    shutil.copytree(generated, data)
+    with monkeypatch.context() as m, pytest.raises(Crash):
+        crash_after(m, score, 2)
+        run_in_process(score, score_args(chat_reward_model, data), out)
+    assert len(list((tmp_path / "scored.partial").glob("shard_??????"))) == 2
+    other_policy = datasets.load_from_disk(str(data)).map(lambda row: {"response_0": row["response_0"][::-1]})
+    other_policy.save_to_disk(str(tmp_path / "regenerated"))
+    shutil.rmtree(data)
+    os.replace(tmp_path / "regenerated", data)
+    with pytest.raises(ValueError, match=rf"the input --dataset {data} changed since the partial work in "
+                                         rf"{out}.partial was made \(identity \w+ -> \w+\).*--overwrite"):
+        run_in_process(score, score_args(chat_reward_model, data), out)
+    assert not out.exists() and len(list((tmp_path / "scored.partial").glob("shard_??????"))) == 2
+    shutil.rmtree(data)
+    shutil.copytree(generated, data)  # the original input again
+    capsys.readouterr()
+    run_in_process(score, score_args(chat_reward_model, data), f"{out}/")
+    assert "2 done by an earlier run" in capsys.readouterr().out
+    assert datasets.load_from_disk(str(out)).to_list() == datasets.load_from_disk(str(scored)).to_list()
+
+
+def test_generate_refuses_partial_work_made_by_other_weights(tmp_path, monkeypatch, chat_policy, chat_prompts):
+    """The policy's weights replaced in place (the next iteration's policy saved to the same folder) between a crash
+    and the rerun: refused, naming --model_name_or_path."""
+    from transformers import AutoModelForCausalLM
+
+    policy, out = tmp_path / "policy", tmp_path / "gen"
+    shutil.copytree(chat_policy, policy)
+    args = ["--model_name_or_path", policy, "--dataset", chat_prompts, *GEN]
+    with monkeypatch.context() as m, pytest.raises(Crash):
+        crash_after(m, generate, 1)
+        run_in_process(generate, args, out)
+    model = AutoModelForCausalLM.from_pretrained(policy)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.01)
+    model.save_pretrained(policy)
+    with pytest.raises(ValueError, match=rf"the input --model_name_or_path {policy} changed since the partial work"):
+        run_in_process(generate, args, out)
+    run_in_process(generate, [*args, "--overwrite"], out)  # redone from scratch with the new weights
+    assert len(datasets.load_from_disk(str(out))) == 24 and not (tmp_path / "gen.partial").exists()
+
+
+def test_generate_drops_empty_prompts_and_counts_them(tmp_path, chat_policy):
+    """Blank strings (text format) and chat prompts whose messages are all blank are dropped before generation,
+    counted in generate_stats.json; the kept prompts keep their prompt_id (or row index)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tiny = tmp_path / "tiny"
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_GPT2)).save_pretrained(tiny)
+    AutoTokenizer.from_pretrained(TINY_GPT2).save_pretrained(tiny)
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["a fine", "", "dull and", " \t\n", "ok"]))
+    chats = tmp_path / "chats.jsonl"
+    messages = [[{"role": "user", "content": "write a short review"}], [{"role": "user", "content": "  "}],
+                [{"role": "system", "content": ""}, {"role": "user", "content": "\n"}],
+                [{"role": "system", "content": "be brief"}, {"role": "user", "content": "review a film"}]]
+    chats.write_text("".join(json.dumps({"prompt_id": f"c{i}", "prompt": m}) + "\n" for i, m in enumerate(messages)))
+    short = ["--split", "train", "--backend", "hf", "--num_responses", "1", "--maxlen", "4"]
+    run_in_process(generate, ["--model_name_or_path", tiny, "--dataset", texts, "--prompt_format", "text", *short],
+                   tmp_path / "text_out")
+    run_in_process(generate, ["--model_name_or_path", chat_policy, "--dataset", chats, *short], tmp_path / "chat_out")
+    text_out, chat_out = (datasets.load_from_disk(str(tmp_path / d)) for d in ("text_out", "chat_out"))
+    assert text_out["prompt"] == ["a fine", "dull and", "ok"] and text_out["prompt_id"] == [0, 2, 4]
+    assert chat_out["prompt_id"] == ["c0", "c3"]
+    stats = json.loads((tmp_path / "text_out" / "generate_stats.json").read_text())
+    assert stats == {"input_rows": 5, "empty_prompt": 2, "kept": 3}
+    assert json.loads((tmp_path / "chat_out" / "generate_stats.json").read_text())["empty_prompt"] == 2
 
 
 def test_score_stops_on_a_non_finite_reward_naming_the_row(tmp_path, monkeypatch, generated, chat_reward_model):

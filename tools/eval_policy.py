@@ -62,7 +62,7 @@ def main(args: Args):
                       eval_size=args.eval_size, seed=args.seed, task=task)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = ppo.load_tokenizer(args.reference, "--reference")
-    rm_tokenizer = ppo.load_tokenizer(args.reward_model, "--reward_model")
+    rm_tokenizer = ppo.load_tokenizer(args.reward_model, "--reward_model", needs_eos=False)
     for tok in (tokenizer, rm_tokenizer):
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
