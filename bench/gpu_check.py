@@ -18,8 +18,9 @@ scripts' own functions (bench/ may import the scripts):
   checkpointing;
 - the logprob path's transient peak memory, rebel.py's chunked fp32 log-softmax against a naive full-vocabulary fp32
   log-softmax at every position, at the 128k vocabulary (ratio);
-- the drift of bf16-autocast sequence logprobs from fp32 ones on the same weights, and REBEL's ratio before its first
-  update as rebel.py logged it (it must be exactly 1: reference and policy pass run the same kernels);
+- the drift of bf16-autocast sequence logprobs from fp32 ones on the same weights, on a batch with left-padded prompts
+  and right-padded responses (checked against one pair at a time), and REBEL's ratio before its first update as
+  rebel.py logged it (it must be exactly 1: reference and policy pass run the same kernels);
 - ppo.py's rollout (KV-cache sampling) tokens/s and update MFU, with the 1B model as policy and value model;
 - score.py's batched scoring against one sequence at a time (ratio).
 
@@ -38,9 +39,10 @@ On a GPU machine (a few minutes on one H100/H200):
     python bench/gpu_check.py
 
 On a bare GPU machine with torch and transformers but none of datasets, tyro, vaderSentiment and no network: bring the
-wheels (`bash bench/gpu_wheels.sh` downloads them into .whl/ on a machine with PyPI: datasets, dill, multiprocess,
-tyro, docstring-parser, typeguard, vaderSentiment; about 1 MiB; the machine must already have pyarrow, pandas, xxhash,
-fsspec, requests, tqdm, pyyaml, huggingface-hub, rich, typing-extensions, packaging), then there:
+wheels (`bash bench/gpu_wheels.sh` downloads them into .whl/ on a machine with PyPI: datasets 5.2.0, dill,
+multiprocess, tyro, docstring-parser, typeguard, vaderSentiment, 1.2 MiB, and pyarrow 26, 52.5 MiB, as datasets 5.2
+wants pyarrow >= 24; with the code about 55 MiB, under the 64 MiB that may travel. The machine must already have
+pandas, xxhash, fsspec, requests, tqdm, pyyaml, huggingface-hub, rich, typing-extensions, packaging), then there:
 
     pip install --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site python bench/gpu_check.py
 
@@ -319,21 +321,26 @@ class Check:
             for i in range(s.generate_prompts):
                 f.write(json.dumps({"prompt_id": f"p{i}", "prompt": f"write a short review of film number {i}"}) + "\n")
 
-        # filter.py's layout, every token real: the widest pairs rebel.py accepts (its worst case for memory)
+        # filter.py's layout. train: every token real, the widest pairs rebel.py accepts (its worst case for memory);
+        # test: real lengths spread, so a batch of them is left-padded (prompts) and right-padded (responses)
         g = torch.Generator().manual_seed(0)
         high = min(len(tokenizer), self.config.vocab_size)
 
-        def rows(n):
-            ids = lambda width: torch.randint(10, high, (n, width), generator=g).tolist()
-            ones = lambda width: [[1] * width] * n
-            rewards = torch.rand(n, 2, generator=g).tolist()
-            return {"prompt_input_ids": ids(s.maxlen_prompt), "prompt_attention_mask": ones(s.maxlen_prompt),
-                    "chosen_input_ids": ids(s.maxlen), "chosen_attention_mask": ones(s.maxlen),
-                    "reject_input_ids": ids(s.maxlen), "reject_attention_mask": ones(s.maxlen),
-                    "chosen_reward": [r[0] for r in rewards], "reject_reward": [r[1] for r in rewards]}
+        def rows(n, padded):
+            out = {}
+            for name, width, left in (("prompt", s.maxlen_prompt, True), ("chosen", s.maxlen, False),
+                                      ("reject", s.maxlen, False)):
+                lengths = torch.randint(width // 8, width + 1, (n,), generator=g) if padded else [width] * n
+                ids = torch.randint(10, high, (n, width), generator=g)
+                mask = (torch.arange(width)[None] < torch.as_tensor(lengths)[:, None]).long()
+                mask = mask.flip(1) if left else mask
+                out[f"{name}_input_ids"], out[f"{name}_attention_mask"] = (ids * mask).tolist(), mask.tolist()
+            out["chosen_reward"], out["reject_reward"] = torch.rand(2, n, generator=g).tolist()
+            return out
 
-        datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows(s.rebel_pairs)),
-                              "test": datasets.Dataset.from_dict(rows(2))}).save_to_disk(self.paths["pairs"])
+        datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows(s.rebel_pairs, padded=False)),
+                              "test": datasets.Dataset.from_dict(rows(4, padded=True))}).save_to_disk(
+            self.paths["pairs"])
         return {"model_config": s.model_config, **self.shape, "tokenizer_size": len(tokenizer)}
 
     # 1. the SST-2 chain on the tiny GPT-2
@@ -406,10 +413,10 @@ class Check:
 
     # 4. measurements in this process, with the scripts' own functions
 
-    def load_pairs(self):
+    def load_pairs(self, split="train"):
         import datasets
 
-        return datasets.load_from_disk(self.paths["pairs"])["train"].with_format("torch")
+        return datasets.load_from_disk(self.paths["pairs"])[split].with_format("torch")
 
     def load_policy(self):
         from transformers import AutoModelForCausalLM
@@ -484,23 +491,27 @@ class Check:
         return result
 
     def bf16_drift(self):
-        """Sequence logprobs of the same pairs on the same weights: bf16 autocast against fp32."""
+        """Sequence logprobs of the same pairs on the same weights, bf16 autocast against fp32; the pairs are batched
+        with left-padded prompts and right-padded responses, which must not change any pair's logprobs."""
         import rebel
 
-        s, data, model = self.sizes, self.load_pairs(), self.load_policy()
+        data, model = self.load_pairs("test"), self.load_policy()
         wrapped = rebel.SequenceLogprobs(model, TEMPERATURE, 1024).eval()
-        pairs = list(range(min(4, s.rebel_pairs)))
+        pairs = list(range(len(data)))
         with torch.no_grad():
             batch = rebel.trimmed_batch(data, pairs, self.device)
             fp32 = wrapped(**batch).double()
+            alone = torch.stack([wrapped(**rebel.trimmed_batch(data, [i], self.device)).double() for i in pairs], 1)
             with autocast(self.device):
                 bf16 = wrapped(**batch).double()
                 again = wrapped(**batch).double()
         drift = (bf16 - fp32).abs()
-        return {"sequences": len(fp32), "response_tokens": s.maxlen, "max_abs_drift": drift.max().item(),
+        tokens = (batch["response_mask"].sum(1)).double()
+        return {"sequences": len(fp32), "response_tokens": tokens.tolist(), "max_abs_drift": drift.max().item(),
                 "mean_abs_drift": drift.mean().item(), "max_rel_drift": (drift / fp32.abs()).max().item(),
-                "max_abs_drift_per_token": drift.max().item() / s.maxlen,
-                "bf16_repeatable": bool(torch.equal(bf16, again))}
+                "max_abs_drift_per_token": (drift / tokens).max().item(), "finite": bool(bf16.isfinite().all()),
+                "bf16_repeatable": bool(torch.equal(bf16, again)),
+                "fp32_padding_max_diff": (fp32 - alone.flatten()).abs().max().item()}
 
     def ppo_throughput(self):
         """ppo.py's rollout (sample: KV-cache decoding with Gumbel-max noise) and one PPO pass (forward_response of
@@ -630,6 +641,8 @@ def summary(results):
               f"<= {GOALS['logprob_memory_ratio']}"),
              ("bf16 vs fp32 sequence logprob, max abs drift (nats)", get("bf16_drift", "max_abs_drift"), None),
              ("bf16 vs fp32 sequence logprob, max relative drift", get("bf16_drift", "max_rel_drift"), None),
+             ("padded batch vs one pair at a time (fp32), max abs diff", get("bf16_drift", "fp32_padding_max_diff"),
+              "~0"),
              ("ppo: rollout tokens/s", get("ppo_throughput", "rollout_tokens_per_s"), None),
              ("ppo: update MFU", get("ppo_throughput", "update_mfu"), None),
              ("score: batched / one at a time", get("score_batching", "ratio"), f">= {GOALS['score_batching_ratio']}x")]
