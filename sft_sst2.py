@@ -299,13 +299,14 @@ def main(args: Args):
 
 
 def init_distributed():
-    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; a plain `python script.py` is one process. gloo on CPU, nccl on GPU."""
+    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE and gets a process group, even with one process (FSDP2 needs one); a
+    plain `python script.py` is one process without one. gloo on CPU, nccl on GPU."""
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world_size > 1:
+    if "RANK" in os.environ:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")  # dcp in one process
     return rank, world_size, device

@@ -37,6 +37,23 @@ class Args:
     """seed of the weights and sequences"""
 
 
+def compare_batching(model, sequences, pad_id, batch_size, device):
+    """score.py's score_sequences in batches of batch_size against one sequence at a time: sequences per second of
+    both (after a warm-up, timed with the device synchronised), their ratio and the largest reward difference."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rates, rewards = {}, {}
+    for name, batch in (("one_at_a_time", 1), ("batched", batch_size)):
+        score.score_sequences(model, sequences[:batch * 2], pad_id, batch, device)  # warm-up
+        sync()
+        start = time.perf_counter()
+        rewards[name] = score.score_sequences(model, sequences, pad_id, batch, device)
+        sync()
+        rates[name] = len(sequences) / (time.perf_counter() - start)
+    return {"one_at_a_time_per_s": rates["one_at_a_time"], "batched_per_s": rates["batched"],
+            "ratio": rates["batched"] / rates["one_at_a_time"],
+            "max_diff": max(abs(a - b) for a, b in zip(rewards["one_at_a_time"], rewards["batched"]))}
+
+
 def main(args: Args):
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -54,19 +71,12 @@ def main(args: Args):
     lengths = torch.randint(args.min_len, args.max_len + 1, (args.num_sequences,)).tolist()
     sequences = [torch.randint(5, vocab, (n,)).tolist() for n in lengths]
 
-    results = {}
-    for name, batch in (("one at a time", 1), (f"batched ({args.batch_size}, sorted by length)", args.batch_size)):
-        score.score_sequences(model, sequences[:batch * 2], pad, batch, device)  # warm-up
-        start = time.perf_counter()
-        rewards = score.score_sequences(model, sequences, pad, batch, device)
-        results[name] = (args.num_sequences / (time.perf_counter() - start), rewards)
-    (slow, slow_rewards), (fast, fast_rewards) = results.values()
-    worst = max(abs(a - b) for a, b in zip(slow_rewards, fast_rewards))
+    result = compare_batching(model, sequences, pad, args.batch_size, device)
     print(f"reward model: {args.reward_model or 'tiny Llama-3-style, random weights'} on {device}, "
           f"{args.num_sequences} sequences of {args.min_len}-{args.max_len} tokens, {args.threads} threads")
-    for name, (rate, _) in results.items():
-        print(f"  {name:<32} {rate:8.1f} sequences/s")
-    print(f"  batched / one at a time: {fast / slow:.2f}x; largest reward difference {worst:.2e}")
+    print(f"  {'one at a time':<32} {result['one_at_a_time_per_s']:8.1f} sequences/s")
+    print(f"  {f'batched ({args.batch_size}, sorted by length)':<32} {result['batched_per_s']:8.1f} sequences/s")
+    print(f"  batched / one at a time: {result['ratio']:.2f}x; largest reward difference {result['max_diff']:.2e}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@
   which vLLM's CPU backend accepts) and a tokenizer with Llama-3's special tokens and chat template: encoding adds
   `<|begin_of_text|>` and the template writes it too, so double BOS is a real hazard here as with Llama-3;
   `<|eot_id|>` ends a turn and is the eos token.
+* `data/llama3-1b`: a config shaped like Llama-3.2-1B (16 layers, width 2048, 32 query and 8 key-value heads,
+  MLP 8192, tied embeddings, the 128,256-token vocabulary: 1.236 B parameters) with tiny-llama3-chat's tokenizer,
+  whose ids all lie inside that vocabulary. bench/gpu_check.py trains it from random weights on one GPU.
 
 Scripts start from these folders with `--from_scratch` (random weights from the config) or the tests save random
 weights into a copy. Deterministic: running it again rewrites identical files.
@@ -40,7 +43,7 @@ class Args:
     corpus: str = os.path.join(HERE, "sst2", "train.jsonl")
     """text the tokenizers are trained on (made by data/make_sst2.py)"""
     output_dir: str = HERE
-    """folder that receives tiny-gpt2/ and tiny-llama3-chat/"""
+    """folder that receives tiny-gpt2/, tiny-llama3-chat/ and llama3-1b/"""
     vocab_size: int = 1024
     """BPE vocabulary size of both tokenizers, special tokens included"""
 
@@ -84,7 +87,16 @@ def main(args: Args):
                 bos_token_id=bos_id, eos_token_id=[end_of_text, eot], tie_word_embeddings=False).save_pretrained(folder)
     GenerationConfig(bos_token_id=bos_id, eos_token_id=[end_of_text, eot], do_sample=True, temperature=0.6,
                      top_p=0.9).save_pretrained(folder)
-    print(f"wrote {os.path.join(args.output_dir, 'tiny-gpt2')} and {folder}")
+
+    # Llama-3.2-1B-shaped, for the GPU check: the real vocabulary size, the tiny tokenizer (ids 0..1023 of it)
+    big = os.path.join(args.output_dir, "llama3-1b")
+    tokenizer.save_pretrained(big)
+    LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+                bos_token_id=bos_id, eos_token_id=[end_of_text, eot], tie_word_embeddings=True).save_pretrained(big)
+    GenerationConfig(bos_token_id=bos_id, eos_token_id=[end_of_text, eot], do_sample=True, temperature=0.6,
+                     top_p=0.9).save_pretrained(big)
+    print(f"wrote {os.path.join(args.output_dir, 'tiny-gpt2')}, {folder} and {big}")
 
 
 if __name__ == "__main__":

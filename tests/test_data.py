@@ -35,7 +35,7 @@ def test_tiny_models_regenerate_identically(tmp_path):
     from data import make_tiny_models
 
     make_tiny_models.main(make_tiny_models.Args(output_dir=str(tmp_path)))
-    for folder in (TINY_GPT2, TINY_LLAMA):
+    for folder in (TINY_GPT2, TINY_LLAMA, DATA / "llama3-1b"):
         for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
             assert filecmp.cmp(tmp_path / folder.name / name, folder / name, shallow=False), f"{folder.name}/{name}"
 
