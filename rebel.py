@@ -707,6 +707,9 @@ def create_output_dir(args, rank, resume):
         recorded = os.path.join(resume, "args.json")
         if not os.path.exists(recorded):  # checkpoints of older versions: the run's own args.json
             recorded = os.path.join(os.path.dirname(os.path.dirname(os.path.normpath(resume))), "args.json")
+        if not os.path.exists(recorded):
+            raise FileNotFoundError(f"--resume {resume}: neither the checkpoint nor its run folder holds the args.json "
+                                    "the run was started with, so the settings cannot be checked")
         with open(recorded) as f:
             changed = changed_settings(args, json.load(f))
         if changed:

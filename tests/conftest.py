@@ -160,6 +160,21 @@ def copy_unfinished(run_dir, to):
     return to
 
 
+@contextlib.contextmanager
+def held_lock(output_dir):
+    """Another process holds the output folder's lock (as a live run does) until the block ends, then dies by SIGKILL.
+    Yields its pid."""
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import sft_sst2; "
+                               f"lock = sft_sst2.lock_output_dir({str(output_dir)!r}, 0); print('locked', flush=True); "
+                               "import time; time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder.pid
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+
+
 def check_resume_refuses_other_settings(module, args, reference_dir, tmp_path, changes):
     """`--resume auto` with arguments that change results (`changes`: (flag, old, new) triples) is refused before any
     model is loaded, naming each changed flag with its old and new value, and leaves args.json as it was."""

@@ -5,6 +5,7 @@ lists the same cases."""
 import dataclasses
 import json
 import math
+import os
 import re
 
 import datasets
@@ -297,3 +298,25 @@ def test_the_reported_numbers_are_refused(flag, value, tmp_path, no_model_loadin
     with pytest.raises(ValueError, match=rf"{flag} must be"):
         sft_sst2.main(tyro.cli(sft_sst2.Args, use_underscores=True, args=argv))
     assert not list(tmp_path.iterdir())
+
+
+def test_a_data_stage_on_a_folder_in_use_is_refused(tmp_path, no_model_loading):
+    """generate.py and score.py take the folder's lock before their first shard (and before loading a model), filter.py
+    before it filters. The holder here is this process itself, through another open file, which flock treats as
+    another owner (tests/test_sft.py holds it from another process, and kills it)."""
+    row = {"prompt_id": "a", "prompt": "hi", "prompt_token_ids": [0, 5], "response_0": "x", "response_1": "y",
+           "response_0_token_ids": [7, 4], "response_1_token_ids": [8, 4], "response_0_reward": 1.0,
+           "response_1_reward": 0.0}
+    scored = save([row, {**row, "prompt_id": "b"}], tmp_path / "scored")
+    prompts = jsonl([{"prompt": "hi"}, {"prompt": "a film"}], tmp_path / "prompts.jsonl")
+    stages = {"filter": (filter_stage, ["--model_name_or_path", str(TINY_LLAMA), "--dataset", scored]),
+              "score": (score, ["--reward_model", str(TINY_LLAMA), "--dataset", scored]),
+              "generate": (generate, ["--model_name_or_path", str(TINY_LLAMA), "--dataset", prompts, "--split", "train",
+                                      "--backend", "hf"])}
+    for name, (module, argv) in stages.items():
+        out = tmp_path / f"out_{name}"
+        lock = module.lock_output_dir(str(out), 0)
+        with pytest.raises(SystemExit, match=rf"in use by another run \(pid {os.getpid()} on "):
+            module.main(tyro.cli(module.Args, use_underscores=True, args=[*argv, "--output_dir", str(out)]))
+        lock.close()
+        assert not out.exists() and not (tmp_path / f"out_{name}.partial").exists(), name

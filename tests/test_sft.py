@@ -4,14 +4,10 @@ on resume, torn logs, corrupt checkpoints, one run per folder, a full disk)."""
 
 import collections
 import shutil
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 from conftest import (
-    ROOT,
     SST2,
     TINY_GPT2,
     assert_same_metrics,
@@ -21,6 +17,7 @@ from conftest import (
     check_resume_from_checkpoint,
     check_resume_refuses_other_settings,
     copy_unfinished,
+    held_lock,
     metrics,
     run_in_process,
     run_into,
@@ -175,20 +172,13 @@ def test_a_second_run_on_a_live_runs_folder_is_refused(sft_1p, tmp_path, no_mode
     """While a run holds its folder, a second run (fresh, or --resume auto as a scheduler's requeue would start) is
     refused naming the holder, and touches nothing; once the holder dies (SIGKILL), the folder is free."""
     run_dir = copy_unfinished(sft_1p, tmp_path / "run")
-    holder = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import sft_sst2; "
-                               f"lock = sft_sst2.lock_output_dir({str(run_dir)!r}, 0); print('locked', flush=True); "
-                               "import time; time.sleep(600)"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with held_lock(run_dir) as pid:
         logged = (run_dir / "metrics.jsonl").read_bytes()
         for extra in (["--resume", "auto"], ["--overwrite"]):
-            with pytest.raises(SystemExit, match=rf"in use by another run \(pid {holder.pid} on "):
+            with pytest.raises(SystemExit, match=rf"in use by another run \(pid {pid} on "):
                 run_in_process(sft_sst2, [*SFT_ARGS, *extra], run_dir)
         assert (run_dir / "metrics.jsonl").read_bytes() == logged
         assert sorted(p.name for p in (run_dir / "checkpoints").iterdir())[-1] == "update_0000016"
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
     assert sft_sst2.lock_output_dir(str(run_dir), 0) is not None
 
 
