@@ -41,7 +41,7 @@ import torch.nn.functional as F
 import tyro
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel as DDP
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 INVALID_LOGPROB = 1.0  # logprob written at padding, for policy and reference alike, so the KL there is exactly 0
@@ -467,15 +467,33 @@ def print_samples(samples, update, count=6):
         print(f"{s['score']:+7.3f} | {s['judge']:+.3f} | {s['prompt']}{s['response']}")
 
 
+def without_dropout(config):
+    """`config` with every dropout probability set to 0, for use before the model is built. Zeroing nn.Dropout
+    modules is not enough: many models read a float from the config instead (Llama's `attention_dropout`, Falcon's
+    `hidden_dropout`), some copy it into the layers at construction, and any of them left non-zero makes train mode
+    stochastic (a PPO ratio that is not 1 before the first step)."""
+    for sub in {id(c): c for c in (config, config.get_text_config())}.values():
+        for key, value in list(vars(sub).items()):
+            if (any(word in key for word in ("dropout", "pdrop", "layerdrop")) and isinstance(value, (int, float))
+                    and not isinstance(value, bool)):
+                setattr(sub, key, 0.0)
+    return config
+
+
 def load_pretrained(cls, path, arg, args, **kwargs):
+    """A model with every dropout probability 0 (config attributes and nn.Dropout alike); `kwargs` go to its config
+    (num_labels, trust_remote_code)."""
     try:
-        return cls.from_pretrained(path, attn_implementation=args.attn_implementation, **kwargs)
+        config = without_dropout(AutoConfig.from_pretrained(path, **kwargs))
+        return cls.from_pretrained(path, config=config, attn_implementation=args.attn_implementation,
+                                   trust_remote_code=kwargs.get("trust_remote_code", False))
     except (OSError, ValueError) as e:
         raise SystemExit(f"{arg} {path}: cannot load it as {cls.__name__} ({e})") from None
 
 
 def freeze(model, device, train=False):
-    """Dropout off (policy, reference, value and reward model alike), moved to device; frozen unless `train`."""
+    """Dropout modules off (policy, reference, value and reward model alike; their configs were zeroed by
+    load_pretrained), moved to device; frozen unless `train`."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0

@@ -216,3 +216,23 @@ def test_reward_model_with_another_tokenizer_end_to_end(sft_policy, chat_reward_
     rows = metrics(tmp_path / "out")
     assert rows[-1]["update"] == 1 and math.isfinite(rows[-1]["objective/scores"])
     assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_ratio_is_one_before_the_first_step_with_dropout_in_the_config(tmp_path):
+    """Llama reads `attention_dropout` from its config as a float (no nn.Dropout module): a non-zero value left in
+    the config makes train mode stochastic, so the first PPO step would see a ratio other than 1."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(TINY_LLAMA)
+    for name, cls, extra in (("policy", AutoModelForCausalLM, {}),
+                             ("rm", AutoModelForSequenceClassification, {"num_labels": 1})):
+        torch.manual_seed(0)
+        config = AutoConfig.from_pretrained(TINY_LLAMA, attention_dropout=0.5, **extra)
+        cls.from_config(config).save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    run_in_process(ppo, [*ppo_args(tmp_path / "policy", tmp_path / "rm"), "--total_episodes", "16", "--eval_size",
+                         "4"], tmp_path / "out")
+    first = metrics(tmp_path / "out")[1]
+    assert first["val/ratio"] == 1.0 and first["val/ratio_var"] == 0.0 and first["policy/approxkl_avg"] == 0.0
+    assert first["val/clipfrac_avg"] == 0.0  # the value model (a Llama too) predicts as it did in the rollout
+
