@@ -356,6 +356,26 @@ def score(reward_model, sequences, pad_id, chunk, device):
     return torch.cat(scores)
 
 
+class NonFiniteScores(Exception):
+    """The reward model returned NaN or inf (raised on every rank alike)."""
+
+
+def check_scores(scores, rows, prompts, args, where):
+    """Stop with NonFiniteScores, naming the reward model, the count and an example prompt, if any score is NaN or
+    inf on any rank: the update would only be skipped (a non-finite loss), hiding the reward model's fault. `rows`:
+    the global index of each score's prompt in `prompts`. A collective: every rank calls it."""
+    device = scores.device
+    bad = ~torch.isfinite(scores)
+    rows = torch.as_tensor(rows, dtype=torch.long, device=device)
+    first = rows[bad].min() if bad.any() else torch.tensor(torch.iinfo(torch.long).max, device=device)
+    count, total = all_reduce(torch.stack([bad.sum(), torch.tensor(len(scores), device=device)]).long()).tolist()
+    first = int(all_reduce(first.clone(), op=dist.ReduceOp.MIN))
+    if count:
+        raise NonFiniteScores(f"--reward_model_name_or_path {args.reward_model_name_or_path}: {count} of {total} "
+                              f"scores in {where} are NaN or inf, e.g. for the prompt {prompts[first]!r}; check the "
+                              "reward model (its weights, or an overflow in bf16) before training against it")
+
+
 def apply_non_eos_penalty(scores, has_eos, args):
     """A response that never produced EOS gets task.penalty_reward_value as its score (when task.non_eos_penalty)."""
     if not args.task.non_eos_penalty:
@@ -448,6 +468,8 @@ def evaluate(policy, ref_policy, reward_model, prompts, prompt_ids, tokenizer, r
             results.append({"index": i, "prompt": prompts[i], "response": response, "score": scores[j].item(),
                             "judge": judge.polarity_scores(prompts[i] + response)["compound"], "kl": kl[j].item(),
                             "length": int(mask[j].sum()), "eos": bool(has_eos[j])})
+    check_scores(torch.tensor([s["score"] for s in results], device=device), [s["index"] for s in results], prompts,
+                 args, "the held-out evaluation")
     gathered = [None] * world_size if rank == 0 else None
     if dist.is_initialized():
         dist.gather_object(results, gathered, dst=0)
@@ -569,9 +591,12 @@ def main(args: Args):
 
     def run_eval(update):
         unwrapped.eval()
-        metrics, samples = evaluate(unwrapped.policy, ref_policy, reward_model, eval_prompts, eval_prompt_ids,
-                                    tokenizer, rm_tokenizer, same_tokenizer, judge, args, rank, world_size, device,
-                                    autocast)
+        try:
+            metrics, samples = evaluate(unwrapped.policy, ref_policy, reward_model, eval_prompts, eval_prompt_ids,
+                                        tokenizer, rm_tokenizer, same_tokenizer, judge, args, rank, world_size,
+                                        device, autocast)
+        except NonFiniteScores as e:
+            end_run(logger, rank, 1, f"stopping at update {update}: {e}")
         unwrapped.train()
         if rank == 0:
             print_samples(samples, update)
@@ -617,6 +642,10 @@ def main(args: Args):
         logprobs = torch.cat(logprobs).masked_fill(~response_mask, INVALID_LOGPROB)
         ref_logprobs = torch.cat(ref_logprobs).masked_fill(~response_mask, INVALID_LOGPROB)
         values = torch.cat(values) * mask
+        try:
+            check_scores(scores, [batch[i] for i in rows], prompts, args, "the rollout")
+        except NonFiniteScores as e:  # before the update: the weights stay those of the last one
+            end_run(logger, rank, 1, f"stopping at update {update + 1}: {e}")
         raw_scores, scores = scores, apply_non_eos_penalty(scores, has_eos, args)
 
         # 2. rewards: per-token KL penalty, plus the score on the last real token

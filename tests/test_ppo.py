@@ -236,3 +236,49 @@ def test_ratio_is_one_before_the_first_step_with_dropout_in_the_config(tmp_path)
     assert first["val/ratio"] == 1.0 and first["val/ratio_var"] == 0.0 and first["policy/approxkl_avg"] == 0.0
     assert first["val/clipfrac_avg"] == 0.0  # the value model (a Llama too) predicts as it did in the rollout
 
+
+@pytest.fixture(scope="session")
+def nan_reward_setup(session_dir, reward_model):
+    """A reward model whose embedding of one byte token ('Â', the first byte of '§') is NaN, so it scores NaN for
+    exactly the prompts that hold '§'; and prompts where every fourth training prompt does (none held out)."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    rm = session_dir / "nan_rm"
+    if not rm.exists():
+        shutil.copytree(reward_model, rm, ignore=shutil.ignore_patterns("checkpoints", "*.jsonl"))
+        state = load_file(str(rm / "model.safetensors"))
+        state["transformer.wte.weight"][127] = float("nan")
+        save_file(state, str(rm / "model.safetensors"), metadata={"format": "pt"})
+    data = session_dir / "nan_prompts"
+    data.mkdir(exist_ok=True)
+    for split, n in (("train", 64), ("validation", 8)):
+        with open(SST2 / f"{split}.jsonl") as f:
+            rows = [json.loads(line) for line, _ in zip(f, range(n))]
+        for i, row in enumerate(rows):
+            row["sentence"] = ("§ " if split == "train" and i % 4 == 0 else "") + row["sentence"]
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return rm, data
+
+
+def test_nonfinite_rewards_stop_the_run_naming_the_reward_model(nan_reward_setup, sft_policy, tmp_path, capsys):
+    rm, data = nan_reward_setup
+    args = [*ppo_args(sft_policy, rm), "--task.dataset", data, "--total_episodes", "32"]
+    # in the rollout, over 2 ranks: the count of the whole batch, before any update
+    proc = run("ppo.py", *args, "--output_dir", tmp_path / "rollout", nproc=2, check=False)
+    poisoned = sum(i % 4 == 0 for i in ppo.batch_indices(64, 16, 0, 1))
+    assert proc.returncode != 0 and poisoned > 0
+    expected = (f"stopping at update 1: --reward_model_name_or_path {rm}: {poisoned} of 16 scores in the rollout are "
+                "NaN or inf, e.g. for the prompt '§ ")
+    assert expected in proc.stderr, proc.stderr[-3000:]
+    assert [m["update"] for m in metrics(tmp_path / "rollout")] == [0]  # the clean held-out evaluation only
+    assert not (tmp_path / "rollout" / "model.safetensors").exists()
+    # in the held-out evaluation, before the first update
+    with pytest.raises(SystemExit) as stop:
+        run_in_process(ppo, [*args, "--task.eval_split", "train"], tmp_path / "eval")
+    assert stop.value.code == 1
+    assert (f"stopping at update 0: --reward_model_name_or_path {rm}: 2 of 8 scores in the held-out evaluation are "
+            "NaN or inf, e.g. for the prompt '§ ") in capsys.readouterr().err
+
