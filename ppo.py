@@ -3,17 +3,20 @@
 Each update: 1. sample `batch_size` responses of exactly `task.response_length` tokens from the policy (prompts
 left-padded, `position_ids = cumsum(attention_mask) - 1`) and cut each after its first EOS; 2. score them with the
 reward model (a response without EOS gets `task.penalty_reward_value` instead of its score when
-`task.non_eos_penalty`); 3. per-token reward = -kl_coef * KL(policy || reference) (k1, or k3), plus the score at the
-last real token (the EOS); GAE (gamma, lam) on a value model initialised from the reward model; advantages whitened
-over all real tokens of the global batch; 4. `noptepochs` passes of `nminibatches` minibatches with the clipped
-policy loss and clipped value loss (`vf_coef`), gradients accumulated over micro-batches and normalised by the real
-tokens of the whole minibatch, clipped, AdamW. Logprobs are computed by the same function in the rollout and in the
-update (fp32, logits / temperature, the same padding), so the ratio is exactly 1 before the first step.
+`task.non_eos_penalty`; a NaN or inf score stops the run, naming the reward model); 3. per-token reward = -kl_coef *
+KL(policy || reference) (k1, or k3), plus the score at the last real token (the EOS); GAE (gamma, lam) on a value
+model initialised from the reward model; advantages whitened over all real tokens of the global batch;
+4. `noptepochs` passes of `nminibatches` minibatches of the global batch with the clipped policy loss and clipped
+value loss (`vf_coef`), gradients accumulated over micro-batches and normalised by the real tokens of the whole
+minibatch, clipped, AdamW. Logprobs are computed by the same function in the rollout and in the update (fp32,
+logits / temperature, the same padding, dropout off in modules and configs), so the ratio is exactly 1 before the
+first step.
 
-Sampling is seeded per (update, step, global row) through Gumbel-max noise drawn for the whole global batch, so one
-rank and N ranks sample the same responses. Every `eval_freq` updates held-out prompts are answered and scored by the
-reward model and by an independent judge (VADER's compound sentiment): a rising reward with a flat judge is reward
-hacking. The default task is the SST-2 example: continue the first words of an SST-2 review positively.
+Sampling is seeded per (update, step, global row) through Gumbel-max noise drawn for the whole global batch, and
+minibatches are drawn from the global batch, so one rank and N ranks sample the same responses and make the same
+updates. Every `eval_freq` updates held-out prompts are answered and scored by the reward model and by an independent
+judge (VADER's compound sentiment): a rising reward with a flat judge is reward hacking. The default task is the
+SST-2 example: continue the first words of an SST-2 review positively.
 
     python ppo.py --model_name_or_path runs/sft_sst2 --reward_model_name_or_path runs/reward_sst2
     torchrun --nproc_per_node 8 ppo.py --model_name_or_path runs/sft_sst2 --reward_model_name_or_path runs/reward_sst2
@@ -376,6 +379,16 @@ def check_scores(scores, rows, prompts, args, where):
                               "reward model (its weights, or an overflow in bf16) before training against it")
 
 
+def gather_rows(tensor):
+    """Every rank's rows of `tensor` in global row order (rank r holds rows r * local_batch_size onwards)."""
+    if not dist.is_initialized():
+        return tensor
+    parts = [torch.empty_like(tensor, dtype=torch.uint8 if tensor.dtype == torch.bool else None)
+             for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.to(parts[0].dtype).contiguous())
+    return torch.cat(parts).to(tensor.dtype)
+
+
 def apply_non_eos_penalty(scores, has_eos, args):
     """A response that never produced EOS gets task.penalty_reward_value as its score (when task.non_eos_penalty)."""
     if not args.task.non_eos_penalty:
@@ -659,19 +672,31 @@ def main(args: Args):
         returns = advantages + values
         advantages = masked_whiten(advantages, mask)
 
-        # 4. PPO epochs over minibatches; each loss is normalised by the real tokens of its whole minibatch
+        per_sequence = torch.stack([kl.sum(1), (-logprobs * mask).sum(1), non_score_reward.sum(1), scores, raw_scores,
+                                    mask.sum(1), has_eos.float()])
+        sequence_means = (all_reduce(per_sequence.sum(1)) / args.batch_size).tolist()
+
+        # 4. PPO epochs over minibatches of the global batch (a permutation keyed by seed, update and epoch), each rank
+        # taking an equal share of every minibatch from the rollout gathered from all ranks (a few numbers per token):
+        # 1 and N ranks make the same updates for any nminibatches. Each loss is normalised by the real tokens of its
+        # whole minibatch.
+        queries, query_mask, responses, response_mask, logprobs, values, advantages, returns = (
+            gather_rows(t) for t in (queries, query_mask, responses, response_mask, logprobs, values, advantages,
+                                     returns))
+        mask = response_mask.float()
         stats = torch.zeros(8, dtype=torch.float64, device=device)  # token-weighted sums, see `names` below
         stats_tokens = torch.zeros((), dtype=torch.float64, device=device)
         update_ok = True
         for epoch in range(args.ppo.noptepochs):
-            generator = torch.Generator().manual_seed(seed_of(args.seed, update, epoch, rank))
-            order = torch.randperm(len(rows), generator=generator).tolist()
+            generator = torch.Generator().manual_seed(seed_of(args.seed, update, epoch))
+            order = torch.randperm(args.batch_size, generator=generator).tolist()
             for mb in range(args.ppo.nminibatches):
-                mb_rows = order[mb * args.local_mini_batch_size:(mb + 1) * args.local_mini_batch_size]
-                mb_tokens = all_reduce(mask[mb_rows].sum().clone())
+                mb_rows = order[mb * args.mini_batch_size:(mb + 1) * args.mini_batch_size]
+                mb_tokens = mask[mb_rows].sum()
+                mine = mb_rows[rank * args.local_mini_batch_size:(rank + 1) * args.local_mini_batch_size]
                 mb_loss = torch.zeros((), device=device)
                 for micro in range(args.gradient_accumulation_steps):
-                    idx = mb_rows[micro * args.local_micro_batch_size:(micro + 1) * args.local_micro_batch_size]
+                    idx = mine[micro * args.local_micro_batch_size:(micro + 1) * args.local_micro_batch_size]
                     m = mask[idx]
                     sync = micro == args.gradient_accumulation_steps - 1 or not isinstance(model, DDP)
                     with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
@@ -699,10 +724,7 @@ def main(args: Args):
         all_reduce(stats)
         all_reduce(stats_tokens)
         pg, vf, clipfrac, vf_clipfrac, approxkl, entropy, ratio_mean, ratio_sq = (stats / stats_tokens).tolist()
-        per_sequence = torch.stack([kl.sum(1), (-logprobs * mask).sum(1), non_score_reward.sum(1), scores, raw_scores,
-                                    mask.sum(1), has_eos.float()])
-        kl_mean, entropy_seq, non_score, scores_mean, raw_mean, length, eos_rate = (
-            all_reduce(per_sequence.sum(1)) / args.batch_size).tolist()
+        kl_mean, entropy_seq, non_score, scores_mean, raw_mean, length, eos_rate = sequence_means
         metrics = {"objective/kl": kl_mean, "objective/entropy": entropy_seq, "objective/non_score_reward": non_score,
                    "objective/rlhf_reward": scores_mean + non_score, "objective/scores": scores_mean,
                    "objective/raw_scores": raw_mean, "policy/approxkl_avg": approxkl, "policy/clipfrac_avg": clipfrac,

@@ -282,3 +282,14 @@ def test_nonfinite_rewards_stop_the_run_naming_the_reward_model(nan_reward_setup
     assert (f"stopping at update 0: --reward_model_name_or_path {rm}: 2 of 8 scores in the held-out evaluation are "
             "NaN or inf, e.g. for the prompt '§ ") in capsys.readouterr().err
 
+
+def test_two_ranks_match_one_rank_with_several_minibatches(sft_policy, reward_model, tmp_path):
+    """Minibatches are drawn from the global batch and split over the ranks, so 2 ranks make the updates 1 rank
+    makes for nminibatches > 1 too (each rank used to draw its minibatches from its own rows only)."""
+    args = ppo_args(sft_policy, reward_model, "--total_episodes", "32", "--ppo.nminibatches", "2",
+                    "--ppo.noptepochs", "2")
+    one, two = run_into("ppo.py", args, tmp_path / "1p"), run_into("ppo.py", args, tmp_path / "2p", nproc=2)
+    assert_weights_equal(one, two, exact=False)
+    for key in ("loss/policy_avg", "loss/value_avg", "policy/approxkl_avg", "eval/scores"):
+        expected = [m[key] for m in metrics(one) if key in m]
+        assert [m[key] for m in metrics(two) if key in m] == pytest.approx(expected, rel=1e-4, abs=1e-6), key
