@@ -9,10 +9,11 @@ and the worst (argmin) `reject`; a row whose chosen and reject text are identica
 empty prompts (generate.py drops those) are errors naming the row.
 
 Layout, so that the prompt and the response meet in the middle: `prompt_input_ids` left-padded to `maxlen_prompt`,
-`chosen_input_ids` and `reject_input_ids` right-padded to `maxlen`, each response ending with the end-of-turn token
-(the tokenizer's EOS: `<|eot_id|>` for Llama-3-Instruct; a response that stopped on another stop token, such as
-`<|end_of_text|>`, gets it replaced, and the count is reported), with explicit attention masks and a pad id that
-exists in the model's embedding table. Output: a `save_to_disk` DatasetDict with `train` and `test` splits,
+`chosen_input_ids` and `reject_input_ids` right-padded to `maxlen`, each response ending with the stop token that was
+sampled (the end-of-turn token of the chat template, `<|eot_id|>` for Llama-3-Instruct, even where the tokenizer's
+EOS is `<|end_of_text|>`; a response that stopped on another stop token keeps it, so rebel.py trains on what the
+policy sampled, and the count is reported), with explicit attention masks and a pad id that exists in the model's
+embedding table. Output: a `save_to_disk` DatasetDict with `train` and `test` splits,
 `args.json`, and `filter_stats.json` (what each rule dropped).
 
     python filter.py --dataset runs/score --model_name_or_path meta-llama/Meta-Llama-3-8B-Instruct
@@ -83,10 +84,27 @@ def response_columns(dataset, what):
     return [f"response_{i}" for i in indices]
 
 
+def end_of_turn_id(tokenizer):
+    """The token that ends an assistant turn in the tokenizer's chat template (Llama-3's `<|eot_id|>`, ChatML's
+    `<|im_end|>`), read from a rendered turn; the tokenizer's EOS when there is no template or nothing follows the
+    turn. Not the EOS alone: older Llama-3-Instruct configs set it to `<|end_of_text|>` though turns end with
+    `<|eot_id|>`."""
+    if not tokenizer.chat_template:
+        return tokenizer.eos_token_id
+    probe = "end-of-turn-probe"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}],
+                                         tokenize=False)
+    after = tokenizer(text[text.rindex(probe) + len(probe):], add_special_tokens=False).input_ids
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return next((i for i in after if i in special), tokenizer.eos_token_id)
+
+
 def special_ids(tokenizer, args):
-    """(end-of-turn id, every stop id, pad id), the pad id checked to lie inside the embedding table."""
-    end_of_turn = tokenizer.eos_token_id
-    stops = {end_of_turn}
+    """(end-of-turn id, every stop id, pad id), the pad id checked to lie inside the embedding table. The end-of-turn
+    id comes from the chat template (for chat prompts); the stop ids add the tokenizer's EOS and the generation
+    config's, as generate.py stops on them."""
+    end_of_turn = end_of_turn_id(tokenizer) if args.prompt_format == "chat" else tokenizer.eos_token_id
+    stops = {end_of_turn, tokenizer.eos_token_id}
     try:
         eos = GenerationConfig.from_pretrained(args.model_name_or_path).eos_token_id
         stops |= set(eos if isinstance(eos, list) else [eos])
@@ -97,8 +115,8 @@ def special_ids(tokenizer, args):
     if not 0 <= pad < vocab:
         pad = end_of_turn  # e.g. a [PAD] added to the tokenizer but not to the embeddings
     if end_of_turn is None or not 0 <= end_of_turn < vocab:
-        raise ValueError(f"--model_name_or_path {args.model_name_or_path}: its EOS id {end_of_turn} is not in the "
-                         f"embedding table (size {vocab})")
+        raise ValueError(f"--model_name_or_path {args.model_name_or_path}: its end-of-turn id {end_of_turn} is not "
+                         f"in the embedding table (size {vocab})")
     return end_of_turn, {s for s in stops if s is not None}, pad
 
 
@@ -121,7 +139,7 @@ def filter_rows(rows, columns, tokenizer, end_of_turn, stops, pad, args, stats=N
     """Apply the rules to rows (dicts; the first one is row `first_index` of the dataset), counting each drop in
     `stats`; returns the output rows kept and the counts."""
     stats = stats if stats is not None else {"input_rows": 0, "prompt_too_long": 0, "no_eos": 0,
-                                             "response_too_long": 0, "identical": 0, "stop_token_replaced": 0}
+                                             "response_too_long": 0, "identical": 0, "other_stop_token": 0}
     kept = []
     for index, row in enumerate(rows, start=first_index):
         stats["input_rows"] += 1
@@ -134,15 +152,9 @@ def filter_rows(rows, columns, tokenizer, end_of_turn, stops, pad, args, stats=N
         if len(prompt_ids) > args.maxlen_prompt:
             stats["prompt_too_long"] += 1
             continue
-        responses, replaced = [], 0
-        for c in columns:
-            ids = list(row[f"{c}_token_ids"]) if f"{c}_token_ids" in row else tokenizer(
-                row[c], add_special_tokens=False).input_ids + [end_of_turn]
-            if ids and ids[-1] in stops and ids[-1] != end_of_turn:
-                ids[-1] = end_of_turn
-                replaced += 1
-            responses.append(ids)
-        if any(not ids or ids[-1] != end_of_turn for ids in responses):
+        responses = [list(row[f"{c}_token_ids"]) if f"{c}_token_ids" in row else tokenizer(
+            row[c], add_special_tokens=False).input_ids + [end_of_turn] for c in columns]
+        if any(not ids or ids[-1] not in stops for ids in responses):
             stats["no_eos"] += 1
             continue
         if any(len(ids) > args.maxlen for ids in responses):
@@ -159,7 +171,7 @@ def filter_rows(rows, columns, tokenizer, end_of_turn, stops, pad, args, stats=N
         for name, i in (("chosen", chosen), ("reject", reject)):
             out[f"{name}_input_ids"], out[f"{name}_attention_mask"] = pad_to(responses[i], args.maxlen, pad, left=False)
         kept.append(out)
-        stats["stop_token_replaced"] += replaced
+        stats["other_stop_token"] += sum(responses[i][-1] != end_of_turn for i in (chosen, reject))
     stats["kept"] = stats.get("kept", 0) + len(kept)
     return kept, stats
 
@@ -215,8 +227,9 @@ def main(args: Args):
             parts.append(to_dataset(rows))
     for rule in ("prompt_too_long", "no_eos", "response_too_long", "identical"):
         print(f"dropped {stats[rule]:>6} rows: {rule}")
-    if stats["stop_token_replaced"]:
-        print(f"replaced {stats['stop_token_replaced']} final stop tokens by the end-of-turn token {end_of_turn}")
+    if stats["other_stop_token"]:
+        print(f"{stats['other_stop_token']} kept responses end on another stop token than the end-of-turn token "
+              f"{end_of_turn} (kept as sampled)")
     if not parts:
         raise ValueError(f"{what}: no rows left after filtering ({stats}); prompt_too_long: raise --maxlen_prompt; "
                          "response_too_long: raise --maxlen; no_eos: raise generate.py's --maxlen")

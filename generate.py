@@ -125,9 +125,25 @@ def encode_prompts(prompts, tokenizer, args):
     return tokenizer(rendered, add_special_tokens=False).input_ids
 
 
+def end_of_turn_id(tokenizer):
+    """The token that ends an assistant turn in the tokenizer's chat template (Llama-3's `<|eot_id|>`, ChatML's
+    `<|im_end|>`), read from a rendered turn; the tokenizer's EOS when there is no template or nothing follows the
+    turn. Not the EOS alone: older Llama-3-Instruct configs set it to `<|end_of_text|>` though turns end with
+    `<|eot_id|>`."""
+    if not tokenizer.chat_template:
+        return tokenizer.eos_token_id
+    probe = "end-of-turn-probe"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}],
+                                         tokenize=False)
+    after = tokenizer(text[text.rindex(probe) + len(probe):], add_special_tokens=False).input_ids
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return next((i for i in after if i in special), tokenizer.eos_token_id)
+
+
 def stop_token_ids(tokenizer, model_name_or_path):
-    """The tokenizer's EOS plus the generation config's eos ids (Llama-3-Instruct stops on two)."""
-    ids = {tokenizer.eos_token_id}
+    """The tokenizer's EOS, the chat template's end-of-turn token and the generation config's eos ids (Llama-3-Instruct
+    stops on two; an older config of it names only `<|end_of_text|>`, though its turns end with `<|eot_id|>`)."""
+    ids = {tokenizer.eos_token_id, end_of_turn_id(tokenizer)}
     try:
         eos = GenerationConfig.from_pretrained(model_name_or_path).eos_token_id
         ids |= set(eos if isinstance(eos, list) else [eos])

@@ -3,17 +3,20 @@
 Each update: 1. sample `batch_size` responses of exactly `task.response_length` tokens from the policy (prompts
 left-padded, `position_ids = cumsum(attention_mask) - 1`) and cut each after its first EOS; 2. score them with the
 reward model (a response without EOS gets `task.penalty_reward_value` instead of its score when
-`task.non_eos_penalty`); 3. per-token reward = -kl_coef * KL(policy || reference) (k1, or k3), plus the score at the
-last real token (the EOS); GAE (gamma, lam) on a value model initialised from the reward model; advantages whitened
-over all real tokens of the global batch; 4. `noptepochs` passes of `nminibatches` minibatches with the clipped
-policy loss and clipped value loss (`vf_coef`), gradients accumulated over micro-batches and normalised by the real
-tokens of the whole minibatch, clipped, AdamW. Logprobs are computed by the same function in the rollout and in the
-update (fp32, logits / temperature, the same padding), so the ratio is exactly 1 before the first step.
+`task.non_eos_penalty`; a NaN or inf score stops the run, naming the reward model); 3. per-token reward = -kl_coef *
+KL(policy || reference) (k1, or k3), plus the score at the last real token (the EOS); GAE (gamma, lam) on a value
+model initialised from the reward model; advantages whitened over all real tokens of the global batch;
+4. `noptepochs` passes of `nminibatches` minibatches of the global batch with the clipped policy loss and clipped
+value loss (`vf_coef`), gradients accumulated over micro-batches and normalised by the real tokens of the whole
+minibatch, clipped, AdamW. Logprobs are computed by the same function in the rollout and in the update (fp32,
+logits / temperature, the same padding, dropout off in modules and configs), so the ratio is exactly 1 before the
+first step.
 
-Sampling is seeded per (update, step, global row) through Gumbel-max noise drawn for the whole global batch, so one
-rank and N ranks sample the same responses. Every `eval_freq` updates held-out prompts are answered and scored by the
-reward model and by an independent judge (VADER's compound sentiment): a rising reward with a flat judge is reward
-hacking. The default task is the SST-2 example: continue the first words of an SST-2 review positively.
+Sampling is seeded per (update, step, global row) through Gumbel-max noise drawn for the whole global batch, and
+minibatches are drawn from the global batch, so one rank and N ranks sample the same responses and make the same
+updates. Every `eval_freq` updates held-out prompts are answered and scored by the reward model and by an independent
+judge (VADER's compound sentiment): a rising reward with a flat judge is reward hacking. The default task is the
+SST-2 example: continue the first words of an SST-2 review positively.
 
     python ppo.py --model_name_or_path runs/sft_sst2 --reward_model_name_or_path runs/reward_sst2
     torchrun --nproc_per_node 8 ppo.py --model_name_or_path runs/sft_sst2 --reward_model_name_or_path runs/reward_sst2
@@ -45,7 +48,7 @@ import torch.nn.functional as F
 import tyro
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel as DDP
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 INVALID_LOGPROB = 1.0  # logprob written at padding, for policy and reference alike, so the KL there is exactly 0
@@ -360,6 +363,36 @@ def score(reward_model, sequences, pad_id, chunk, device):
     return torch.cat(scores)
 
 
+class NonFiniteScores(Exception):
+    """The reward model returned NaN or inf (raised on every rank alike)."""
+
+
+def check_scores(scores, rows, prompts, args, where):
+    """Stop with NonFiniteScores, naming the reward model, the count and an example prompt, if any score is NaN or
+    inf on any rank: the update would only be skipped (a non-finite loss), hiding the reward model's fault. `rows`:
+    the global index of each score's prompt in `prompts`. A collective: every rank calls it."""
+    device = scores.device
+    bad = ~torch.isfinite(scores)
+    rows = torch.as_tensor(rows, dtype=torch.long, device=device)
+    first = rows[bad].min() if bad.any() else torch.tensor(torch.iinfo(torch.long).max, device=device)
+    count, total = all_reduce(torch.stack([bad.sum(), torch.tensor(len(scores), device=device)]).long()).tolist()
+    first = int(all_reduce(first.clone(), op=dist.ReduceOp.MIN))
+    if count:
+        raise NonFiniteScores(f"--reward_model_name_or_path {args.reward_model_name_or_path}: {count} of {total} "
+                              f"scores in {where} are NaN or inf, e.g. for the prompt {prompts[first]!r}; check the "
+                              "reward model (its weights, or an overflow in bf16) before training against it")
+
+
+def gather_rows(tensor):
+    """Every rank's rows of `tensor` in global row order (rank r holds rows r * local_batch_size onwards)."""
+    if not dist.is_initialized():
+        return tensor
+    parts = [torch.empty_like(tensor, dtype=torch.uint8 if tensor.dtype == torch.bool else None)
+             for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.to(parts[0].dtype).contiguous())
+    return torch.cat(parts).to(tensor.dtype)
+
+
 def apply_non_eos_penalty(scores, has_eos, args):
     """A response that never produced EOS gets task.penalty_reward_value as its score (when task.non_eos_penalty)."""
     if not args.task.non_eos_penalty:
@@ -452,6 +485,8 @@ def evaluate(policy, ref_policy, reward_model, prompts, prompt_ids, tokenizer, r
             results.append({"index": i, "prompt": prompts[i], "response": response, "score": scores[j].item(),
                             "judge": judge.polarity_scores(prompts[i] + response)["compound"], "kl": kl[j].item(),
                             "length": int(mask[j].sum()), "eos": bool(has_eos[j])})
+    check_scores(torch.tensor([s["score"] for s in results], device=device), [s["index"] for s in results], prompts,
+                 args, "the held-out evaluation")
     gathered = [None] * world_size if rank == 0 else None
     if dist.is_initialized():
         dist.gather_object(results, gathered, dst=0)
@@ -471,15 +506,33 @@ def print_samples(samples, update, count=6):
         print(f"{s['score']:+7.3f} | {s['judge']:+.3f} | {s['prompt']}{s['response']}")
 
 
+def without_dropout(config):
+    """`config` with every dropout probability set to 0, for use before the model is built. Zeroing nn.Dropout
+    modules is not enough: many models read a float from the config instead (Llama's `attention_dropout`, Falcon's
+    `hidden_dropout`), some copy it into the layers at construction, and any of them left non-zero makes train mode
+    stochastic (a PPO ratio that is not 1 before the first step)."""
+    for sub in {id(c): c for c in (config, config.get_text_config())}.values():
+        for key, value in list(vars(sub).items()):
+            if (any(word in key for word in ("dropout", "pdrop", "layerdrop")) and isinstance(value, (int, float))
+                    and not isinstance(value, bool)):
+                setattr(sub, key, 0.0)
+    return config
+
+
 def load_pretrained(cls, path, arg, args, **kwargs):
+    """A model with every dropout probability 0 (config attributes and nn.Dropout alike); `kwargs` go to its config
+    (num_labels, trust_remote_code)."""
     try:
-        return cls.from_pretrained(path, attn_implementation=args.attn_implementation, **kwargs)
+        config = without_dropout(AutoConfig.from_pretrained(path, **kwargs))
+        return cls.from_pretrained(path, config=config, attn_implementation=args.attn_implementation,
+                                   trust_remote_code=kwargs.get("trust_remote_code", False))
     except (OSError, ValueError) as e:
         raise SystemExit(f"{arg} {path}: cannot load it as {cls.__name__} ({e})") from None
 
 
 def freeze(model, device, train=False):
-    """Dropout off (policy, reference, value and reward model alike), moved to device; frozen unless `train`."""
+    """Dropout modules off (policy, reference, value and reward model alike; their configs were zeroed by
+    load_pretrained), moved to device; frozen unless `train`."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -556,9 +609,12 @@ def main(args: Args):
 
     def run_eval(update):
         unwrapped.eval()
-        metrics, samples = evaluate(unwrapped.policy, ref_policy, reward_model, eval_prompts, eval_prompt_ids,
-                                    tokenizer, rm_tokenizer, same_tokenizer, judge, args, rank, world_size, device,
-                                    autocast)
+        try:
+            metrics, samples = evaluate(unwrapped.policy, ref_policy, reward_model, eval_prompts, eval_prompt_ids,
+                                        tokenizer, rm_tokenizer, same_tokenizer, judge, args, rank, world_size,
+                                        device, autocast)
+        except NonFiniteScores as e:
+            end_run(logger, rank, 1, f"stopping at update {update}: {e}")
         unwrapped.train()
         if rank == 0:
             print_samples(samples, update)
@@ -604,6 +660,10 @@ def main(args: Args):
         logprobs = torch.cat(logprobs).masked_fill(~response_mask, INVALID_LOGPROB)
         ref_logprobs = torch.cat(ref_logprobs).masked_fill(~response_mask, INVALID_LOGPROB)
         values = torch.cat(values) * mask
+        try:
+            check_scores(scores, [batch[i] for i in rows], prompts, args, "the rollout")
+        except NonFiniteScores as e:  # before the update: the weights stay those of the last one
+            end_run(logger, rank, 1, f"stopping at update {update + 1}: {e}")
         raw_scores, scores = scores, apply_non_eos_penalty(scores, has_eos, args)
 
         # 2. rewards: per-token KL penalty, plus the score on the last real token
@@ -617,19 +677,31 @@ def main(args: Args):
         returns = advantages + values
         advantages = masked_whiten(advantages, mask)
 
-        # 4. PPO epochs over minibatches; each loss is normalised by the real tokens of its whole minibatch
+        per_sequence = torch.stack([kl.sum(1), (-logprobs * mask).sum(1), non_score_reward.sum(1), scores, raw_scores,
+                                    mask.sum(1), has_eos.float()])
+        sequence_means = (all_reduce(per_sequence.sum(1)) / args.batch_size).tolist()
+
+        # 4. PPO epochs over minibatches of the global batch (a permutation keyed by seed, update and epoch), each rank
+        # taking an equal share of every minibatch from the rollout gathered from all ranks (a few numbers per token):
+        # 1 and N ranks make the same updates for any nminibatches. Each loss is normalised by the real tokens of its
+        # whole minibatch.
+        queries, query_mask, responses, response_mask, logprobs, values, advantages, returns = (
+            gather_rows(t) for t in (queries, query_mask, responses, response_mask, logprobs, values, advantages,
+                                     returns))
+        mask = response_mask.float()
         stats = torch.zeros(8, dtype=torch.float64, device=device)  # token-weighted sums, see `names` below
         stats_tokens = torch.zeros((), dtype=torch.float64, device=device)
         update_ok = True
         for epoch in range(args.ppo.noptepochs):
-            generator = torch.Generator().manual_seed(seed_of(args.seed, update, epoch, rank))
-            order = torch.randperm(len(rows), generator=generator).tolist()
+            generator = torch.Generator().manual_seed(seed_of(args.seed, update, epoch))
+            order = torch.randperm(args.batch_size, generator=generator).tolist()
             for mb in range(args.ppo.nminibatches):
-                mb_rows = order[mb * args.local_mini_batch_size:(mb + 1) * args.local_mini_batch_size]
-                mb_tokens = all_reduce(mask[mb_rows].sum().clone())
+                mb_rows = order[mb * args.mini_batch_size:(mb + 1) * args.mini_batch_size]
+                mb_tokens = mask[mb_rows].sum()
+                mine = mb_rows[rank * args.local_mini_batch_size:(rank + 1) * args.local_mini_batch_size]
                 mb_loss = torch.zeros((), device=device)
                 for micro in range(args.gradient_accumulation_steps):
-                    idx = mb_rows[micro * args.local_micro_batch_size:(micro + 1) * args.local_micro_batch_size]
+                    idx = mine[micro * args.local_micro_batch_size:(micro + 1) * args.local_micro_batch_size]
                     m = mask[idx]
                     sync = micro == args.gradient_accumulation_steps - 1 or not isinstance(model, DDP)
                     with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
@@ -657,10 +729,7 @@ def main(args: Args):
         all_reduce(stats)
         all_reduce(stats_tokens)
         pg, vf, clipfrac, vf_clipfrac, approxkl, entropy, ratio_mean, ratio_sq = (stats / stats_tokens).tolist()
-        per_sequence = torch.stack([kl.sum(1), (-logprobs * mask).sum(1), non_score_reward.sum(1), scores, raw_scores,
-                                    mask.sum(1), has_eos.float()])
-        kl_mean, entropy_seq, non_score, scores_mean, raw_mean, length, eos_rate = (
-            all_reduce(per_sequence.sum(1)) / args.batch_size).tolist()
+        kl_mean, entropy_seq, non_score, scores_mean, raw_mean, length, eos_rate = sequence_means
         metrics = {"objective/kl": kl_mean, "objective/entropy": entropy_seq, "objective/non_score_reward": non_score,
                    "objective/rlhf_reward": scores_mean + non_score, "objective/scores": scores_mean,
                    "objective/raw_scores": raw_mean, "policy/approxkl_avg": approxkl, "policy/clipfrac_avg": clipfrac,

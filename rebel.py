@@ -13,8 +13,9 @@ warmup counted in updates (independent of the number of ranks), gradient clippin
 Fast and memory-lean where the reference code is not: each micro-batch is trimmed to its longest real prompt and
 response (prompts are left-padded and responses right-padded, so they meet in the middle); hidden states are kept
 only at the real response positions, and the log-softmax over the vocabulary runs over chunks of them in fp32, each
-chunk recomputed in the backward pass, so the [batch, length, vocab] fp32 logits never exist; optional gradient
-checkpointing; bf16 and sdpa attention on GPU; DDP, or FSDP2 (`--fsdp`) for models that do not fit on one GPU.
+chunk recomputed in the backward pass, so the [batch, length, vocab] fp32 logits never exist (checked against the
+model's own forward on the first micro-batch: a model that scales its logits after the head is refused); optional
+gradient checkpointing; bf16 and sdpa attention on GPU; DDP, or FSDP2 (`--fsdp`) for models that do not fit on one GPU.
 
 One iteration (t = 0) trains the base policy; iteration t + 1 runs generate -> score -> filter -> rebel again from
 the policy of iteration t (README: "REBEL on Llama-3-8B-Instruct, UltraFeedback and ArmoRM").
@@ -27,6 +28,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -225,6 +227,12 @@ class SequenceLogprobs(torch.nn.Module):
         self.model, self.temperature, self.chunk_size = model, temperature, chunk_size
 
     def forward(self, input_ids, attention_mask, response_mask, prompt_len):
+        logprobs = self.token_logprobs(input_ids, attention_mask, response_mask, prompt_len)
+        rows = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(response_mask)[response_mask]
+        return torch.zeros(len(input_ids), device=input_ids.device).index_add(0, rows, logprobs)
+
+    def token_logprobs(self, input_ids, attention_mask, response_mask, prompt_len):
+        """Logprobs of the real response tokens, flattened in row order."""
         position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
         hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                        use_cache=False).last_hidden_state
@@ -237,8 +245,34 @@ class SequenceLogprobs(torch.nn.Module):
                     self.temperature)
             pieces.append(checkpoint(chunk_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled()
                           else chunk_logprobs(*args))
-        rows = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(response_mask)[response_mask]
-        return torch.zeros(len(input_ids), device=input_ids.device).index_add(0, rows, torch.cat(pieces))
+        return torch.cat(pieces)
+
+
+@torch.no_grad()
+def check_logprob_path(wrapped, batch, what):
+    """Prove on one micro-batch, in fp32, that SequenceLogprobs (the base model, then the output embedding at the
+    response positions) gives the logprobs of the model's own forward. It does not for a model that transforms its
+    logits after the output embedding (Granite's `logits_scaling`, Cohere's `logit_scale`, soft-capping): refused."""
+    model, training = wrapped.model, wrapped.model.training
+    model.eval()
+    fast = wrapped.token_logprobs(**batch)
+    input_ids, attention_mask, prompt_len = batch["input_ids"], batch["attention_mask"], batch["prompt_len"]
+    keep = {"logits_to_keep": input_ids.shape[1] - prompt_len + 1}  # only the positions that predict the response
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        keep = {}
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                   position_ids=(attention_mask.cumsum(1) - 1).clamp(min=0), **keep).logits
+    logits = logits[:, -(input_ids.shape[1] - prompt_len + 1):-1].float() / wrapped.temperature
+    slow = logits.log_softmax(-1).gather(-1, input_ids[:, prompt_len:, None]).squeeze(-1)[batch["response_mask"]]
+    model.train(training)
+    gap = (fast - slow).abs().max().item()
+    if not gap <= 1e-3:  # fp32 rounding is about 1e-5 here; a NaN gap is refused too
+        found = {k: v for k, v in vars(model.config.get_text_config()).items()
+                 if k in ("logits_scaling", "logit_scale", "final_logit_softcapping", "output_multiplier_scale")}
+        raise SystemExit(f"{what}: the model's own forward gives other logprobs than rebel.py's fast path (base "
+                         f"model, then the output embedding) on the first micro-batch: up to {gap:.3g} nats per "
+                         f"token. It transforms its logits after the output embedding{f' ({found})' if found else ''}, "
+                         "which the chunked log-softmax does not reproduce; rebel.py cannot train this model as is")
 
 
 def rebel_losses(logprobs, ref_logprobs, rewards, eta):
@@ -255,32 +289,45 @@ def sign_align(diff, target):
     return ((diff * target > 0).double() + 0.5 * ((diff == 0) & (target != 0)).double())
 
 
-def build_model(path, args, device, trainable=True):
-    """The policy (or the reference) wrapped to return sequence logprobs; dropout off; FSDP2, or DDP when
-    trainable."""
+def without_dropout(config):
+    """`config` with every dropout probability set to 0, for use before the model is built. Zeroing nn.Dropout
+    modules is not enough: many models read a float from the config instead (Llama's `attention_dropout`, Falcon's
+    `hidden_dropout`), some copy it into the layers at construction, and any of them left non-zero makes train mode
+    stochastic (a PPO ratio that is not 1 before the first step)."""
+    for sub in {id(c): c for c in (config, config.get_text_config())}.values():
+        for key, value in list(vars(sub).items()):
+            if (any(word in key for word in ("dropout", "pdrop", "layerdrop")) and isinstance(value, (int, float))
+                    and not isinstance(value, bool)):
+                setattr(sub, key, 0.0)
+    return config
+
+
+def build_model(path, arg, args, device, probe, trainable=True):
+    """The policy (or the reference) wrapped to return sequence logprobs, checked against the model's own forward on
+    the micro-batch `probe`; dropout off (config and modules); FSDP2, or DDP when trainable."""
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=args.attn_implementation,
-                                                     dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, config=without_dropout(AutoConfig.from_pretrained(path)),
+                                                     attn_implementation=args.attn_implementation, dtype=torch.float32)
     except OSError as e:
-        raise SystemExit(f"--model_name_or_path {path}: cannot load a model ({e})") from None
+        raise SystemExit(f"{arg} {path}: cannot load a model ({e})") from None
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if getattr(model.config, "final_logit_softcapping", None):
-        raise SystemExit(f"{path}: logit soft-capping is not supported by the chunked log-softmax")
+        raise SystemExit(f"{arg} {path}: logit soft-capping is not supported by the chunked log-softmax")
     wrapped = SequenceLogprobs(model, args.task.temperature, args.logprob_chunk_size)
+    wrapped.to(device)
+    check_logprob_path(wrapped, probe, f"{arg} {path}")
     if args.fsdp:
         bf16 = args.bf16 and device.type == "cuda"
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
-        wrapped.to(device)
         for module in model.modules():
             if type(module).__name__ in (model._no_split_modules or ()):
                 fully_shard(module, mp_policy=policy or MixedPrecisionPolicy())
         fully_shard(wrapped, mp_policy=policy or MixedPrecisionPolicy())
         return wrapped
-    wrapped.to(device)
     if dist.is_initialized() and trainable:
         return DDP(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
     return wrapped
@@ -315,7 +362,7 @@ def sharded_pass(model, data, indices, args, rank, world_size, device, autocast)
     return all_reduce(out)
 
 
-def reference_logprobs(splits, args, rank, world_size, device, autocast):
+def reference_logprobs(splits, args, rank, world_size, device, autocast, probe):
     """pi0's sequence logprobs of every pair of every split, from the cache beside the run or computed once."""
     key = hashlib.sha256(json.dumps({
         "data": {name: data._fingerprint for name, data in splits.items()},
@@ -330,7 +377,9 @@ def reference_logprobs(splits, args, rank, world_size, device, autocast):
         cached = torch.load(path)
         return {name: cached[name].to(device) for name in splits}
     start = time.time()
-    model = build_model(args.ref_model_name_or_path or args.model_name_or_path, args, device, trainable=False)
+    arg = "--ref_model_name_or_path" if args.ref_model_name_or_path else "--model_name_or_path"
+    model = build_model(args.ref_model_name_or_path or args.model_name_or_path, arg, args, device, probe,
+                        trainable=False)
     model.eval()
     result = {name: sharded_pass(model, data, list(range(len(data))), args, rank, world_size, device, autocast)
               for name, data in splits.items()}
@@ -385,10 +434,12 @@ def main(args: Args):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16,
                               enabled=args.bf16 and device.type == "cuda" and not args.fsdp)
 
-    # 2. reference logprobs, once (cached), then the policy
-    ref = reference_logprobs(splits, args, rank, world_size, device, autocast)
+    # 2. reference logprobs, once (cached), then the policy; each model's fast logprob path is first checked against
+    # its own forward on one micro-batch (`probe`)
+    probe = trimmed_batch(train, list(range(args.local_micro_batch_size)), device)
+    ref = reference_logprobs(splits, args, rank, world_size, device, autocast, probe)
     torch.manual_seed(args.seed)
-    model = build_model(args.model_name_or_path, args, device)
+    model = build_model(args.model_name_or_path, "--model_name_or_path", args, device, probe)
     model.train()
     unwrapped = model.module if isinstance(model, DDP) else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)

@@ -222,6 +222,19 @@ def evaluate(model, positives, negatives, pad_id, args, rank, world_size, device
             "val/sign_accuracy": (sums[3] / sums[4]).item(), "val/reward_positive": mean_positive.item()}
 
 
+def without_dropout(config):
+    """`config` with every dropout probability set to 0, for use before the model is built. Zeroing nn.Dropout
+    modules is not enough: many models read a float from the config instead (Llama's `attention_dropout`, Falcon's
+    `hidden_dropout`), some copy it into the layers at construction, and any of them left non-zero makes train mode
+    stochastic (a PPO ratio that is not 1 before the first step)."""
+    for sub in {id(c): c for c in (config, config.get_text_config())}.values():
+        for key, value in list(vars(sub).items()):
+            if (any(word in key for word in ("dropout", "pdrop", "layerdrop")) and isinstance(value, (int, float))
+                    and not isinstance(value, bool)):
+                setattr(sub, key, 0.0)
+    return config
+
+
 def main(args: Args):
     check_numbers(args, positive=["maxlen", "batch_size", "local_micro_batch_size", "total_episodes",
                                   "num_train_epochs", "eval_freq", "keep_checkpoints", "max_bad_updates",
@@ -258,12 +271,13 @@ def main(args: Args):
     # 2. model
     torch.manual_seed(args.seed)  # the same init on every rank
     try:
+        config = AutoConfig.from_pretrained(args.model_name_or_path, num_labels=1)
+        config = without_dropout(config) if args.disable_dropout else config
         if args.from_scratch:
-            config = AutoConfig.from_pretrained(args.model_name_or_path, num_labels=1)
             model = AutoModelForSequenceClassification.from_config(config, attn_implementation=args.attn_implementation)
         else:
             model = AutoModelForSequenceClassification.from_pretrained(
-                args.model_name_or_path, num_labels=1, attn_implementation=args.attn_implementation)
+                args.model_name_or_path, config=config, attn_implementation=args.attn_implementation)
     except OSError as e:
         raise SystemExit(f"--model_name_or_path {args.model_name_or_path}: cannot load a model ({e})") from None
     model.config.pad_token_id = tokenizer.pad_token_id  # the pooling reads the last token that is not this id

@@ -184,6 +184,19 @@ def evaluate(model, examples, prompts, tokenizer, args, rank, world_size, device
             "val/eos_rate": (counts[0] / counts[1]).item()}
 
 
+def without_dropout(config):
+    """`config` with every dropout probability set to 0, for use before the model is built. Zeroing nn.Dropout
+    modules is not enough: many models read a float from the config instead (Llama's `attention_dropout`, Falcon's
+    `hidden_dropout`), some copy it into the layers at construction, and any of them left non-zero makes train mode
+    stochastic (a PPO ratio that is not 1 before the first step)."""
+    for sub in {id(c): c for c in (config, config.get_text_config())}.values():
+        for key, value in list(vars(sub).items()):
+            if (any(word in key for word in ("dropout", "pdrop", "layerdrop")) and isinstance(value, (int, float))
+                    and not isinstance(value, bool)):
+                setattr(sub, key, 0.0)
+    return config
+
+
 def main(args: Args):
     check_numbers(args, positive=["maxlen", "batch_size", "local_micro_batch_size", "total_episodes",
                                   "num_train_epochs", "eval_freq", "keep_checkpoints", "max_bad_updates",
@@ -220,11 +233,12 @@ def main(args: Args):
     # 2. model
     torch.manual_seed(args.seed)  # the same init on every rank
     try:
+        config = AutoConfig.from_pretrained(args.model_name_or_path)
+        config = without_dropout(config) if args.disable_dropout else config
         if args.from_scratch:
-            config = AutoConfig.from_pretrained(args.model_name_or_path)
             model = AutoModelForCausalLM.from_config(config, attn_implementation=args.attn_implementation)
         else:
-            model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path,
+            model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, config=config,
                                                          attn_implementation=args.attn_implementation)
     except OSError as e:
         raise SystemExit(f"--model_name_or_path {args.model_name_or_path}: cannot load a model ({e})") from None

@@ -130,16 +130,45 @@ def test_filter_rules_and_layout_token_by_token(tmp_path):
     assert (end_of_turn, stops, pad) == (4, {1, 4}, 4)  # Llama-3 style: no pad token, so pad with <|eot_id|>
     rows, stats = filter_stage.filter_rows(crafted_rows(), columns, None, end_of_turn, stops, pad, args)
     assert stats == {"input_rows": 6, "prompt_too_long": 1, "no_eos": 1, "response_too_long": 1, "identical": 1,
-                     "stop_token_replaced": 2, "kept": 2}
+                     "other_stop_token": 1, "kept": 2}
     keep, tie = rows
     assert (keep["prompt_id"], keep["chosen"], keep["reject"]) == ("keep", "ok", "dull")
     assert (keep["chosen_reward"], keep["reject_reward"]) == (2.0, -1.0)
     assert keep["prompt_input_ids"] == [4, 4, 4, 0, 2, 50, 51, 3]  # left-padded to maxlen_prompt
     assert keep["prompt_attention_mask"] == [0, 0, 0, 1, 1, 1, 1, 1]
     assert keep["chosen_input_ids"] == [80, 4, 4, 4, 4, 4] and keep["chosen_attention_mask"] == [1, 1, 0, 0, 0, 0]
-    # "dull" stopped on <|end_of_text|>: it ends with the end-of-turn token like every response
-    assert keep["reject_input_ids"] == [70, 4, 4, 4, 4, 4] and keep["reject_attention_mask"] == [1, 1, 0, 0, 0, 0]
+    # "dull" stopped on <|end_of_text|>: it keeps the token it sampled, inside the mask (counted in other_stop_token)
+    assert keep["reject_input_ids"] == [70, 1, 4, 4, 4, 4] and keep["reject_attention_mask"] == [1, 1, 0, 0, 0, 0]
     assert (tie["chosen"], tie["reject"]) == ("a fine film", "ok")
+
+
+def test_end_of_turn_comes_from_the_chat_template_not_the_eos(tmp_path):
+    """A Llama-3-Instruct tokenizer whose EOS is <|end_of_text|> (older configs on the hub) while its turns end with
+    <|eot_id|>: the sampled <|eot_id|> stays in the layout, and text without ids gets <|eot_id|> appended."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "old-llama3"
+    tokenizer = AutoTokenizer.from_pretrained(TINY_LLAMA)
+    tokenizer.eos_token = "<|end_of_text|>"
+    tokenizer.save_pretrained(model)
+    for name in ("config.json", "generation_config.json"):
+        shutil.copy(TINY_LLAMA / name, model / name)
+    tokenizer = generate.load_tokenizer(str(model))
+    assert tokenizer.eos_token_id == 1 and tokenizer.convert_ids_to_tokens(4) == "<|eot_id|>"
+    args = filter_stage.Args(model_name_or_path=str(model), maxlen_prompt=8, maxlen=6, dataset="crafted")
+    end_of_turn, stops, pad = filter_stage.special_ids(tokenizer, args)
+    assert (end_of_turn, stops, pad) == (4, {1, 4}, 4)
+    assert generate.stop_token_ids(tokenizer, str(model)) == [1, 4]
+    columns = ["response_0", "response_1", "response_2"]
+    (keep,), _ = filter_stage.filter_rows(crafted_rows()[:1], columns, tokenizer, end_of_turn, stops, pad, args)
+    assert keep["chosen_input_ids"][:2] == [80, 4] and keep["chosen_attention_mask"] == [1, 1, 0, 0, 0, 0]
+    assert keep["reject_input_ids"][:2] == [70, 1] and keep["reject_attention_mask"] == [1, 1, 0, 0, 0, 0]
+    text_only = {k: v for k, v in crafted_rows()[0].items() if not k.endswith("_token_ids") or k == "prompt_token_ids"}
+    (keep,), _ = filter_stage.filter_rows([text_only], columns, tokenizer, end_of_turn, stops, pad, args)
+    ids = keep["chosen_input_ids"][:sum(keep["chosen_attention_mask"])]
+    assert ids == tokenizer("ok", add_special_tokens=False).input_ids + [4]
 
 
 def write(rows, path):

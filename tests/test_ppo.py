@@ -222,3 +222,80 @@ def test_reward_model_with_another_tokenizer_end_to_end(sft_policy, chat_reward_
 def test_resume_with_other_settings_is_refused(ppo_1p, sft_policy, reward_model, tmp_path, no_model_loading):
     check_resume_refuses_other_settings(ppo, short_ppo(sft_policy, reward_model), ppo_1p, tmp_path,
                                         [("--ppo.kl_coef", "0.05", "0.2"), ("--seed", "1", "7")])
+
+
+def test_ratio_is_one_before_the_first_step_with_dropout_in_the_config(tmp_path):
+    """Llama reads `attention_dropout` from its config as a float (no nn.Dropout module): a non-zero value left in
+    the config makes train mode stochastic, so the first PPO step would see a ratio other than 1."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(TINY_LLAMA)
+    for name, cls, extra in (("policy", AutoModelForCausalLM, {}),
+                             ("rm", AutoModelForSequenceClassification, {"num_labels": 1})):
+        torch.manual_seed(0)
+        config = AutoConfig.from_pretrained(TINY_LLAMA, attention_dropout=0.5, **extra)
+        cls.from_config(config).save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    run_in_process(ppo, [*ppo_args(tmp_path / "policy", tmp_path / "rm"), "--total_episodes", "16", "--eval_size",
+                         "4"], tmp_path / "out")
+    first = metrics(tmp_path / "out")[1]
+    assert first["val/ratio"] == 1.0 and first["val/ratio_var"] == 0.0 and first["policy/approxkl_avg"] == 0.0
+    assert first["val/clipfrac_avg"] == 0.0  # the value model (a Llama too) predicts as it did in the rollout
+
+
+@pytest.fixture(scope="session")
+def nan_reward_setup(session_dir, reward_model):
+    """A reward model whose embedding of one byte token ('Â', the first byte of '§') is NaN, so it scores NaN for
+    exactly the prompts that hold '§'; and prompts where every fourth training prompt does (none held out)."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    rm = session_dir / "nan_rm"
+    if not rm.exists():
+        shutil.copytree(reward_model, rm, ignore=shutil.ignore_patterns("checkpoints", "*.jsonl"))
+        state = load_file(str(rm / "model.safetensors"))
+        state["transformer.wte.weight"][127] = float("nan")
+        save_file(state, str(rm / "model.safetensors"), metadata={"format": "pt"})
+    data = session_dir / "nan_prompts"
+    data.mkdir(exist_ok=True)
+    for split, n in (("train", 64), ("validation", 8)):
+        with open(SST2 / f"{split}.jsonl") as f:
+            rows = [json.loads(line) for line, _ in zip(f, range(n))]
+        for i, row in enumerate(rows):
+            row["sentence"] = ("§ " if split == "train" and i % 4 == 0 else "") + row["sentence"]
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return rm, data
+
+
+def test_nonfinite_rewards_stop_the_run_naming_the_reward_model(nan_reward_setup, sft_policy, tmp_path, capsys):
+    rm, data = nan_reward_setup
+    args = [*ppo_args(sft_policy, rm), "--task.dataset", data, "--total_episodes", "32"]
+    # in the rollout, over 2 ranks: the count of the whole batch, before any update
+    proc = run("ppo.py", *args, "--output_dir", tmp_path / "rollout", nproc=2, check=False)
+    poisoned = sum(i % 4 == 0 for i in ppo.batch_indices(64, 16, 0, 1))
+    assert proc.returncode != 0 and poisoned > 0
+    expected = (f"stopping at update 1: --reward_model_name_or_path {rm}: {poisoned} of 16 scores in the rollout are "
+                "NaN or inf, e.g. for the prompt '§ ")
+    assert expected in proc.stderr, proc.stderr[-3000:]
+    assert [m["update"] for m in metrics(tmp_path / "rollout")] == [0]  # the clean held-out evaluation only
+    assert not (tmp_path / "rollout" / "model.safetensors").exists()
+    # in the held-out evaluation, before the first update
+    with pytest.raises(SystemExit) as stop:
+        run_in_process(ppo, [*args, "--task.eval_split", "train"], tmp_path / "eval")
+    assert stop.value.code == 1
+    assert (f"stopping at update 0: --reward_model_name_or_path {rm}: 2 of 8 scores in the held-out evaluation are "
+            "NaN or inf, e.g. for the prompt '§ ") in capsys.readouterr().err
+
+
+def test_two_ranks_match_one_rank_with_several_minibatches(sft_policy, reward_model, tmp_path):
+    """Minibatches are drawn from the global batch and split over the ranks, so 2 ranks make the updates 1 rank
+    makes for nminibatches > 1 too (each rank used to draw its minibatches from its own rows only)."""
+    args = ppo_args(sft_policy, reward_model, "--total_episodes", "32", "--ppo.nminibatches", "2",
+                    "--ppo.noptepochs", "2")
+    one, two = run_into("ppo.py", args, tmp_path / "1p"), run_into("ppo.py", args, tmp_path / "2p", nproc=2)
+    assert_weights_equal(one, two, exact=False)
+    for key in ("loss/policy_avg", "loss/value_avg", "policy/approxkl_avg", "eval/scores"):
+        expected = [m[key] for m in metrics(one) if key in m]
+        assert [m[key] for m in metrics(two) if key in m] == pytest.approx(expected, rel=1e-4, abs=1e-6), key

@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import (
     SST2,
+    TINY_GPT2,
     TINY_LLAMA,
     assert_weights_equal,
     check_nonfinite_guard,
@@ -89,6 +90,58 @@ def test_trimmed_chunked_logprobs_and_gradients_equal_the_full_width_reference()
     expected.sum().backward()
     for fast_grad, p in zip(fast_grads, model.parameters()):
         torch.testing.assert_close(fast_grad, p.grad, atol=1e-5, rtol=1e-4)
+
+
+def save_tiny(path, config, model_class):
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(0)
+    model_class.from_config(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(TINY_LLAMA).save_pretrained(path)
+    return str(path)
+
+
+def test_dropout_read_from_the_config_is_off_too(tmp_path):
+    """Llama reads `attention_dropout` from its config as a float (no nn.Dropout module): left at 0.5, the policy's
+    logprobs in train mode would be random and the log-ratio would not start at 0."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = save_tiny(tmp_path / "llama", AutoConfig.from_pretrained(TINY_LLAMA, attention_dropout=0.5),
+                     AutoModelForCausalLM)
+    args = rebel.Args()
+    batch = rebel.trimmed_batch(pair_rows(), [0, 1, 2], "cpu")
+    model = rebel.build_model(path, "--model_name_or_path", args, torch.device("cpu"), batch, trainable=False).train()
+    with torch.no_grad():
+        first, second = model(**batch), model(**batch)
+        assert torch.equal(first, second) and torch.equal(first, model.eval()(**batch))
+
+
+def test_models_that_scale_logits_after_the_head_are_refused(tmp_path):
+    """Granite divides its logits by `logits_scaling` after the output embedding, which rebel.py's fast path (base
+    model, then the output embedding) skips: the check against the model's own forward refuses it by name, before
+    any reference logprob is computed; models without such a step pass."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GraniteConfig
+
+    def granite(scaling):
+        config = GraniteConfig(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                               num_attention_heads=2, num_key_value_heads=1, logits_scaling=scaling)
+        return save_tiny(tmp_path / f"granite{scaling}", config, AutoModelForCausalLM)
+
+    batch = rebel.trimmed_batch(pair_rows(), [0, 1, 2], "cpu")
+    args = rebel.Args()
+    for path in (save_tiny(tmp_path / "llama", AutoConfig.from_pretrained(TINY_LLAMA), AutoModelForCausalLM),
+                 save_tiny(tmp_path / "gpt2", AutoConfig.from_pretrained(TINY_GPT2), AutoModelForCausalLM),
+                 granite(1.0)):
+        rebel.build_model(path, "--model_name_or_path", args, torch.device("cpu"), batch)  # passes the check
+    scaled = granite(4.0)
+    data = tmp_path / "pairs"
+    datasets.DatasetDict({"train": pair_rows(), "test": pair_rows()}).save_to_disk(str(data))
+    with pytest.raises(SystemExit, match=rf"--model_name_or_path {scaled}: the model's own forward gives other "
+                                         r"logprobs .* up to \d.* nats per token.*'logits_scaling': 4.0"):
+        run_in_process(rebel, ["--model_name_or_path", scaled, "--task.dataset", data, "--task.maxlen_prompt", "7",
+                               "--task.maxlen", "6", "--batch_size", "2", "--local_micro_batch_size", "1"],
+                       tmp_path / "out")
+    assert not (tmp_path / "out" / "ref_logprobs").exists()
 
 
 REBEL = ["--task.maxlen_prompt", "16", "--task.maxlen", "24", "--task.temperature", "0.7", "--rebel.eta", "1",
