@@ -632,7 +632,7 @@ def disk_errors(path):
     failed", "enforce fail"); what was half-written at `path` is removed."""
     try:
         yield
-    except (OSError, RuntimeError) as e:
+    except (OSError, RuntimeError, dcp.CheckpointException) as e:  # dcp wraps what its writers raise
         free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
         shutil.rmtree(path, ignore_errors=True)
         if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or free < 64 * 2**20:

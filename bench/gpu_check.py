@@ -464,8 +464,7 @@ class Check:
                                get_output_embeddings=lambda: lm_head)
 
         def chunked():
-            return rebel.SequenceLogprobs.forward(SimpleNamespace(model=stub, temperature=TEMPERATURE,
-                                                                  chunk_size=1024), **batch)
+            return rebel.SequenceLogprobs(stub, TEMPERATURE, chunk_size=1024)(**batch)
 
         def naive():  # as the REBEL reference code: logits everywhere, fp32 log-softmax over the whole vocabulary
             logits = lm_head(hidden).float() / TEMPERATURE
