@@ -10,8 +10,9 @@ and says which it picked. Chat prompts go through the tokenizer's chat template 
 
 Output (a `save_to_disk` folder with the `args.json` that made it): `prompt_id`, `prompt`, `prompt_token_ids`,
 `response_0 ... response_{n-1}` (text) and `response_{i}_token_ids` (the sampled ids, ending with the stop token
-when the response finished). Work is written shard by shard to `<output_dir>.partial/`: running the same command
-again after a crash skips the finished shards and produces the same output as an uninterrupted run.
+when the response finished), plus the prompt data's `--keep_columns` (e.g. the `answer` a reward function checks).
+Work is written shard by shard to `<output_dir>.partial/`: running the same command again after a crash skips the
+finished shards and produces the same output as an uninterrupted run.
 
     python generate.py --model_name_or_path meta-llama/Meta-Llama-3-8B-Instruct \\
         --dataset HuggingFaceH4/ultrafeedback_binarized --split train_prefs --tensor_parallel_size 8
@@ -48,6 +49,9 @@ class Args:
     """column copied to the output's prompt_id; when the data has none, the row index is used"""
     prompt_format: Literal["chat", "text"] = "chat"
     """chat: through the tokenizer's chat template (add_generation_prompt=True); text: the raw text"""
+    keep_columns: tuple[str, ...] = ()
+    """columns of the prompt dataset copied to the output beside each prompt (e.g. `answer`, for score.py's
+    --reward_fn)"""
     prompt_words: int = 0
     """keep the first this many whitespace-separated words of each prompt (the SST-2 example); 0 keeps it all"""
     start_idx: int = 0
@@ -320,7 +324,11 @@ def main(args: Args):
 
     # 1. prompts, encoded and checked before any model is loaded
     dataset = load_split(args.dataset, args.split, "--dataset")
-    require_columns(dataset, [args.prompt_column], f"--dataset {args.dataset} split {args.split}")
+    require_columns(dataset, [args.prompt_column, *args.keep_columns], f"--dataset {args.dataset} split {args.split}")
+    clash = [c for c in args.keep_columns if c in ("index", "prompt_id", "prompt", "prompt_token_ids")
+             or c.startswith("response_")]
+    if clash:
+        raise ValueError(f"--keep_columns {clash}: the output has columns of these names already")
     dataset = dataset.select(range(args.start_idx, min(args.end_idx or len(dataset), len(dataset))))
     if len(dataset) == 0:
         raise ValueError(f"--start_idx {args.start_idx} --end_idx {args.end_idx}: no prompts selected")
@@ -328,6 +336,7 @@ def main(args: Args):
     if args.prompt_words:
         prompts = [" ".join(str(p).split()[:args.prompt_words]) for p in prompts]
     prompt_ids = encode_prompts(prompts, tokenizer, args)
+    kept = {c: dataset[c] for c in args.keep_columns}
     if args.prompt_id_column in dataset.column_names:
         ids = dataset[args.prompt_id_column]
     else:
@@ -365,7 +374,8 @@ def main(args: Args):
             responses = generate_hf(model, tokenizer, shard_prompt_ids, shard, stop_ids, args, device)
         rows = []
         for i, response_ids in zip(indices, responses):
-            row = {"index": i, "prompt_id": ids[i], "prompt": prompts[i], "prompt_token_ids": prompt_ids[i]}
+            row = {"index": i, "prompt_id": ids[i], "prompt": prompts[i], "prompt_token_ids": prompt_ids[i],
+                   **{c: kept[c][i] for c in args.keep_columns}}
             for k, r in enumerate(response_ids):
                 row[f"response_{k}"] = tokenizer.decode(r, skip_special_tokens=True)
                 row[f"response_{k}_token_ids"] = r
