@@ -2,7 +2,8 @@
 
 Rules, applied in this order and each counted: a prompt longer than `maxlen_prompt` tokens drops its row; a response
 that never reached a stop token (it was cut at generate.py's maxlen) drops its row; a response longer than `maxlen`
-tokens, its end-of-turn token included, drops its row. Lengths count each response's own token ids (generate.py's
+tokens, its end-of-turn token included, drops its row (`--unfinished drop_response` instead leaves such responses out of
+the choice below and keeps the row while two remain). Lengths count each response's own token ids (generate.py's
 `response_{i}_token_ids`; or, for data without them, the tokenized text plus the end-of-turn token), never "the
 templated text minus a fixed number of tokens". Of the rows left, the best response (argmax reward) becomes `chosen`
 and the worst (argmin) `reject`; a row whose chosen and reject text are identical is dropped. Non-finite rewards are
@@ -52,6 +53,10 @@ class Args:
     """longest prompt kept, in tokens; prompts are left-padded to it"""
     maxlen: int = 2048
     """longest response kept, in tokens with its end-of-turn token; responses are right-padded to it"""
+    unfinished: Literal["drop_row", "drop_response"] = "drop_row"
+    """a response without a stop token (or over maxlen): drop_row drops its row (the paper's code); drop_response
+    leaves it out of the best/worst choice and keeps the row while two responses remain (for small models that often
+    ramble past generate's maxlen)"""
     test_size: float = 1000
     """rows held out for rebel.py's evaluation: a count when >= 1, a fraction when < 1"""
     seed: int = 1
@@ -204,13 +209,19 @@ def filter_rows(rows, columns, tokenizer, end_of_turn, stops, pad, args, stats=N
                 ids[-1] = end_of_turn
                 replaced += 1
             responses.append(ids)
-        if any(not ids or ids[-1] != end_of_turn for ids in responses):
+        finished = [i for i, ids in enumerate(responses) if ids and ids[-1] == end_of_turn]
+        short = [i for i in finished if len(responses[i]) <= args.maxlen]
+        usable = short if args.unfinished == "drop_response" else range(len(responses))
+        if len(finished) < (2 if args.unfinished == "drop_response" else len(responses)):
             stats["no_eos"] += 1
             continue
-        if any(len(ids) > args.maxlen for ids in responses):
+        if len(short) < (2 if args.unfinished == "drop_response" else len(responses)):
             stats["response_too_long"] += 1
             continue
-        chosen, reject = pick_pair(rewards)
+        if args.unfinished == "drop_response":
+            stats["responses_left_out"] = stats.get("responses_left_out", 0) + len(responses) - len(usable)
+        best, worst = pick_pair([rewards[i] for i in usable])
+        chosen, reject = usable[best], usable[worst]
         if row[columns[chosen]] == row[columns[reject]]:
             stats["identical"] += 1
             continue
@@ -268,6 +279,9 @@ def main(args: Args):
             parts.append(to_dataset(rows))
     for rule in ("prompt_too_long", "no_eos", "response_too_long", "identical"):
         print(f"dropped {stats[rule]:>6} rows: {rule}")
+    if stats.get("responses_left_out"):
+        print(f"left out {stats['responses_left_out']} unfinished or too long responses of rows kept (--unfinished "
+              "drop_response)")
     if stats["stop_token_replaced"]:
         print(f"replaced {stats['stop_token_replaced']} final stop tokens by the end-of-turn token {end_of_turn}")
     if not parts:
