@@ -82,3 +82,21 @@ def test_load_split_reads_every_supported_format(tmp_path):
     with pytest.raises(ValueError, match=r"expected a .jsonl, .json, .csv or .parquet file"):
         (tmp_path / "d.txt").write_text("x")
         sft_sst2.load_split(str(tmp_path / "d.txt"), "train", "--dataset")
+
+
+def test_arithmetic_problems_regenerate_byte_for_byte_with_disjoint_splits(tmp_path):
+    from data.arith import make_arith
+
+    make_arith.main(make_arith.Args(output_dir=str(tmp_path)))
+    for split in ("train", "test"):
+        assert filecmp.cmp(tmp_path / f"{split}.jsonl", DATA / "arith" / f"{split}.jsonl", shallow=False), split
+    splits = {name: read(DATA / "arith" / f"{name}.jsonl") for name in ("train", "test")}
+    problems = {name: {(r["op"], r["a"], r["b"]) for r in rows} for name, rows in splits.items()}
+    assert len(splits["train"]) == 640 and len(splits["test"]) == 200
+    assert all(len(problems[name]) == len(rows) for name, rows in splits.items())  # no problem twice in a split
+    assert not problems["train"] & problems["test"]  # disjoint by (operation, a, b), hence by wording too
+    assert not {r["prompt"] for r in splits["train"]} & {r["prompt"] for r in splits["test"]}
+    for rows in splits.values():
+        assert all(r["answer"] == (r["a"] + r["b"] if r["op"] == "add" else r["a"] - r["b"]) for r in rows)
+        assert all(r["prompt"].endswith("Answer with just the number.") for r in rows)
+        assert sum(r["op"] == "add" for r in rows) * 2 == len(rows)
