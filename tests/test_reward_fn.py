@@ -121,3 +121,14 @@ def test_generate_keeps_columns_for_a_reward_function(session_dir, chat_policy, 
     with pytest.raises(ValueError, match=r"missing column\(s\) \['solution'\]"):
         run_in_process(generate, [*base, "--keep_columns", "solution"], tmp_path / "missing")
     assert not (tmp_path / "clash").exists() and not (tmp_path / "missing").exists()
+
+
+def test_reward_function_helpers_are_identical_in_score_and_ppo():
+    import ast
+    import inspect
+
+    import ppo
+
+    for name in ("load_reward_fn", "call_reward_fn"):
+        assert ast.dump(ast.parse(inspect.getsource(getattr(score, name)))) == ast.dump(
+            ast.parse(inspect.getsource(getattr(ppo, name)))), f"{name} differs between score.py and ppo.py"
