@@ -52,7 +52,7 @@ class Args:
     """seed passed to every stage that samples or shuffles"""
     iterations: int = 2
     """REBEL iterations (generate -> score -> filter -> rebel), each from the previous iteration's policy"""
-    prompts_per_iteration: int = 128
+    prompts_per_iteration: int = 96
     """train problems per iteration (iteration t takes problems t * this ... (t + 1) * this - 1)"""
     num_responses: int = 4
     """samples per problem"""
@@ -66,13 +66,13 @@ class Args:
     """initial-model samples the KL to the initial model is estimated on"""
     eta: float = 1.0
     """rebel.py's --rebel.eta (rewards are 0 or 1, so eta is the log-ratio gap asked of a right/wrong pair)"""
-    lr: float = 1e-5
+    lr: float = 2e-5
     """rebel.py's peak learning rate"""
     batch_size: int = 8
     """rebel.py's pairs per update"""
     num_train_epochs: int = 2
     """rebel.py's passes over each iteration's pairs"""
-    local_micro_batch_size: int = 16
+    local_micro_batch_size: int = 32
     """generate.py's prompts per generate call"""
     threads: int = 0
     """torch threads in every stage (OMP_NUM_THREADS); 0 leaves torch's default. On a CPU shared with other
