@@ -133,17 +133,19 @@ def read_jsonl(path):
 class Evaluated:
     accuracy: float
     length: float
+    ended: float
     rows: list
 
 
-def read_eval(folder):
+def read_eval(folder, end_of_turn):
     """Accuracy (mean exact-answer reward) and mean response length (tokens, the stop token included) of one eval."""
     import datasets
 
     data = datasets.load_from_disk(os.path.join(folder, "score"))
     rows = data.to_list()
     return Evaluated(accuracy=sum(r["response_0_reward"] for r in rows) / len(rows),
-                     length=sum(len(r["response_0_token_ids"]) for r in rows) / len(rows), rows=rows)
+                     length=sum(len(r["response_0_token_ids"]) for r in rows) / len(rows),
+                     ended=sum(r["response_0_token_ids"][-1] == end_of_turn for r in rows) / len(rows), rows=rows)
 
 
 def kl_to_initial(args, policies):
@@ -180,7 +182,10 @@ def report(args, timings):
 
     folder = os.path.join(args.output_dir, "report")
     os.makedirs(folder, exist_ok=True)
-    evals = [read_eval(os.path.join(args.output_dir, f"eval{t}")) for t in range(args.iterations + 1)]
+    from transformers import AutoTokenizer
+
+    end_of_turn = AutoTokenizer.from_pretrained(args.model).eos_token_id
+    evals = [read_eval(os.path.join(args.output_dir, f"eval{t}"), end_of_turn) for t in range(args.iterations + 1)]
     policies = [os.path.join(args.output_dir, f"iter{t}", "train") for t in range(args.iterations)]
     kl_path = os.path.join(folder, "kl.json")
     if not os.path.exists(kl_path):
@@ -208,12 +213,14 @@ def report(args, timings):
     for ax, values, title in zip(axes, ([e.accuracy for e in evals], [e.length for e in evals], kls),
                                  ("held-out accuracy (greedy, exact answer)", "response length (tokens, greedy)",
                                   "KL(initial || policy) per response (nats)")):
-        ax.plot(x, values, marker="o")
+        ax.plot(x, values, marker="o", label="held-out (greedy)")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("REBEL iteration")
         ax.set_xticks(x)
         ax.grid(alpha=0.3)
     axes[0].plot(x[:-1], train_acc, marker="s", linestyle="--", label=f"train samples (T = {args.temperature:g})")
+    axes[0].set_ylim(0, min(1.0, max([e.accuracy for e in evals] + train_acc) + 0.15))
+    axes[1].set_ylim(0, args.maxlen + 2)
     axes[0].legend(fontsize=8)
     title = (f"REBEL on SmolLM2-135M-Instruct, arithmetic word problems ({args.prompts_per_iteration} problems x "
              f"{args.num_responses} samples per iteration)")
@@ -229,16 +236,17 @@ def report(args, timings):
         return ", ".join(f"{op} {sum(v) / len(v):.2f}" for op, v in sorted(ops.items()))
 
     lines = [f"# {title}", "", "![curves](report.png)", "",
-             "| policy | held-out accuracy | by operation | response length (tokens) | KL to the initial model | "
-             "pairs trained on |", "|---|---|---|---|---|---|"]
+             "| policy | held-out accuracy | by operation | response length (tokens) | ended within maxlen | "
+             "KL to the initial model | pairs trained on |", "|---|---|---|---|---|---|---|"]
     for t, e in enumerate(evals):
         name = "initial (SmolLM2-135M-Instruct)" if t == 0 else f"after iteration {t}"
-        trained = pairs[t - 1]["kept"] if t else ""
+        trained = pairs[t - 1]["train"] if t else ""
         lines.append(f"| {name} | {e.accuracy:.3f} ({round(e.accuracy * len(e.rows))}/{len(e.rows)}) | {by_op(e)} | "
-                     f"{e.length:.1f} | {kls[t]:.2f} | {trained} |")
+                     f"{e.length:.1f} | {e.ended:.2f} | {kls[t]:.2f} | {trained} |")
     lines += ["", f"Sampled accuracy on each iteration's training problems (T = {args.temperature:g}): "
               + ", ".join(f"iteration {t}: {a:.3f}" for t, a in enumerate(train_acc)), "",
-              "Answers on held-out problems (✓ right, ✗ wrong; the answer read is the last integer):", "",
+              "Answers on held-out problems (✓ right, ✗ wrong; the answer read is the last integer, also in a "
+              f"response cut at {args.maxlen} tokens):", "",
               "| problem | answer | before | after |", "|---|---|---|---|"]
     before, after = evals[0].rows, evals[-1].rows
     clean = lambda s: re.sub(r"\s+", " ", s).replace("|", "/").strip()  # noqa: E731
