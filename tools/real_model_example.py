@@ -66,11 +66,11 @@ class Args:
     """initial-model samples the KL to the initial model is estimated on"""
     eta: float = 1.0
     """rebel.py's --rebel.eta (rewards are 0 or 1, so eta is the log-ratio gap asked of a right/wrong pair)"""
-    lr: float = 2e-5
+    lr: float = 5e-6
     """rebel.py's peak learning rate"""
     batch_size: int = 8
     """rebel.py's pairs per update"""
-    num_train_epochs: int = 2
+    num_train_epochs: int = 4
     """rebel.py's passes over each iteration's pairs"""
     local_micro_batch_size: int = 32
     """generate.py's prompts per generate call"""
