@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import datasets
@@ -49,9 +49,9 @@ class Args:
     """column copied to the output's prompt_id; when the data has none, the row index is used"""
     prompt_format: Literal["chat", "text"] = "chat"
     """chat: through the tokenizer's chat template (add_generation_prompt=True); text: the raw text"""
-    keep_columns: tuple[str, ...] = ()
+    keep_columns: list[str] = field(default_factory=list)
     """columns of the prompt dataset copied to the output beside each prompt (e.g. `answer`, for score.py's
-    --reward_fn)"""
+    --reward_fn); a list, so that args.json read back compares equal when resuming"""
     prompt_words: int = 0
     """keep the first this many whitespace-separated words of each prompt (the SST-2 example); 0 keeps it all"""
     start_idx: int = 0
