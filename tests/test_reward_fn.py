@@ -99,8 +99,8 @@ def test_arithmetic_reward_reads_the_last_integer():
 
 
 def test_generate_keeps_columns_for_a_reward_function(session_dir, chat_policy, tmp_path):
-    """The chain a verifiable reward needs: the answer travels from the prompt data through generate.py to
-    score.py's function (subprocesses, as a user runs them)."""
+    """The chain a verifiable reward needs: the answer travels from the prompt data through generate.py (a subprocess,
+    as a user runs it) to score.py's function."""
     prompts = tmp_path / "problems.jsonl"
     prompts.write_text("".join(json.dumps({"prompt_id": f"q{i}", "prompt": f"write about film {i}", "answer": i,
                                            "note": "unused"}) + "\n" for i in range(3)))
@@ -112,7 +112,7 @@ def test_generate_keeps_columns_for_a_reward_function(session_dir, chat_policy, 
     fn = tmp_path / "rule.py"
     fn.write_text("def rule(prompts, responses, answer, **columns):\n"
                   "    return [a + len(r) / 100 for r, a in zip(responses, answer)]\n")
-    run("score.py", "--reward_fn", f"{fn}:rule", "--dataset", gen, "--output_dir", scored)
+    run_in_process(score, ["--reward_fn", f"{fn}:rule", "--dataset", gen], scored)  # in-process: saves a start-up
     out = datasets.load_from_disk(str(scored))
     assert out["response_1_reward"] == [pytest.approx(a + len(r) / 100) for a, r in zip([0, 1, 2], out["response_1"])]
     base = ["--model_name_or_path", chat_policy, "--dataset", prompts, "--split", "train", "--backend", "hf"]
