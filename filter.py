@@ -2,7 +2,8 @@
 
 Rules, applied in this order and each counted: a prompt longer than `maxlen_prompt` tokens drops its row; a response
 that never reached a stop token (it was cut at generate.py's maxlen) drops its row; a response longer than `maxlen`
-tokens, its end-of-turn token included, drops its row. Lengths count each response's own token ids (generate.py's
+tokens, its end-of-turn token included, drops its row (`--unfinished drop_response` instead leaves such responses out of
+the choice below and keeps the row while two remain). Lengths count each response's own token ids (generate.py's
 `response_{i}_token_ids`; or, for data without them, the tokenized text plus the end-of-turn token), never "the
 templated text minus a fixed number of tokens". Of the rows left, the best response (argmax reward) becomes `chosen`
 and the worst (argmin) `reject`; a row whose chosen and reject text are identical is dropped. Non-finite rewards and
@@ -60,6 +61,10 @@ class Args:
     """longest response kept, in tokens with its end-of-turn token; responses are right-padded to it"""
     test_size: float = 1000
     """rows held out for rebel.py's evaluation: a count when >= 1, a fraction when < 1"""
+    unfinished: Literal["drop_row", "drop_response"] = "drop_row"
+    """a response without a stop token (or over maxlen): drop_row drops its row (the paper's code); drop_response
+    leaves it out of the best/worst choice and keeps the row while two responses remain (for small models that often
+    ramble past generate's maxlen)"""
     seed: int = 1
     """seed of the train/test split"""
     output_dir: str = "runs/filter"
@@ -154,13 +159,19 @@ def filter_rows(rows, columns, tokenizer, end_of_turn, stops, pad, args, stats=N
             continue
         responses = [list(row[f"{c}_token_ids"]) if f"{c}_token_ids" in row else tokenizer(
             row[c], add_special_tokens=False).input_ids + [end_of_turn] for c in columns]
-        if any(not ids or ids[-1] not in stops for ids in responses):
+        finished = [i for i, ids in enumerate(responses) if ids and ids[-1] in stops]
+        short = [i for i in finished if len(responses[i]) <= args.maxlen]
+        needed = 2 if args.unfinished == "drop_response" else len(responses)
+        if len(finished) < needed:
             stats["no_eos"] += 1
             continue
-        if any(len(ids) > args.maxlen for ids in responses):
+        if len(short) < needed:
             stats["response_too_long"] += 1
             continue
-        chosen, reject = pick_pair(rewards)
+        if args.unfinished == "drop_response":
+            stats["responses_left_out"] = stats.get("responses_left_out", 0) + len(responses) - len(short)
+        best, worst = pick_pair([rewards[i] for i in short])
+        chosen, reject = short[best], short[worst]
         if row[columns[chosen]] == row[columns[reject]]:
             stats["identical"] += 1
             continue
@@ -227,6 +238,9 @@ def main(args: Args):
             parts.append(to_dataset(rows))
     for rule in ("prompt_too_long", "no_eos", "response_too_long", "identical"):
         print(f"dropped {stats[rule]:>6} rows: {rule}")
+    if stats.get("responses_left_out"):
+        print(f"left out {stats['responses_left_out']} unfinished or too long responses of rows kept (--unfinished "
+              "drop_response)")
     if stats["other_stop_token"]:
         print(f"{stats['other_stop_token']} kept responses end on another stop token than the end-of-turn token "
               f"{end_of_turn} (kept as sampled)")

@@ -10,10 +10,11 @@ and says which it picked. Chat prompts go through the tokenizer's chat template 
 
 Output (a `save_to_disk` folder with the `args.json` that made it): `prompt_id`, `prompt`, `prompt_token_ids`,
 `response_0 ... response_{n-1}` (text) and `response_{i}_token_ids` (the sampled ids, ending with the stop token
-when the response finished), plus `generate_stats.json`: empty prompts (blank text, or chat messages without
-content) are dropped and counted there. Work is written shard by shard to `<output_dir>.partial/`: running the same
-command again after a crash skips the finished shards and produces the same output as an uninterrupted run; if the
-prompts or the model's weights changed in the meantime, it stops instead of mixing old and new work.
+when the response finished), plus the prompt data's `--keep_columns` (e.g. the `answer` a reward function checks),
+and `generate_stats.json`: empty prompts (blank text, or chat messages without content) are dropped and counted
+there. Work is written shard by shard to `<output_dir>.partial/`: running the same command again after a crash skips
+the finished shards and produces the same output as an uninterrupted run; if the prompts or the model's weights
+changed in the meantime, it stops instead of mixing old and new work.
 
     python generate.py --model_name_or_path meta-llama/Meta-Llama-3-8B-Instruct \\
         --dataset HuggingFaceH4/ultrafeedback_binarized --split train_prefs --tensor_parallel_size 8
@@ -32,7 +33,7 @@ import socket
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import datasets
@@ -57,6 +58,9 @@ class Args:
     """column copied to the output's prompt_id; when the data has none, the row index is used"""
     prompt_format: Literal["chat", "text"] = "chat"
     """chat: through the tokenizer's chat template (add_generation_prompt=True); text: the raw text"""
+    keep_columns: list[str] = field(default_factory=list)
+    """columns of the prompt dataset copied to the output beside each prompt (e.g. `answer`, for score.py's
+    --reward_fn); a list, so that args.json read back compares equal when resuming"""
     prompt_words: int = 0
     """keep the first this many whitespace-separated words of each prompt (the SST-2 example); 0 keeps it all"""
     start_idx: int = 0
@@ -222,7 +226,11 @@ def main(args: Args):
 
     # 1. prompts, encoded and checked before any model is loaded
     dataset = load_split(args.dataset, args.split, "--dataset")
-    require_columns(dataset, [args.prompt_column], f"--dataset {args.dataset} split {args.split}")
+    require_columns(dataset, [args.prompt_column, *args.keep_columns], f"--dataset {args.dataset} split {args.split}")
+    clash = [c for c in args.keep_columns if c in ("index", "prompt_id", "prompt", "prompt_token_ids")
+             or c.startswith("response_")]
+    if clash:
+        raise ValueError(f"--keep_columns {clash}: the output has columns of these names already")
     full_dataset = dataset  # its fingerprint identifies the input's content (partial work is keyed on it)
     dataset = dataset.select(range(args.start_idx, min(args.end_idx or len(dataset), len(dataset))))
     if len(dataset) == 0:
@@ -236,6 +244,7 @@ def main(args: Args):
         print(f"dropped {stats['empty_prompt']} empty prompts (blank text, or chat messages without content)")
     if not kept:
         raise ValueError(f"--dataset {args.dataset} split {args.split}: every selected prompt is empty")
+    kept_columns = {c: dataset.select(kept)[c][:] for c in args.keep_columns}  # beside their prompts
     if args.prompt_id_column in dataset.column_names:
         column = dataset[args.prompt_id_column]
         ids = [column[i] for i in kept]
@@ -284,7 +293,8 @@ def main(args: Args):
             responses = generate_hf(model, tokenizer, shard_prompt_ids, shard, stop_ids, args, device)
         rows = []
         for i, response_ids in zip(indices, responses):
-            row = {"index": i, "prompt_id": ids[i], "prompt": prompts[i], "prompt_token_ids": prompt_ids[i]}
+            row = {"index": i, "prompt_id": ids[i], "prompt": prompts[i], "prompt_token_ids": prompt_ids[i],
+                   **{c: kept_columns[c][i] for c in args.keep_columns}}
             for k, r in enumerate(response_ids):
                 row[f"response_{k}"] = tokenizer.decode(r, skip_special_tokens=True)
                 row[f"response_{k}_token_ids"] = r

@@ -2,8 +2,9 @@
 
 Each update: 1. sample `batch_size` responses of exactly `task.response_length` tokens from the policy (prompts
 left-padded, `position_ids = cumsum(attention_mask) - 1`) and cut each after its first EOS; 2. score them with the
-reward model (a response without EOS gets `task.penalty_reward_value` instead of its score when
-`task.non_eos_penalty`; a NaN or inf score stops the run, naming the reward model); 3. per-token reward = -kl_coef *
+reward model, or a Python function given by `--reward_fn file.py:function` (then the value model starts from the
+policy with a new scalar head); a response without EOS gets `task.penalty_reward_value` instead of its score when
+`task.non_eos_penalty`; a NaN or inf score stops the run, naming the reward model; 3. per-token reward = -kl_coef *
 KL(policy || reference) (k1, or k3), plus the score at the last real token (the EOS); GAE (gamma, lam) on a value
 model initialised from the reward model; advantages whitened over all real tokens of the global batch;
 4. `noptepochs` passes of `nminibatches` minibatches of the global batch with the clipped policy loss and clipped
@@ -25,6 +26,7 @@ SST-2 example: continue the first words of an SST-2 review positively.
 import contextlib
 import errno
 import fcntl
+import importlib.util
 import json
 import math
 import os
@@ -133,9 +135,13 @@ class Args:
     """the reference policy of the KL penalty; None: the same as model_name_or_path"""
     reward_model_name_or_path: str = "runs/reward_sst2"
     """a sequence-classification reward model (hub id or local folder) with its tokenizer"""
+    reward_fn: str | None = None
+    """a reward function instead of the reward model: `path/to/file.py:function`, called as function(prompts,
+    responses, **columns) -> list[float] (columns: the prompt data's other columns, e.g. answer); the value model
+    then starts from the policy with a new scalar head, and --reward_model_name_or_path is not used"""
     value_model_name_or_path: str | None = None
     """the value model's initialisation (a sequence classifier with a `score` head); None: the reward model, or the
-    policy with a new scalar head when the reward model's tokenizer differs from the policy's"""
+    policy with a new scalar head when the reward model's tokenizer differs from the policy's or --reward_fn is given"""
     trust_remote_code: bool = False
     """allow custom model code for the reward model (e.g. ArmoRM)"""
     attn_implementation: str = "sdpa"
@@ -210,19 +216,23 @@ def derive_ppo_batch_sizes(args, world_size):
         raise ValueError(f"--total_episodes {args.total_episodes} is less than one --batch_size {args.batch_size}")
 
 
-def load_prompts(tokenizer, split, args):
-    """Prompt texts (the first task.prompt_words words) and their token ids; drops empty and over-long prompts."""
+def load_prompts(tokenizer, split, args, columns=None):
+    """Prompt texts (the first task.prompt_words words) and their token ids; drops empty and over-long prompts. A
+    `columns` dict receives the prompt data's other columns for the prompts kept."""
     dataset = load_split(args.task.dataset, split, "--task.dataset")
     require_columns(dataset, [args.task.prompt_column], f"--task.dataset {args.task.dataset} split {split}")
     texts = [str(t) for t in dataset[args.task.prompt_column]]
     if args.task.prompt_words:
         texts = [" ".join(t.split()[:args.task.prompt_words]) for t in texts]
     ids = tokenizer(texts).input_ids
-    kept = [(t, x) for t, x in zip(texts, ids) if t.strip() and len(x) <= args.task.maxlen_prompt]
+    kept = [i for i, (t, x) in enumerate(zip(texts, ids)) if t.strip() and len(x) <= args.task.maxlen_prompt]
     if not kept:
         raise ValueError(f"--task.dataset {args.task.dataset} split {split}: no prompt left after dropping empty ones "
                          f"and those over --task.maxlen_prompt {args.task.maxlen_prompt} tokens")
-    return [t for t, _ in kept], [x for _, x in kept], len(texts) - len(kept)
+    if columns is not None:  # the other columns of the kept rows, for a reward function
+        other = [c for c in dataset.column_names if c != args.task.prompt_column]
+        columns.update({c: (lambda values: [values[i] for i in kept])(dataset[c]) for c in other})
+    return [texts[i] for i in kept], [ids[i] for i in kept], len(texts) - len(kept)
 
 
 def left_pad(sequences, pad_id, width=None):
@@ -393,6 +403,54 @@ def gather_rows(tensor):
     return torch.cat(parts).to(tensor.dtype)
 
 
+def load_reward_fn(spec, arg="--reward_fn"):
+    """The function named by `path/to/file.py:function`, imported from that file (errors name the argument)."""
+    path, sep, name = spec.rpartition(":")
+    if not sep or not path or not name.isidentifier():
+        raise ValueError(f"{arg} {spec}: expected path/to/file.py:function")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{arg} {spec}: no such file {path}")
+    module_spec = importlib.util.spec_from_file_location(f"reward_fn_{os.path.splitext(os.path.basename(path))[0]}",
+                                                         path)
+    if module_spec is None:
+        raise ValueError(f"{arg} {spec}: {path} is not a Python file")
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:
+        raise ValueError(f"{arg} {spec}: importing {path} failed ({type(e).__name__}: {e})") from e
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        defined = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
+        raise ValueError(f"{arg} {spec}: {path} has no function {name!r}; it defines {defined}")
+    return fn
+
+
+def call_reward_fn(fn, prompts, responses, columns, arg):
+    """fn(prompts, responses, **columns) as a list of floats, one per response (the count and types checked)."""
+    rewards = fn(list(prompts), list(responses), **columns)
+    try:
+        rewards = [float(r) for r in rewards]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{arg}: must return a list of numbers, one per response; got {str(rewards)[:200]} "
+                         f"({type(e).__name__}: {e})") from None
+    if len(rewards) != len(responses):
+        raise ValueError(f"{arg}: returned {len(rewards)} rewards for {len(responses)} responses")
+    return rewards
+
+
+def function_scores(reward_fn, indices, prompts, columns, responses, response_mask, tokenizer, args, device):
+    """Scores of responses (the text up to its EOS) to prompts[indices] from the reward function, checked finite."""
+    texts = [tokenizer.decode(r[m].tolist(), skip_special_tokens=True) for r, m in zip(responses, response_mask)]
+    rewards = call_reward_fn(reward_fn, [prompts[i] for i in indices], texts,
+                             {c: [v[i] for i in indices] for c, v in columns.items()}, f"--reward_fn {args.reward_fn}")
+    for i, reward, text in zip(indices, rewards, texts):
+        if not math.isfinite(reward):
+            raise ValueError(f"--reward_fn {args.reward_fn}: non-finite reward {reward} for prompt {i} "
+                             f"{prompts[i][:60]!r}, response {text[:80]!r}")
+    return torch.tensor(rewards, device=device)
+
+
 def apply_non_eos_penalty(scores, has_eos, args):
     """A response that never produced EOS gets task.penalty_reward_value as its score (when task.non_eos_penalty)."""
     if not args.task.non_eos_penalty:
@@ -451,7 +509,7 @@ def kl_per_token(logprobs, ref_logprobs, estimator):
 
 @torch.no_grad()
 def evaluate(policy, ref_policy, reward_model, prompts, prompt_ids, tokenizer, rm_tokenizer, same_tokenizer, judge,
-             args, rank, world_size, device, autocast):
+             args, rank, world_size, device, autocast, reward_fn=None, columns=None):
     """Answer held-out prompts (the same sampling noise at every evaluation) and report the reward model's score,
     the judge's score (VADER compound sentiment of prompt + response, in [-1, 1]) and the KL to the reference.
     Returns rank 0's metrics and the samples of all ranks (on rank 0)."""
@@ -476,10 +534,13 @@ def evaluate(policy, ref_policy, reward_model, prompts, prompt_ids, tokenizer, r
                 ref_logprobs, _, _ = forward_response(ref_policy, queries[part], query_mask[part], responses[part],
                                                       args.task.temperature, with_values=False)
             kl[part] = ((logprobs - ref_logprobs) * mask[part]).sum(1)
-        with autocast:
-            scores = score(reward_model, reward_inputs(queries, query_mask, responses, mask, has_eos, tokenizer,
-                                                       rm_tokenizer, same_tokenizer), rm_tokenizer.pad_token_id,
-                           chunk, device)
+        if reward_fn is not None:
+            scores = function_scores(reward_fn, mine, prompts, columns, responses, mask, tokenizer, args, device)
+        else:
+            with autocast:
+                scores = score(reward_model, reward_inputs(queries, query_mask, responses, mask, has_eos, tokenizer,
+                                                           rm_tokenizer, same_tokenizer), rm_tokenizer.pad_token_id,
+                               chunk, device)
         for j, i in enumerate(mine):
             response = tokenizer.decode(responses[j][mask[j]].tolist(), skip_special_tokens=True)
             results.append({"index": i, "prompt": prompts[i], "response": response, "score": scores[j].item(),
@@ -551,7 +612,9 @@ def main(args: Args):
     derive_ppo_batch_sizes(args, world_size)
     resume = check_output_dir(args)
     tokenizer = load_tokenizer(args.model_name_or_path)
-    rm_tokenizer = load_tokenizer(args.reward_model_name_or_path, "--reward_model_name_or_path", needs_eos=False)
+    reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
+    rm_tokenizer = tokenizer if reward_fn else load_tokenizer(args.reward_model_name_or_path,
+                                                              "--reward_model_name_or_path", needs_eos=False)
     for tok in (tokenizer, rm_tokenizer):
         if tok.pad_token is None:  # GPT-2: pad with EOS; masks are explicit, never inferred from pad ids
             tok.pad_token = tok.eos_token
@@ -560,8 +623,9 @@ def main(args: Args):
         print("the reward model's tokenizer differs from the policy's: responses reach it as text, re-tokenized")
 
     # 1. prompts, checked before any model is loaded
-    prompts, prompt_ids, dropped = load_prompts(tokenizer, args.task.train_split, args)
-    eval_prompts, eval_prompt_ids, _ = load_prompts(tokenizer, args.task.eval_split, args)
+    columns, eval_columns = {}, {}
+    prompts, prompt_ids, dropped = load_prompts(tokenizer, args.task.train_split, args, columns)
+    eval_prompts, eval_prompt_ids, _ = load_prompts(tokenizer, args.task.eval_split, args, eval_columns)
     eval_prompts, eval_prompt_ids = eval_prompts[:args.eval_size], eval_prompt_ids[:args.eval_size]
     if len(prompts) < args.batch_size:
         raise ValueError(f"--task.dataset {args.task.dataset}: {len(prompts)} usable prompts, fewer than --batch_size "
@@ -574,19 +638,24 @@ def main(args: Args):
     policy = load_pretrained(AutoModelForCausalLM, args.model_name_or_path, "--model_name_or_path", args)
     ref_policy = load_pretrained(AutoModelForCausalLM, args.ref_model_name_or_path or args.model_name_or_path,
                                  "--ref_model_name_or_path", args)
-    reward_model = load_pretrained(AutoModelForSequenceClassification, args.reward_model_name_or_path,
-                                   "--reward_model_name_or_path", args, trust_remote_code=args.trust_remote_code)
-    value_path = args.value_model_name_or_path or (args.reward_model_name_or_path if same_tokenizer
+    reward_model = None if reward_fn else load_pretrained(
+        AutoModelForSequenceClassification, args.reward_model_name_or_path, "--reward_model_name_or_path", args,
+        trust_remote_code=args.trust_remote_code)
+    value_path = args.value_model_name_or_path or (args.reward_model_name_or_path if same_tokenizer and not reward_fn
                                                    else args.model_name_or_path)
     torch.manual_seed(args.seed)  # a new value head is initialised identically on every rank
     value_model = load_pretrained(AutoModelForSequenceClassification, value_path, "--value_model_name_or_path", args,
                                   num_labels=1)
+    if rank == 0 and reward_fn:
+        print(f"rewards from the function --reward_fn {args.reward_fn}; the value model starts from {value_path}")
     if not hasattr(value_model, "score"):
         raise SystemExit(f"value model {value_path}: no `score` head (decoder sequence classifiers have one)")
-    reward_model.config.pad_token_id = rm_tokenizer.pad_token_id
+    if reward_model is not None:
+        reward_model.config.pad_token_id = rm_tokenizer.pad_token_id
+        reward_model = freeze(reward_model, device)
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
     model = freeze(PolicyAndValue(policy, value_model), device, train=True)
-    ref_policy, reward_model = freeze(ref_policy, device), freeze(reward_model, device)
+    ref_policy = freeze(ref_policy, device)
     if world_size > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     unwrapped = model.module if isinstance(model, DDP) else model
@@ -612,7 +681,7 @@ def main(args: Args):
         try:
             metrics, samples = evaluate(unwrapped.policy, ref_policy, reward_model, eval_prompts, eval_prompt_ids,
                                         tokenizer, rm_tokenizer, same_tokenizer, judge, args, rank, world_size,
-                                        device, autocast)
+                                        device, autocast, reward_fn, eval_columns)
         except NonFiniteScores as e:
             end_run(logger, rank, 1, f"stopping at update {update}: {e}")
         unwrapped.train()
@@ -652,9 +721,13 @@ def main(args: Args):
                 ref_lp, _, _ = forward_response(ref_policy, queries[part], query_mask[part], responses[part],
                                                 temperature, with_values=False)
                 logprobs.append(lp), ref_logprobs.append(ref_lp), values.append(v)
-            scores = score(reward_model, reward_inputs(queries, query_mask, responses, response_mask, has_eos,
-                                                       tokenizer, rm_tokenizer, same_tokenizer),
-                           rm_tokenizer.pad_token_id, chunk, device)
+            if reward_fn is not None:
+                scores = function_scores(reward_fn, [batch[i] for i in rows], prompts, columns, responses,
+                                         response_mask, tokenizer, args, device)
+            else:
+                scores = score(reward_model, reward_inputs(queries, query_mask, responses, response_mask, has_eos,
+                                                           tokenizer, rm_tokenizer, same_tokenizer),
+                               rm_tokenizer.pad_token_id, chunk, device)
         unwrapped.train()
         mask = response_mask.float()
         logprobs = torch.cat(logprobs).masked_fill(~response_mask, INVALID_LOGPROB)

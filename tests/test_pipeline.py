@@ -171,6 +171,20 @@ def test_end_of_turn_comes_from_the_chat_template_not_the_eos(tmp_path):
     assert ids == tokenizer("ok", add_special_tokens=False).input_ids + [4]
 
 
+def test_filter_can_leave_out_unfinished_responses_instead_of_rows():
+    args = filter_stage.Args(model_name_or_path=str(TINY_LLAMA), maxlen_prompt=8, maxlen=6, dataset="crafted",
+                             unfinished="drop_response")
+    columns = ["response_0", "response_1", "response_2"]
+    end_of_turn, stops, pad = filter_stage.special_ids(generate.load_tokenizer(str(TINY_LLAMA)), args)
+    rows, stats = filter_stage.filter_rows(crafted_rows(), columns, None, end_of_turn, stops, pad, args)
+    assert stats == {"input_rows": 6, "prompt_too_long": 1, "no_eos": 0, "response_too_long": 0, "identical": 1,
+                     "other_stop_token": 1, "responses_left_out": 2, "kept": 4}
+    by_id = {r["prompt_id"]: r for r in rows}
+    # the cut (reward 0.2) and the over-long (0.2) responses are out of the choice: best 0.3, worst 0.1 of the rest
+    for pid in ("no_eos", "long_response"):
+        assert (by_id[pid]["chosen"], by_id[pid]["reject"], by_id[pid]["reject_reward"]) == ("ok", "a fine film", 0.1)
+
+
 def write(rows, path):
     datasets.Dataset.from_list(rows).save_to_disk(str(path))
     return str(path)

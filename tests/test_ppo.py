@@ -1,6 +1,7 @@
 """ppo.py: exact math against slow references, ratio 1 / KL 0 before the first step, 2 ranks == 1 rank, and a short
 offline run that clearly raises the held-out reward-model score above the SFT policy's."""
 
+import json
 import math
 
 import pytest
@@ -299,3 +300,23 @@ def test_two_ranks_match_one_rank_with_several_minibatches(sft_policy, reward_mo
     for key in ("loss/policy_avg", "loss/value_avg", "policy/approxkl_avg", "eval/scores"):
         expected = [m[key] for m in metrics(one) if key in m]
         assert [m[key] for m in metrics(two) if key in m] == pytest.approx(expected, rel=1e-4, abs=1e-6), key
+
+
+def test_reward_function_instead_of_a_reward_model(sft_policy, tmp_path, capsys):
+    """--reward_fn: the function scores every rollout and held-out answer with the data's other columns (here SST-2's
+    label); no reward model is loaded (the path given does not exist), the value model starts from the policy."""
+    fn = tmp_path / "words.py"
+    fn.write_text("def words_plus_label(prompts, responses, label, **columns):\n"
+                  "    return [len(r.split()) + 10 * l for r, l in zip(responses, label)]\n")
+    run_in_process(ppo, [*ppo_args(sft_policy, "/no/such/reward_model"), "--reward_fn", f"{fn}:words_plus_label",
+                         "--total_episodes", "16", "--eval_size", "8"], tmp_path / "out")
+    assert f"the value model starts from {sft_policy}" in capsys.readouterr().out
+    labels = [json.loads(line)["label"] for line in (SST2 / "validation.jsonl").read_text().splitlines()]
+    samples = [json.loads(line) for line in (tmp_path / "out" / "eval_samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 16 and {s["update"] for s in samples} == {0, 1}
+    for s in samples:
+        assert s["score"] == len(s["response"].split()) + 10 * labels[s["index"]]
+    rows = metrics(tmp_path / "out")
+    assert rows[-1]["update"] == 1 and math.isfinite(rows[-1]["objective/scores"])
+    with pytest.raises(ValueError, match=r"--reward_fn .*words.py:nope: .*has no function 'nope'"):
+        run_in_process(ppo, [*ppo_args(sft_policy, "/no/rm"), "--reward_fn", f"{fn}:nope"], tmp_path / "bad")

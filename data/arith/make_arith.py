@@ -1,0 +1,108 @@
+"""Write `data/arith/{train,test}.jsonl`: short arithmetic word problems with exact integer answers, a task whose
+answers a rule can check (the reward function is `data/arith/reward.py`).
+
+Each problem is one operation on two small numbers (addition of numbers up to 24, subtraction from numbers up to
+30: SmolLM2-135M-Instruct gets about a quarter of them right when sampling) told as a one- or two-sentence story,
+followed by "Answer with just the number." The held-out split is disjoint from the training split by the
+underlying problem, not only by its wording: every (operation, a, b) triple is assigned to one split, so the test
+measures answers to number combinations the policy never trained on. Seeded: the files are
+reproducible byte for byte (tests/test_data.py checks it, and that the splits are disjoint).
+
+Columns: `prompt_id` (`train-0000`, `test-0000`, ...), `prompt` (a user message), `answer` (int), `op` (add or
+sub), `a`, `b`.
+
+    python data/arith/make_arith.py            # writes data/arith/train.jsonl (640 problems) and test.jsonl (200)
+"""
+
+import json
+import os
+import random
+from dataclasses import dataclass
+
+import tyro
+
+
+@dataclass
+class Args:
+    output_dir: str = os.path.dirname(os.path.abspath(__file__))
+    """folder that receives train.jsonl and test.jsonl"""
+    num_train: int = 640
+    """problems in the train split"""
+    num_test: int = 200
+    """problems in the held-out test split (disjoint (operation, a, b) triples)"""
+    seed: int = 1
+    """seed of the problem choice and wording"""
+
+
+OP_CYCLE = ["add", "sub"]
+INSTRUCTION = "Answer with just the number."
+NAMES = ["Tom", "Anna", "Sam", "Lena", "Omar", "Mia", "Ravi", "Julia", "Ken", "Sara", "Ben", "Nora", "Luis", "Emma",
+         "Jack", "Zoe"]
+ITEMS = ["apples", "pencils", "stickers", "marbles", "books", "cookies", "cards", "coins", "shells", "toy cars",
+         "balloons", "stamps"]
+TEMPLATES = {
+    "add": ["{name} has {a} {items}. {name} gets {b} more. How many {items} does {name} have now?",
+            "There are {a} {items} in a box. Someone puts in {b} more. How many {items} are in the box now?",
+            "{name} collected {a} {items} on Monday and {b} {items} on Tuesday. How many {items} is that in all?",
+            "What is {a} plus {b}?"],
+    "sub": ["{name} has {a} {items} and gives {b} of them away. How many {items} does {name} have left?",
+            "A shelf holds {a} {items}. {b} of them are taken away. How many {items} are left on the shelf?",
+            "{name} had {a} {items} and lost {b}. How many {items} does {name} have now?",
+            "What is {a} minus {b}?"],
+}
+
+
+def triples():
+    """Every problem the generator can pose, in a fixed order: (operation, a, b)."""
+    add = [("add", a, b) for a in range(1, 25) for b in range(1, 25)]
+    sub = [("sub", a, b) for a in range(5, 31) for b in range(1, a)]
+    return add + sub
+
+
+def answer(op, a, b):
+    return {"add": a + b, "sub": a - b}[op]
+
+
+def render(op, a, b, rng):
+    """One problem's wording: a template, a name and an item drawn from rng."""
+    text = rng.choice(TEMPLATES[op]).format(name=rng.choice(NAMES), items=rng.choice(ITEMS), a=a, b=b)
+    return f"{text} {INSTRUCTION}"
+
+
+def make_splits(args):
+    """Train and test rows; the (operation, a, b) triples of the two splits never overlap. Both splits are half
+    addition, half subtraction."""
+    rng = random.Random(args.seed)
+    by_op = {op: [t for t in triples() if t[0] == op] for op in TEMPLATES}
+    for pool in by_op.values():
+        rng.shuffle(pool)
+    splits = {"test": [], "train": []}
+    for split, count in (("test", args.num_test), ("train", args.num_train)):
+        for i in range(count):
+            op = OP_CYCLE[i % len(OP_CYCLE)]
+            if not by_op[op]:
+                raise ValueError(f"--num_{split} {count}: not enough distinct {op} problems")
+            splits[split].append(by_op[op].pop())
+        rng.shuffle(splits[split])
+    rows = {}
+    for split, problems in splits.items():
+        rows[split] = [{"prompt_id": f"{split}-{i:04d}", "prompt": render(op, a, b, rng), "answer": answer(op, a, b),
+                        "op": op, "a": a, "b": b} for i, (op, a, b) in enumerate(problems)]
+    return rows
+
+
+def main(args: Args):
+    for name in ("num_train", "num_test"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} {getattr(args, name)}: must be at least 1")
+    os.makedirs(args.output_dir, exist_ok=True)
+    for split, rows in make_splits(args).items():
+        path = os.path.join(args.output_dir, f"{split}.jsonl")
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        os.replace(path + ".tmp", path)
+        print(f"wrote {len(rows)} problems to {path}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args, use_underscores=True))

@@ -1,0 +1,56 @@
+"""The real-model path: data/make_smollm2.py's SmolLM2-135M-Instruct loads like a hub model, and a shortened
+tools/real_model_example.py (one REBEL iteration on a few arithmetic problems) runs end to end and reports.
+
+Minutes of CPU, so opt-in: skipped unless RUN_REAL_MODEL=1 (CI's optional real-model stage sets it after making the
+model with `pip install -r requirements-smollm2.txt && python data/make_smollm2.py`); the main suite stays fast."""
+
+import json
+import os
+
+import pytest
+from conftest import DATA, run
+
+MODEL = DATA / "smollm2-135m-instruct"
+pytestmark = pytest.mark.skipif(os.environ.get("RUN_REAL_MODEL") != "1", reason="set RUN_REAL_MODEL=1 to run")
+
+
+@pytest.fixture(autouse=True)
+def converted_model():
+    assert (MODEL / "model.safetensors").exists(), "no data/smollm2-135m-instruct: run python data/make_smollm2.py"
+
+
+def test_converted_model_loads_like_the_hub_model_and_stops_on_im_end():
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(MODEL)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert tokenizer.eos_token == "<|im_end|>" and GenerationConfig.from_pretrained(MODEL).eos_token_id == [end]
+    source = json.loads((MODEL / "SOURCE.json").read_text())
+    assert source["stand_in_for"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and len(source["wheel_sha256"]) == 64
+    model = AutoModelForCausalLM.from_pretrained(MODEL).eval()
+    assert model.config.model_type == "llama" and getattr(model.config, "quantization_config", None) is None
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                        add_generation_prompt=True, return_tensors="pt")["input_ids"]
+    assert ids[0, 0] == tokenizer.bos_token_id and ids[0, 1] != tokenizer.bos_token_id  # <|im_start|>, once
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=16, do_sample=False)
+    assert out[0, -1].item() == end  # it finished its turn
+    assert "Paris" in tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_shortened_real_model_example_runs_and_reports(tmp_path):
+    out = tmp_path / "real"
+    run("tools/real_model_example.py", "--output_dir", out, "--iterations", "1", "--prompts_per_iteration", "24",
+        "--num_responses", "4", "--eval_size", "12", "--kl_samples", "8", "--batch_size", "2", "--num_train_epochs",
+        "1", "--maxlen", "48")
+    report = (out / "report" / "report.md").read_text()
+    assert (out / "report" / "report.png").stat().st_size > 10_000
+    assert "after iteration 1" in report and "| problem | answer | before | after |" in report
+    kls = json.loads((out / "report" / "kl.json").read_text())
+    assert kls[0] == 0.0 and kls[1] > -0.5  # an estimate of a KL: near zero or positive
+    stats = json.loads((out / "iter0" / "filter" / "filter_stats.json").read_text())
+    assert stats["train"] >= 2
+    timings = json.loads((out / "timings.json").read_text())
+    assert {"eval0/generate", "iter0/generate", "iter0/train", "eval1/score"} <= set(timings)
