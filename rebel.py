@@ -269,10 +269,10 @@ def check_logprob_path(wrapped, batch, what):
     if not gap <= 1e-3:  # fp32 rounding is about 1e-5 here; a NaN gap is refused too
         found = {k: v for k, v in vars(model.config.get_text_config()).items()
                  if k in ("logits_scaling", "logit_scale", "final_logit_softcapping", "output_multiplier_scale")}
-        raise SystemExit(f"{what}: the model's own forward gives other logprobs than rebel.py's fast path (base "
+        raise SystemExit(f"{what}: the model's own forward gives other logprobs than the fast logprob path (base "
                          f"model, then the output embedding) on the first micro-batch: up to {gap:.3g} nats per "
                          f"token. It transforms its logits after the output embedding{f' ({found})' if found else ''}, "
-                         "which the chunked log-softmax does not reproduce; rebel.py cannot train this model as is")
+                         "which the chunked log-softmax does not reproduce; this script cannot train this model as is")
 
 
 def rebel_losses(logprobs, ref_logprobs, rewards, eta):

@@ -6,12 +6,18 @@ import ast
 import pytest
 from conftest import ROOT
 
-SCRIPTS = sorted(p for p in ("sft_sst2.py", "reward_sst2.py", "ppo.py", "rebel.py", "generate.py", "score.py",
+SCRIPTS = sorted(p for p in ("sft_sst2.py", "reward_sst2.py", "ppo.py", "rebel.py", "dpo.py", "generate.py", "score.py",
                              "filter.py") if (ROOT / p).exists())
-TRAINING = [p for p in ("sft_sst2.py", "reward_sst2.py", "ppo.py", "rebel.py") if p in SCRIPTS]
+TRAINING = [p for p in ("sft_sst2.py", "reward_sst2.py", "ppo.py", "rebel.py", "dpo.py") if p in SCRIPTS]
 CORE = {"init_distributed", "all_reduce", "load_split", "require_columns", "check_output_dir", "create_output_dir",
         "save_checkpoint", "load_checkpoint", "Preemption", "step_if_finite", "checkpoint_or_stop", "Logger",
         "save_model_atomically", "lr_at"}
+# helpers above main that a script copied from another (same name, same code), outside the shared blocks
+COPIED = [(("trimmed_batch", "chunk_logprobs", "SequenceLogprobs", "check_logprob_path", "build_model", "fingerprint",
+            "sharded_pass", "reference_logprobs"), ("rebel.py", "dpo.py")),
+          (("without_dropout",), ("sft_sst2.py", "reward_sst2.py", "ppo.py", "rebel.py", "dpo.py")),
+          (("end_of_turn_id",), ("filter.py", "generate.py", "dpo.py")),
+          (("pad_to",), ("filter.py", "dpo.py"))]
 
 
 def top_level(path):
@@ -54,6 +60,16 @@ def test_shared_helpers_are_identical_copies():
         copies = {path: defs[name] for path, defs in definitions.items() if name in defs}
         first = next(iter(copies.values()))
         different = [path for path, src in copies.items() if src != first]
+        assert not different, f"{name} differs between {sorted(copies)}: {different}"
+
+
+@pytest.mark.parametrize("names,paths", COPIED)
+def test_helpers_copied_above_main_are_identical(names, paths):
+    definitions = {path: top_level(path)[2] for path in paths if path in SCRIPTS}
+    for name in names:
+        copies = {path: defs.get(name) for path, defs in definitions.items()}
+        assert None not in copies.values(), f"{name} is missing from {[p for p, c in copies.items() if c is None]}"
+        different = [path for path, src in copies.items() if src != next(iter(copies.values()))]
         assert not different, f"{name} differs between {sorted(copies)}: {different}"
 
 

@@ -1,0 +1,1227 @@
+"""DPO: Direct Preference Optimization (Rafailov et al. 2023), on filter.py's pairs or on a preference dataset.
+
+For a prompt x with a chosen response y_w and a rejected response y_l, and a frozen reference policy pi_ref (the policy
+this run starts from, unless --ref_model_name_or_path says otherwise), DPO fits the policy's implicit reward
+r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x)) to the preferences with a Bradley-Terry loss:
+
+    logits = beta * ([log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)])
+    sigmoid: loss = -(1 - eps) log sigmoid(logits) - eps log sigmoid(-logits)      (eps = label_smoothing: cDPO)
+    ipo:     loss = (logits / beta - 1 / (2 beta))^2                                (IPO, Azar et al. 2023)
+
+with log pi summed over the real response tokens, except for IPO, whose log-ratios are the *average* per-token
+logprobs (sequence sum / response length), as TRL's `loss_type="ipo"` does. beta is the strength of the implicit KL
+penalty to pi_ref: small beta lets the policy drift far, large beta keeps it close (0.1 is typical; for IPO it is
+the paper's tau, and the loss asks for an average log-ratio gap of 1 / (2 tau) per token).
+
+Data: `--task.dataset_format pairs` (default) reads filter.py's padded layout (chosen = the best of n samples,
+reject = the worst), the data rebel.py trains on; running generate -> score -> filter -> dpo again from the new
+policy is the paper's iterative DPO (README: "DPO"). `--task.dataset_format preference` reads `prompt`, `chosen` and
+`rejected` columns, each response text or a list of chat messages ending with the assistant's answer (as in
+HuggingFaceH4/ultrafeedback_binarized, whose chosen and rejected hold the whole conversation), renders them with the
+tokenizer's chat template and lays them out exactly as filter.py does, dropping (and counting) rows longer than
+--task.maxlen_prompt / --task.maxlen; from there both formats take the same path.
+
+Everything else is rebel.py's: pi_ref's logprobs computed once and cached beside the run, micro-batches trimmed to
+their real length, the chunked fp32 log-softmax over response positions only (checked against the model's own
+forward), AdamW (betas 0.9, 0.95), cosine schedule with warmup counted in updates, gradient clipping, DDP or FSDP2
+(`--fsdp`), checkpoints and exact resume, SIGTERM, the non-finite guard.
+
+    torchrun --nproc_per_node 8 dpo.py --model_name_or_path meta-llama/Meta-Llama-3-8B-Instruct \\
+        --task.dataset HuggingFaceH4/ultrafeedback_binarized --task.dataset_format preference \\
+        --task.train_split train_prefs --task.eval_split test_prefs --fsdp --gradient_checkpointing \\
+        --output_dir runs/dpo
+"""
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import inspect
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import socket
+import sys
+import time
+import warnings
+import zlib
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import datasets
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+import tyro
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+LAYOUT_COLUMNS = ["prompt_input_ids", "prompt_attention_mask", "chosen_input_ids", "chosen_attention_mask",
+                  "reject_input_ids", "reject_attention_mask"]
+PREFERENCE_COLUMNS = ["prompt", "chosen", "rejected"]
+
+
+@dataclass
+class TaskArgs:
+    dataset: str = "runs/filter"
+    """the pairs: filter.py's output (`--task.dataset_format pairs`) or a preference dataset (`preference`), as a hub
+    id, a `save_to_disk` folder, a folder of data files or one .jsonl/.json/.csv/.parquet file"""
+    dataset_format: Literal["pairs", "preference"] = "pairs"
+    """pairs: filter.py's padded layout (the columns in LAYOUT_COLUMNS, padded to maxlen_prompt / maxlen);
+    preference: columns prompt, chosen, rejected (text, or chat messages ending with the assistant's answer),
+    rendered with the tokenizer's chat template"""
+    train_split: str = "train"
+    """split to train on (train_prefs for ultrafeedback_binarized)"""
+    eval_split: str | None = "test"
+    """split for val/*; None disables evaluation (test_prefs for ultrafeedback_binarized)"""
+    maxlen_prompt: int = 1024
+    """pairs: the width filter.py left-padded prompts to (checked); preference: longer prompts drop their row"""
+    maxlen: int = 2048
+    """pairs: the width filter.py right-padded responses to (checked); preference: a row whose chosen or rejected
+    response (end-of-turn token included) is longer is dropped"""
+    temperature: float = 1.0
+    """logits are divided by it before the log-softmax; 1.0 is DPO's (and TRL's) policy, the model as it is"""
+
+
+@dataclass
+class DPOArgs:
+    beta: float = 0.1
+    """strength of the implicit KL penalty to the reference policy (the implicit reward is beta * log-ratio): small
+    beta lets the policy move far from pi_ref, large beta keeps it close; 0.1 is typical (0.01-0.5 in use). For
+    loss_type ipo it is IPO's tau: the loss targets an average per-token log-ratio gap of 1 / (2 beta)"""
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    """sigmoid: DPO's -log sigmoid(logits); ipo: IPO's squared loss on average per-token log-ratios"""
+    label_smoothing: float = 0.0
+    """cDPO: the assumed probability that a preference label is flipped, in [0, 0.5); sigmoid loss only"""
+
+
+@dataclass
+class Args:
+    # experiment
+    exp_name: str = "dpo"
+    """name of this experiment (wandb run name prefix)"""
+    seed: int = 1
+    """seed of data order (shared by all ranks)"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project_name: str = "rlhf"
+    """wandb project"""
+    wandb_entity: str | None = None
+    """wandb entity (team); None uses your default"""
+    output_dir: str = "runs/dpo"
+    """run folder: args.json, metrics.jsonl, ref_logprobs/, checkpoints/ and, at the end, the policy"""
+    overwrite: bool = False
+    """delete whatever output_dir holds and start over"""
+    resume: str | None = None
+    """a checkpoint folder to continue from, or "auto" for the latest in output_dir (a fresh start if none)"""
+    save_freq: int = 100
+    """write a resumable checkpoint every this many updates (0: only on preemption or a stop)"""
+    keep_checkpoints: int = 2
+    """how many of the newest checkpoints to keep"""
+    max_bad_updates: int = 5
+    """stop after this many updates in a row with a non-finite loss or gradient norm (each one is skipped)"""
+
+    # model
+    model_name_or_path: str = "meta-llama/Meta-Llama-3-8B-Instruct"
+    """the policy to train (hub id or local folder), with its tokenizer (and chat template for preference data)"""
+    ref_model_name_or_path: str | None = None
+    """pi_ref of the loss; None: model_name_or_path (for iterative DPO: the policy that generated this iteration's
+    data)"""
+    attn_implementation: str = "sdpa"
+    """attention kernel: sdpa, eager, or flash_attention_2 (GPU)"""
+    bf16: bool = True
+    """bf16 compute on GPU (fp32 weights and optimizer; autocast with DDP, a mixed-precision policy with FSDP2);
+    ignored on CPU, which runs fp32"""
+    fsdp: bool = False
+    """shard parameters, gradients and optimizer state with FSDP2 (fully_shard each decoder layer, then the root)
+    instead of replicating the model with DDP"""
+    gradient_checkpointing: bool = False
+    """recompute decoder-layer activations in the backward pass"""
+    logprob_chunk_size: int = 1024
+    """response tokens per chunk of the fp32 vocabulary log-softmax"""
+
+    # optimisation
+    lr: float = 5e-7
+    """peak learning rate (5e-7 is common for DPO on 7-8B models; tiny models want far more)"""
+    warmup_ratio: float = 0.1
+    """fraction of the updates with linear warmup; then cosine decay to 0"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping threshold (inf disables clipping)"""
+    batch_size: int = 128
+    """pairs per update, over all ranks (the global batch; it does not change with the number of ranks)"""
+    local_micro_batch_size: int = 1
+    """pairs per forward/backward pass on one rank (two sequences each: chosen and reject)"""
+    total_episodes: int | None = None
+    """pairs to train on; None: num_train_epochs passes over the train split"""
+    num_train_epochs: int = 1
+    """passes over the train split when total_episodes is None"""
+    eval_freq: int = 50
+    """evaluate on the eval split every this many updates (and before the first and after the last)"""
+
+    task: TaskArgs = field(default_factory=TaskArgs)
+    """the data: its format, splits, lengths and the logits' temperature"""
+    dpo: DPOArgs = field(default_factory=DPOArgs)
+    """DPO's own hyperparameters"""
+
+    # computed at run time
+    world_size: tyro.conf.Suppress[int | None] = None
+    """computed at run time: number of processes"""
+    local_batch_size: tyro.conf.Suppress[int | None] = None
+    """computed at run time: batch_size // world_size, pairs per update on one rank"""
+    gradient_accumulation_steps: tyro.conf.Suppress[int | None] = None
+    """computed at run time: local_batch_size // local_micro_batch_size"""
+    num_updates: tyro.conf.Suppress[int | None] = None
+    """computed at run time: total_episodes // batch_size"""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DPO
+
+
+def dpo_losses(logprobs, ref_logprobs, lengths, beta, loss_type, label_smoothing):
+    """Per-pair loss and the implicit rewards beta * log-ratio ([pairs, 2]: chosen, reject). Every argument is
+    [pairs, 2]: sequence logprobs of policy and reference, and the responses' real token counts (used by IPO only,
+    whose log-ratios are per-token averages)."""
+    if loss_type == "ipo":
+        logprobs, ref_logprobs = logprobs / lengths, ref_logprobs / lengths
+    rewards = beta * (logprobs - ref_logprobs)
+    logits = rewards[:, 0] - rewards[:, 1]
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    elif loss_type == "ipo":
+        losses = (logits / beta - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    return losses, rewards
+
+
+def check_layout(data, args, vocab_size, what):
+    """filter.py's layout, checked: padded widths, ids inside the embedding table, a real token in every prompt and
+    response."""
+    widths = {"prompt": args.task.maxlen_prompt, "chosen": args.task.maxlen, "reject": args.task.maxlen}
+    for start, rows in zip(range(0, len(data), 4096), data.with_format("numpy").iter(batch_size=4096)):
+        for name, width in widths.items():
+            ids, mask = np.stack(rows[f"{name}_input_ids"]), np.stack(rows[f"{name}_attention_mask"])
+            if ids.shape[1] != width:
+                raise ValueError(f"{what}: {name}_input_ids is padded to {ids.shape[1]} tokens, but --task."
+                                 f"{'maxlen_prompt' if name == 'prompt' else 'maxlen'} is {width}")
+            if ids.max() >= vocab_size or ids.min() < 0:
+                raise ValueError(f"{what}: {name}_input_ids holds ids outside the model's embedding table "
+                                 f"(size {vocab_size})")
+            if (mask.sum(1) == 0).any():
+                row = start + int(np.argmax(mask.sum(1) == 0))
+                part = "prompt" if name == "prompt" else f"{name} response"
+                raise ValueError(f"{what}: row {row} has an empty {part} (no real token)")
+
+
+def end_of_turn_id(tokenizer):
+    """The token that ends an assistant turn in the tokenizer's chat template (Llama-3's `<|eot_id|>`, ChatML's
+    `<|im_end|>`), read from a rendered turn; the tokenizer's EOS when there is no template or nothing follows the
+    turn. Not the EOS alone: older Llama-3-Instruct configs set it to `<|end_of_text|>` though turns end with
+    `<|eot_id|>`."""
+    if not tokenizer.chat_template:
+        return tokenizer.eos_token_id
+    probe = "end-of-turn-probe"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}],
+                                         tokenize=False)
+    after = tokenizer(text[text.rindex(probe) + len(probe):], add_special_tokens=False).input_ids
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return next((i for i in after if i in special), tokenizer.eos_token_id)
+
+
+def pad_to(ids, width, pad, left):
+    """ids and attention mask padded to `width` on the left (prompts) or on the right (responses)."""
+    padding = [pad] * (width - len(ids))
+    mask = [1] * len(ids)
+    if left:
+        return padding + ids, [0] * len(padding) + mask
+    return ids + padding, mask + [0] * len(padding)
+
+
+PREFERENCE_EXPECTED = ("--task.dataset_format preference expects columns prompt (text or chat messages), chosen and "
+                       "rejected (the response as text, or chat messages [{'role': ..., 'content': ...}, ...] ending "
+                       "with the assistant's answer, optionally preceded by the prompt's turns)")
+
+
+def is_messages(value):
+    return isinstance(value, list) and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                           and isinstance(m.get("content"), str) for m in value)
+
+
+def conversation(row, index, what):
+    """(prompt messages, chosen message, rejected message) of a preference row. A response given as messages ends with
+    the assistant's answer; the turns before it, when there are any, are the prompt (they must be the same in chosen
+    and rejected); otherwise the prompt column is the prompt (text: one user turn)."""
+    answers, context = {}, {}
+    for column in ("chosen", "rejected"):
+        value = row[column]
+        if isinstance(value, str):
+            answers[column], context[column] = {"role": "assistant", "content": value}, None
+        elif is_messages(value) and value and value[-1]["role"] == "assistant":
+            answers[column], context[column] = value[-1], value[:-1] or None
+        else:
+            raise ValueError(f"{what}: row {index}, column {column}: expected text or chat messages ending with an "
+                             f"assistant turn, got {str(value)[:120]!r}; {PREFERENCE_EXPECTED}")
+    if context["chosen"] is not None and context["rejected"] is not None and context["chosen"] != context["rejected"]:
+        raise ValueError(f"{what}: row {index}: chosen and rejected continue different conversations (the turns before "
+                         "their last assistant turn differ)")
+    prompt = context["chosen"] or context["rejected"]
+    if prompt is None:
+        value = row["prompt"]
+        if isinstance(value, str) and value.strip():
+            prompt = [{"role": "user", "content": value}]
+        elif is_messages(value) and value:
+            prompt = value
+        else:
+            raise ValueError(f"{what}: row {index}, column prompt: expected non-empty text or chat messages, got "
+                             f"{str(value)[:120]!r}; {PREFERENCE_EXPECTED}")
+    return prompt, answers["chosen"], answers["rejected"]
+
+
+def render_response(tokenizer, prompt, prompt_text, answer, end_of_turn, what):
+    """The answer's token ids as the chat template renders it after the prompt, up to and including the end-of-turn
+    token (appended when the template writes none), so that prompt ids + response ids are the conversation's."""
+    text = tokenizer.apply_chat_template([*prompt, answer], tokenize=False)
+    if not text.startswith(prompt_text):
+        raise ValueError(f"{what}: the chat template of --model_name_or_path does not render the prompt (with the "
+                         "generation prompt) as the start of the conversation, so the response cannot be cut out")
+    ids = tokenizer(text[len(prompt_text):], add_special_tokens=False).input_ids
+    return ids[:ids.index(end_of_turn) + 1] if end_of_turn in ids else ids + [end_of_turn]
+
+
+def preference_layout(data, tokenizer, args, vocab_size, what):
+    """A preference split in filter.py's layout: the prompt rendered with the chat template and the generation prompt,
+    left-padded to maxlen_prompt; each response the template's rendering of the assistant turn, end-of-turn token
+    included, right-padded to maxlen. Rows over either length are dropped and counted; the result's fingerprint is
+    derived from the input's, the tokenizer's and the lengths (it keys the reference-logprob cache)."""
+    missing = [c for c in PREFERENCE_COLUMNS if c not in data.column_names]
+    if missing:
+        raise ValueError(f"{what}: missing column(s) {missing} ({PREFERENCE_EXPECTED}); it has {data.column_names}")
+    for column in PREFERENCE_COLUMNS:
+        feature = data.features[column]
+        if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+                or isinstance(feature, (datasets.Sequence, datasets.LargeList, datasets.List))):
+            raise ValueError(f"{what}: column {column} holds {feature}, not text or chat messages; "
+                             f"{PREFERENCE_EXPECTED}")
+    if not tokenizer.chat_template:
+        raise ValueError(f"--model_name_or_path {args.model_name_or_path}: its tokenizer has no chat template to "
+                         "render the preference data with")
+    if len(data) == 0:
+        raise ValueError(f"{what}: no rows")
+    end_of_turn = end_of_turn_id(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn
+    if not 0 <= pad < vocab_size:
+        pad = end_of_turn
+    stats = {"rows": 0, "prompt_too_long": 0, "response_too_long": 0}
+
+    def layout(rows, indices):
+        out = {c: [] for c in LAYOUT_COLUMNS}
+        for i, index in enumerate(indices):
+            stats["rows"] += 1
+            prompt, chosen, rejected = conversation({c: rows[c][i] for c in PREFERENCE_COLUMNS}, index, what)
+            prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+            prompt_ids = tokenizer(prompt_text, add_special_tokens=False).input_ids
+            if len(prompt_ids) > args.task.maxlen_prompt:
+                stats["prompt_too_long"] += 1
+                continue
+            responses = [render_response(tokenizer, prompt, prompt_text, answer, end_of_turn, what)
+                         for answer in (chosen, rejected)]
+            if max(map(len, responses)) > args.task.maxlen:
+                stats["response_too_long"] += 1
+                continue
+            for name, ids, width, left in (("prompt", prompt_ids, args.task.maxlen_prompt, True),
+                                           ("chosen", responses[0], args.task.maxlen, False),
+                                           ("reject", responses[1], args.task.maxlen, False)):
+                padded, mask = pad_to(ids, width, pad, left)
+                out[f"{name}_input_ids"].append(padded)
+                out[f"{name}_attention_mask"].append(mask)
+        return out
+
+    key = hashlib.sha256(json.dumps([data._fingerprint, fingerprint(args.model_name_or_path), args.task.maxlen_prompt,
+                                     args.task.maxlen, "dpo-preference-layout-1"]).encode()).hexdigest()[:16]
+    features = datasets.Features({c: datasets.Sequence(datasets.Value("int32" if c.endswith("ids") else "int8"))
+                                  for c in LAYOUT_COLUMNS})
+    laid_out = data.map(layout, batched=True, with_indices=True, remove_columns=data.column_names, features=features,
+                        keep_in_memory=True, load_from_cache_file=False, new_fingerprint=key)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"{what}: kept {len(laid_out)} of {stats['rows']} rows; dropped {stats['prompt_too_long']} with a prompt "
+              f"over --task.maxlen_prompt {args.task.maxlen_prompt} tokens, {stats['response_too_long']} with a "
+              f"response over --task.maxlen {args.task.maxlen}")
+    if len(laid_out) == 0:
+        raise ValueError(f"{what}: no rows left ({stats}): raise --task.maxlen_prompt or --task.maxlen")
+    return laid_out
+
+
+def load_pair_split(split, args, tokenizer, vocab_size):
+    """A split as filter.py's layout in torch format, from either data format, checked before any model loads."""
+    data = load_split(args.task.dataset, split, "--task.dataset")
+    what = f"--task.dataset {args.task.dataset} split {split}"
+    if args.task.dataset_format == "preference":
+        data = preference_layout(data, tokenizer, args, vocab_size, what)
+    else:
+        require_columns(data, LAYOUT_COLUMNS, what)
+        data = data.select_columns(LAYOUT_COLUMNS)
+    check_layout(data, args, vocab_size, what)
+    return data.with_format("torch")
+
+
+def trimmed_batch(data, indices, device):
+    """Chosen and reject sequences of the pairs `indices` ([chosen..., reject...]), trimmed to the longest real prompt
+    and the longest real response: [left-padded prompt | right-padded response], so they meet in the middle."""
+    rows = data[indices]
+    prompt_len = int(rows["prompt_attention_mask"].sum(1).max())
+    response_len = int(torch.cat([rows["chosen_attention_mask"], rows["reject_attention_mask"]]).sum(1).max())
+    prompt = rows["prompt_input_ids"][:, -prompt_len:].repeat(2, 1)
+    prompt_mask = rows["prompt_attention_mask"][:, -prompt_len:].repeat(2, 1)
+    response = torch.cat([rows["chosen_input_ids"], rows["reject_input_ids"]])[:, :response_len]
+    response_mask = torch.cat([rows["chosen_attention_mask"], rows["reject_attention_mask"]])[:, :response_len]
+    batch = {"input_ids": torch.cat([prompt, response], 1).long(), "attention_mask": torch.cat(
+        [prompt_mask, response_mask], 1).long(), "response_mask": response_mask.bool(), "prompt_len": prompt_len}
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def chunk_logprobs(hidden, targets, lm_head, temperature):
+    logits = lm_head(hidden).float() / temperature
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+
+
+class SequenceLogprobs(torch.nn.Module):
+    """log pi(response | prompt) summed over the real response tokens, from one forward pass on a trimmed batch.
+    Hidden states are kept only at real response positions; the fp32 log-softmax runs over chunks of them, each
+    recomputed in the backward pass (activation checkpointing), so the full fp32 logits never exist."""
+
+    def __init__(self, model, temperature, chunk_size):
+        super().__init__()
+        self.model, self.temperature, self.chunk_size = model, temperature, chunk_size
+
+    def forward(self, input_ids, attention_mask, response_mask, prompt_len):
+        logprobs = self.token_logprobs(input_ids, attention_mask, response_mask, prompt_len)
+        rows = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(response_mask)[response_mask]
+        return torch.zeros(len(input_ids), device=input_ids.device).index_add(0, rows, logprobs)
+
+    def token_logprobs(self, input_ids, attention_mask, response_mask, prompt_len):
+        """Logprobs of the real response tokens, flattened in row order."""
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                       use_cache=False).last_hidden_state
+        hidden = hidden[:, prompt_len - 1:-1][response_mask]  # states that predict the real response tokens
+        targets = input_ids[:, prompt_len:][response_mask]
+        lm_head = self.model.get_output_embeddings()
+        pieces = []
+        for start in range(0, len(targets), self.chunk_size):
+            args = (hidden[start:start + self.chunk_size], targets[start:start + self.chunk_size], lm_head,
+                    self.temperature)
+            pieces.append(checkpoint(chunk_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled()
+                          else chunk_logprobs(*args))
+        return torch.cat(pieces)
+
+
+@torch.no_grad()
+def check_logprob_path(wrapped, batch, what):
+    """Prove on one micro-batch, in fp32, that SequenceLogprobs (the base model, then the output embedding at the
+    response positions) gives the logprobs of the model's own forward. It does not for a model that transforms its
+    logits after the output embedding (Granite's `logits_scaling`, Cohere's `logit_scale`, soft-capping): refused."""
+    model, training = wrapped.model, wrapped.model.training
+    model.eval()
+    fast = wrapped.token_logprobs(**batch)
+    input_ids, attention_mask, prompt_len = batch["input_ids"], batch["attention_mask"], batch["prompt_len"]
+    keep = {"logits_to_keep": input_ids.shape[1] - prompt_len + 1}  # only the positions that predict the response
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        keep = {}
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                   position_ids=(attention_mask.cumsum(1) - 1).clamp(min=0), **keep).logits
+    logits = logits[:, -(input_ids.shape[1] - prompt_len + 1):-1].float() / wrapped.temperature
+    slow = logits.log_softmax(-1).gather(-1, input_ids[:, prompt_len:, None]).squeeze(-1)[batch["response_mask"]]
+    model.train(training)
+    gap = (fast - slow).abs().max().item()
+    if not gap <= 1e-3:  # fp32 rounding is about 1e-5 here; a NaN gap is refused too
+        found = {k: v for k, v in vars(model.config.get_text_config()).items()
+                 if k in ("logits_scaling", "logit_scale", "final_logit_softcapping", "output_multiplier_scale")}
+        raise SystemExit(f"{what}: the model's own forward gives other logprobs than the fast logprob path (base "
+                         f"model, then the output embedding) on the first micro-batch: up to {gap:.3g} nats per "
+                         f"token. It transforms its logits after the output embedding{f' ({found})' if found else ''}, "
+                         "which the chunked log-softmax does not reproduce; this script cannot train this model as is")
+
+
+def without_dropout(config):
+    """`config` with every dropout probability set to 0, for use before the model is built. Zeroing nn.Dropout
+    modules is not enough: many models read a float from the config instead (Llama's `attention_dropout`, Falcon's
+    `hidden_dropout`), some copy it into the layers at construction, and any of them left non-zero makes train mode
+    stochastic (a PPO ratio that is not 1 before the first step)."""
+    for sub in {id(c): c for c in (config, config.get_text_config())}.values():
+        for key, value in list(vars(sub).items()):
+            if (any(word in key for word in ("dropout", "pdrop", "layerdrop")) and isinstance(value, (int, float))
+                    and not isinstance(value, bool)):
+                setattr(sub, key, 0.0)
+    return config
+
+
+def build_model(path, arg, args, device, probe, trainable=True):
+    """The policy (or the reference) wrapped to return sequence logprobs, checked against the model's own forward on
+    the micro-batch `probe`; dropout off (config and modules); FSDP2, or DDP when trainable."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, config=without_dropout(AutoConfig.from_pretrained(path)),
+                                                     attn_implementation=args.attn_implementation, dtype=torch.float32)
+    except OSError as e:
+        raise SystemExit(f"{arg} {path}: cannot load a model ({e})") from None
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(model.config, "final_logit_softcapping", None):
+        raise SystemExit(f"{arg} {path}: logit soft-capping is not supported by the chunked log-softmax")
+    wrapped = SequenceLogprobs(model, args.task.temperature, args.logprob_chunk_size)
+    wrapped.to(device)
+    check_logprob_path(wrapped, probe, f"{arg} {path}")
+    if args.fsdp:
+        bf16 = args.bf16 and device.type == "cuda"
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+        for module in model.modules():
+            if type(module).__name__ in (model._no_split_modules or ()):
+                fully_shard(module, mp_policy=policy or MixedPrecisionPolicy())
+        fully_shard(wrapped, mp_policy=policy or MixedPrecisionPolicy())
+        return wrapped
+    if dist.is_initialized() and trainable:
+        return DDP(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
+    return wrapped
+
+
+def fingerprint(path):
+    """What identifies a model for the reference cache: its name and, for a local folder, its weight files."""
+    parts = [os.path.abspath(path) if os.path.isdir(path) else path]
+    if os.path.isdir(path):
+        for name in sorted(os.listdir(path)):
+            if name.endswith((".safetensors", ".bin", "config.json")):
+                stat = os.stat(os.path.join(path, name))
+                parts.append(f"{name}:{stat.st_size}:{int(stat.st_mtime)}")
+    return parts
+
+
+def sharded_pass(model, data, indices, args, rank, world_size, device, autocast):
+    """Sequence logprobs [pairs, 2] of the pairs `indices`, computed in micro-batches spread over the ranks (every
+    rank runs the same number of passes, as FSDP2 needs) and summed back together. No gradients."""
+    step = args.local_micro_batch_size * world_size
+    out = torch.zeros(len(indices), 2, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for start in range(0, len(indices), step):
+            mine = list(range(start + rank * args.local_micro_batch_size,
+                              min(start + (rank + 1) * args.local_micro_batch_size, len(indices))))
+            positions = mine or [0]  # a rank with nothing left runs a dummy pass and discards it
+            batch = trimmed_batch(data, [indices[p] for p in positions], device)
+            with autocast:
+                logprobs = model(**batch).double().view(2, -1).T
+            if mine:
+                out[mine] = logprobs
+    return all_reduce(out)
+
+
+def reference_logprobs(splits, args, rank, world_size, device, autocast, probe):
+    """pi0's sequence logprobs of every pair of every split, from the cache beside the run or computed once."""
+    key = hashlib.sha256(json.dumps({
+        "data": {name: data._fingerprint for name, data in splits.items()},
+        "model": fingerprint(args.ref_model_name_or_path or args.model_name_or_path),
+        "temperature": args.task.temperature, "maxlen_prompt": args.task.maxlen_prompt, "maxlen": args.task.maxlen,
+        "attn": args.attn_implementation, "bf16": args.bf16 and device.type == "cuda", "fsdp": args.fsdp,
+    }, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(args.output_dir, "ref_logprobs", f"{key}.pt")
+    if os.path.exists(path):
+        if rank == 0:
+            print(f"reference logprobs: cached in {path}")
+        cached = torch.load(path)
+        return {name: cached[name].to(device) for name in splits}
+    start = time.time()
+    arg = "--ref_model_name_or_path" if args.ref_model_name_or_path else "--model_name_or_path"
+    model = build_model(args.ref_model_name_or_path or args.model_name_or_path, arg, args, device, probe,
+                        trainable=False)
+    model.eval()
+    result = {name: sharded_pass(model, data, list(range(len(data))), args, rank, world_size, device, autocast)
+              for name, data in splits.items()}
+    del model
+    if rank == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save({name: t.cpu() for name, t in result.items()}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        print(f"reference logprobs: computed in {time.time() - start:.0f} s, cached in {path}")
+    barrier()
+    return result
+
+
+@torch.no_grad()
+def evaluate(model, data, ref, lengths, args, rank, world_size, device, autocast):
+    """val/loss, val/rewards_accuracies and val/rewards_margins over the whole eval split."""
+    model.eval()
+    logprobs = sharded_pass(model, data, list(range(len(data))), args, rank, world_size, device, autocast)
+    model.train()
+    losses, rewards = dpo_losses(logprobs, ref, lengths, args.dpo.beta, args.dpo.loss_type, args.dpo.label_smoothing)
+    return {"val/loss": losses.mean().item(), "val/rewards_accuracies": (rewards[:, 0] > rewards[:, 1]).double().mean(
+    ).item(), "val/rewards_margins": (rewards[:, 0] - rewards[:, 1]).mean().item()}
+
+
+def main(args: Args):
+    check_numbers(args, positive=["logprob_chunk_size", "batch_size", "local_micro_batch_size", "total_episodes",
+                                  "num_train_epochs", "eval_freq", "keep_checkpoints", "max_bad_updates",
+                                  "max_grad_norm", "task.maxlen_prompt", "task.maxlen", "task.temperature",
+                                  "dpo.beta"],
+                  non_negative=["lr", "weight_decay", "save_freq"], fraction=["warmup_ratio", "dpo.label_smoothing"])
+    if args.dpo.label_smoothing >= 0.5:
+        raise ValueError(f"--dpo.label_smoothing must be < 0.5 (the probability that a label is flipped), got "
+                         f"{args.dpo.label_smoothing}")
+    if args.dpo.label_smoothing and args.dpo.loss_type != "sigmoid":
+        raise ValueError(f"--dpo.label_smoothing applies to the sigmoid loss only, not --dpo.loss_type "
+                         f"{args.dpo.loss_type}")
+    rank, world_size, device = init_distributed()
+    derive_batch_sizes(args, world_size)
+    resume = check_output_dir(args)
+    tokenizer = load_tokenizer(args.model_name_or_path)
+    if args.fsdp and not dist.is_initialized():
+        raise SystemExit("--fsdp shards over a process group: launch with torchrun (--nproc_per_node 1 for one GPU)")
+    vocab_size = AutoConfig.from_pretrained(args.model_name_or_path).get_text_config().vocab_size
+
+    # 1. data in filter.py's layout (preference data rendered and tokenized), checked before any model is loaded
+    splits = {"train": load_pair_split(args.task.train_split, args, tokenizer, vocab_size)}
+    if args.task.eval_split is not None:
+        splits["eval"] = load_pair_split(args.task.eval_split, args, tokenizer, vocab_size)
+    train = splits["train"]
+    if args.total_episodes is None:
+        args.total_episodes = args.num_train_epochs * len(train)
+    args.num_updates = args.total_episodes // args.batch_size
+    if args.num_updates == 0 or len(train) < args.batch_size:
+        raise ValueError(f"--batch_size {args.batch_size} is larger than the data ({len(train)} pairs) or "
+                         f"total_episodes ({args.total_episodes})")
+    lengths = {name: torch.stack([d["chosen_attention_mask"].sum(1), d["reject_attention_mask"].sum(1)], 1).double(
+    ).to(device) for name, d in splits.items()}  # response tokens, for IPO's per-token averages
+    lock = create_output_dir(args, rank, resume)  # noqa: F841 (held until the run ends)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16,
+                              enabled=args.bf16 and device.type == "cuda" and not args.fsdp)
+
+    # 2. reference logprobs, once (cached), then the policy; each model's fast logprob path is first checked against
+    # its own forward on one micro-batch (`probe`)
+    probe = trimmed_batch(train, list(range(args.local_micro_batch_size)), device)
+    ref = reference_logprobs(splits, args, rank, world_size, device, autocast, probe)
+    torch.manual_seed(args.seed)
+    model = build_model(args.model_name_or_path, "--model_name_or_path", args, device, probe)
+    model.train()
+    unwrapped = model.module if isinstance(model, DDP) else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+
+    # 3. resume
+    state = {"update": 0, "world_size": world_size, "skipped_updates": 0, "bad_in_a_row": 0,
+             "run_id": f"{int(time.time())}{random.Random().randrange(16**6):06x}"}
+    if resume:
+        state = load_checkpoint(resume, model, optimizer, rank, world_size)
+        if rank == 0:
+            print(f"resumed from {resume} at update {state['update']}")
+    logger = Logger(args, rank, state["run_id"], state["update"] if resume else None)
+    preemption = Preemption()
+    if "eval" in splits and not resume:
+        logger.log({**evaluate(model, splits["eval"], ref["eval"], lengths["eval"], args, rank, world_size, device,
+                               autocast), "episode": 0}, 0)
+
+    # 4. train
+    start_time, start_update = time.time(), state["update"]
+    while state["update"] < args.num_updates:
+        update = state["update"]
+        lr = lr_at(update, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = batch_indices(len(train), args.batch_size, update, args.seed)
+        local = batch[rank * args.local_batch_size:(rank + 1) * args.local_batch_size]
+        sums = torch.zeros(9, dtype=torch.float64, device=device)
+        for micro in range(args.gradient_accumulation_steps):
+            pairs = local[micro * args.local_micro_batch_size:(micro + 1) * args.local_micro_batch_size]
+            sync = micro == args.gradient_accumulation_steps - 1 or not isinstance(model, DDP)
+            with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+                logprobs = model(**trimmed_batch(train, pairs, device)).view(2, -1).T  # [pairs, (chosen, reject)]
+                losses, rewards = dpo_losses(logprobs.double(), ref["train"][pairs], lengths["train"][pairs],
+                                             args.dpo.beta, args.dpo.loss_type, args.dpo.label_smoothing)
+                loss = losses.sum() / args.batch_size
+                (loss * world_size).backward()  # DDP and FSDP2 average gradients over ranks; undo it
+            with torch.no_grad():
+                kl = ref["train"][pairs] - logprobs.double()  # log pi_ref - log pi of each response
+                sums += torch.stack([losses.sum(), rewards[:, 0].sum(), rewards[:, 1].sum(),
+                                     (rewards[:, 0] > rewards[:, 1]).double().sum(), logprobs[:, 0].double().sum(),
+                                     logprobs[:, 1].double().sum(), kl[:, 0].sum(), kl[:, 1].sum(),
+                                     torch.tensor(float(len(pairs)), device=device, dtype=torch.float64)])
+        stepped, grad_norm = step_if_finite(model, optimizer, sums[0] / args.batch_size, args, device)
+        count_update(state, stepped)
+
+        # metrics, reduced over ranks
+        loss_sum, chosen, rejected, accurate, logps_chosen, logps_rejected, chosen_kl, reject_kl, n = all_reduce(
+            sums).tolist()
+        metrics = {"loss/policy_avg": loss_sum / n, "objective/rewards_chosen": chosen / n,
+                   "objective/rewards_rejected": rejected / n, "objective/rewards_accuracies": accurate / n,
+                   "objective/rewards_margins": (chosen - rejected) / n, "objective/logps_chosen": logps_chosen / n,
+                   "objective/logps_rejected": logps_rejected / n, "objective/kl": (chosen_kl + reject_kl) / (2 * n),
+                   "loss/grad_norm": grad_norm, "loss/skipped_updates": state["skipped_updates"], "lr": lr,
+                   "episode": state["update"] * args.batch_size,
+                   "eps": (state["update"] - start_update) * args.batch_size / (time.time() - start_time)}
+        if "eval" in splits and (state["update"] % args.eval_freq == 0 or state["update"] == args.num_updates):
+            metrics.update(evaluate(model, splits["eval"], ref["eval"], lengths["eval"], args, rank, world_size,
+                                    device, autocast))
+        logger.log(metrics, state["update"])
+        checkpoint_or_stop(args, model, optimizer, state, rank, device, preemption, logger)
+
+    # 5. save the full policy (gathered from the shards under FSDP2)
+    full = None
+    if args.fsdp:
+        tied = getattr(unwrapped.model, "all_tied_weights_keys", None) or {}  # saved once, as save_pretrained does
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = {name: t for name, t in ((n.removeprefix("model."), t) for n, t in full.items()) if name not in tied}
+    save_model_atomically(unwrapped.model, tokenizer, args, rank, state_dict=full)
+    if rank == 0:
+        print(f"saved the policy and tokenizer to {args.output_dir}")
+    end_run(logger, rank)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# infrastructure shared, as identical copies, by the training scripts: TRY NOT TO MODIFY in one script alone
+# (tests/test_shared_helpers.py checks that the copies agree: change every copy, or none)
+
+
+def init_distributed():
+    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE and gets a process group, even with one process (FSDP2 needs one); a
+    plain `python script.py` is one process without one. gloo on CPU, nccl on GPU."""
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")  # dcp in one process
+    return rank, world_size, device
+
+
+def all_reduce(tensor, op=dist.ReduceOp.SUM):
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_split(path, split, arg):
+    """One split of a hub dataset, a `save_to_disk` folder, a folder of data files (split from file names), or a
+    single .jsonl/.json/.csv/.parquet file (which holds only the split "train"). `arg` names the argument in errors,
+    with the file and line of a local text file that is not UTF-8 or not JSON (datasets would show a traceback)."""
+    builders = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+    if not os.path.exists(path) and (path.startswith((".", "/", "~")) or os.path.splitext(path)[1] in builders):
+        raise FileNotFoundError(f"{arg} {path}: no such file or folder")
+    if os.path.isfile(path) and os.path.splitext(path)[1] not in builders:
+        raise ValueError(f"{arg} {path}: expected a .jsonl, .json, .csv or .parquet file")
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise ValueError(f"{arg} {path}: the file is empty")
+    saved = any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json"))
+    files = [path] if os.path.isfile(path) else [] if saved or not os.path.isdir(path) else sorted(
+        os.path.join(folder, name) for folder, _, names in os.walk(path) for name in names)
+    text_files = [f for f in files if os.path.splitext(f)[1] in (".jsonl", ".json", ".csv")]
+    for file in text_files:
+        check_text_file(file, arg)
+    try:
+        if os.path.isfile(path):
+            builder = builders[os.path.splitext(path)[1]]
+            splits = {"train": datasets.load_dataset(builder, data_files=path, split="train")}
+        elif saved:
+            loaded = datasets.load_from_disk(path)
+            splits = loaded if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+        else:
+            splits = datasets.load_dataset(path)
+    except (IndexError, StopIteration) as e:  # how datasets fails on a saved dataset without rows
+        raise ValueError(f"{arg} {path}: no rows (datasets cannot read it: {type(e).__name__})") from None
+    except datasets.exceptions.DatasetGenerationError as e:
+        for file in text_files:
+            check_text_file(file, arg, parse_json=True)
+        cause = e.__cause__ or e
+        raise ValueError(f"{arg} {path}: datasets cannot read it ({type(cause).__name__}: {cause})") from None
+    if split not in splits:
+        raise ValueError(f"{arg} {path}: no split {split!r}; it has {sorted(splits)}")
+    return splits[split]
+
+
+def check_text_file(path, arg, parse_json=False):
+    """A .jsonl/.json/.csv data file must be UTF-8 and, with parse_json (after datasets failed on it), a .jsonl or
+    .json file valid JSON Lines or one JSON document: the first offence is an error naming the file and line."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{arg} {path} line {number}: not UTF-8 text (byte {line[e.start]:#04x} at column "
+                                 f"{e.start + 1})") from None
+    if not parse_json or path.endswith(".csv"):
+        return
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    lines = text.splitlines()
+    try:  # JSON Lines when the first line is a JSON value of its own, else one document (e.g. a list of rows)
+        json.loads(next((line for line in lines if line.strip()), ""))
+    except json.JSONDecodeError:
+        lines = [text]
+    for number, line in enumerate(lines, start=1):
+        try:
+            if line.strip():
+                json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{arg} {path} line {e.lineno if len(lines) == 1 else number}: not valid JSON ({e.msg} "
+                             f"at column {e.colno})") from None
+
+
+def require_columns(dataset, columns, what):
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{what}: missing column(s) {missing}; it has {dataset.column_names}")
+    if len(dataset) == 0:
+        raise ValueError(f"{what}: no rows")
+
+
+def load_tokenizer(path, arg="--model_name_or_path", needs_eos=True):
+    """The tokenizer at `path`, checked before any model is loaded: it must have an EOS token where the script ends
+    sequences with it (needs_eos), else at least a pad or EOS token to pad batches with."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{arg} {path}: cannot load a tokenizer from it ({type(e).__name__}: {e})") from None
+    if needs_eos and tokenizer.eos_token_id is None:
+        raise SystemExit(f"{arg} {path}: its tokenizer has no EOS token (eos_token is None), which ends every sequence "
+                         "here; set one (tokenizer.eos_token = ...; tokenizer.save_pretrained(...))")
+    if tokenizer.eos_token_id is None and tokenizer.pad_token_id is None:
+        raise SystemExit(f"{arg} {path}: its tokenizer has neither a pad nor an EOS token to pad batches with; set "
+                         "one (tokenizer.pad_token = ...; tokenizer.save_pretrained(...))")
+    return tokenizer
+
+
+def derive_batch_sizes(args, world_size):
+    """Fill in the computed fields; the global batch is fixed, so 1 or N ranks make the same updates."""
+    args.world_size = world_size
+    if args.batch_size % world_size:
+        raise ValueError(f"--batch_size {args.batch_size} does not divide across {world_size} ranks")
+    args.local_batch_size = args.batch_size // world_size
+    if args.local_batch_size % args.local_micro_batch_size:
+        raise ValueError(f"--batch_size {args.batch_size} over {world_size} ranks is {args.local_batch_size} per rank, "
+                         f"not a multiple of --local_micro_batch_size {args.local_micro_batch_size}")
+    args.gradient_accumulation_steps = args.local_batch_size // args.local_micro_batch_size
+
+
+def lr_at(update, args):
+    """Linear warmup then cosine decay to 0, a function of the update number only (no dependence on ranks)."""
+    warmup = int(args.warmup_ratio * args.num_updates)
+    if update < warmup:
+        return args.lr * (update + 1) / warmup
+    progress = (update - warmup) / max(1, args.num_updates - warmup)
+    return args.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def batch_indices(num_examples, batch_size, update, seed):
+    """Example indices of global batch `update`. Each epoch is a seeded permutation, so the order depends on the
+    update number alone: the same for every world size, and restored exactly on resume."""
+    epoch, step = divmod(update, num_examples // batch_size)
+    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return order[step * batch_size:(step + 1) * batch_size].tolist()
+
+
+def check_numbers(args, positive=(), non_negative=(), fraction=()):
+    """Numeric arguments in their valid range, checked before anything is written: `positive` > 0, `non_negative` >= 0,
+    `fraction` in [0, 1]. Names may be dotted (task.maxlen); a field left at None (computed later) is not checked."""
+    rules = [(positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
+             (fraction, lambda v: 0 <= v <= 1, "in [0, 1]")]
+    for names, ok, expected in rules:
+        for name in names:
+            value = args
+            for part in name.split("."):
+                value = getattr(value, part)
+            if value is not None and not (ok(value) and not math.isnan(value)):
+                raise ValueError(f"--{name} must be {expected}, got {value}")
+
+
+def lock_output_dir(output_dir, rank):
+    """One run per output folder: rank 0 holds an exclusive lock on `.<name>.lock` beside the folder for the life of the
+    process (the OS releases it however the process ends, SIGKILL included). A second run on the same folder is
+    refused, naming the holder. Returns the open lock file, to be kept referenced until the run ends."""
+    output_dir = os.path.normpath(output_dir)
+    path = os.path.join(os.path.dirname(output_dir), f".{os.path.basename(output_dir)}.lock")
+    handle, holder = None, None
+    if rank == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                         f"{' '.join(sys.argv)}\n")
+            handle.flush()
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "a process that has not written its name yet"
+            handle.close()
+    if dist.is_initialized():
+        box = [holder]
+        dist.broadcast_object_list(box, src=0)
+        holder = box[0]
+    if holder is not None:
+        raise SystemExit(f"--output_dir {output_dir} is in use by another run ({holder}; lock file {path}). Wait for "
+                         "it to end or stop it, or pass another --output_dir")
+    return handle
+
+
+def check_output_dir(args):
+    """Refuse to clobber a finished run or to restart an unfinished one silently; return the checkpoint to resume
+    (`--resume auto`: the newest one that passes verification). Writes nothing: the folder is made by
+    create_output_dir once the inputs have been checked."""
+    if args.overwrite and args.resume:
+        raise ValueError("--overwrite and --resume contradict each other")
+    if args.overwrite:
+        return None
+    if os.path.exists(os.path.join(args.output_dir, "config.json")):
+        raise FileExistsError(f"--output_dir {args.output_dir} already holds a finished run (config.json); "
+                              "pass another --output_dir or --overwrite")
+    if checkpoint_names(args.output_dir) and args.resume is None:
+        raise FileExistsError(f"--output_dir {args.output_dir} holds checkpoints of an unfinished run; "
+                              "pass --resume auto to continue it or --overwrite to start over")
+    if args.resume == "auto":
+        return latest_checkpoint(args.output_dir)
+    if args.resume:
+        if not os.path.exists(os.path.join(args.resume, "state.json")):
+            raise FileNotFoundError(f"--resume {args.resume}: not a checkpoint folder (no state.json)")
+        problem = verify_checkpoint(args.resume)
+        if problem:
+            raise ValueError(f"--resume {args.resume}: the checkpoint fails verification: {problem}")
+    return args.resume
+
+
+def changed_settings(args, recorded):
+    """`--name old -> new` for every argument that differs from those a run was started with, except the ones that
+    cannot change its results (where it writes, how often it checkpoints, how it logs)."""
+    neutral = {"output_dir", "overwrite", "resume", "save_freq", "keep_checkpoints", "max_bad_updates", "track",
+               "wandb_project_name", "wandb_entity", "exp_name"}
+
+    def flat(d, prefix=""):
+        return {k: v for key, value in d.items() for k, v in (flat(value, f"{prefix}{key}.").items()
+                                                            if isinstance(value, dict) else [(prefix + key, value)])}
+
+    now, then = flat(json.loads(json.dumps(asdict(args)))), flat(recorded)
+    return [f"--{name} {then.get(name, '(absent)')} -> {now.get(name, '(absent)')}"
+            for name in sorted(set(now) | set(then)) if name not in neutral and now.get(name) != then.get(name)]
+
+
+def create_output_dir(args, rank, resume):
+    """Take the folder's lock, then: a fresh start (re)creates it and writes args.json; a resume first checks that
+    every argument that changes results equals the checkpoint's and never rewrites args.json. Returns the lock."""
+    if resume:
+        recorded = os.path.join(resume, "args.json")
+        if not os.path.exists(recorded):  # checkpoints of older versions: the run's own args.json
+            recorded = os.path.join(os.path.dirname(os.path.dirname(os.path.normpath(resume))), "args.json")
+        if not os.path.exists(recorded):
+            raise FileNotFoundError(f"--resume {resume}: neither the checkpoint nor its run folder holds the args.json "
+                                    "the run was started with, so the settings cannot be checked")
+        with open(recorded) as f:
+            changed = changed_settings(args, json.load(f))
+        if changed:
+            raise ValueError(f"--resume {resume}: the run was started with other settings, and a resumed run must "
+                             f"train as the original would: {'; '.join(changed)}. Resume with the original arguments "
+                             f"({recorded}), or start a new run in another --output_dir")
+    lock = lock_output_dir(args.output_dir, rank)
+    barrier()
+    if rank == 0:
+        if args.overwrite:
+            shutil.rmtree(args.output_dir, ignore_errors=True)
+        os.makedirs(args.output_dir, exist_ok=True)
+        path = os.path.join(args.output_dir, "args.json")
+        if not (resume and os.path.exists(path)):
+            with open(path + ".tmp", "w") as f:
+                json.dump(asdict(args), f, indent=2)
+            os.replace(path + ".tmp", path)
+    barrier()
+    return lock
+
+
+def checkpoint_names(output_dir):
+    """Names of the finished checkpoints in output_dir, oldest first (temporary folders have a dot in their name)."""
+    root = os.path.join(output_dir, "checkpoints")
+    names = os.listdir(root) if os.path.isdir(root) else []
+    return sorted(n for n in names if n.startswith("update_") and "." not in n)
+
+
+def latest_checkpoint(output_dir):
+    """The newest checkpoint in output_dir that passes verification; newer ones that fail are reported and skipped."""
+    for name in reversed(checkpoint_names(output_dir)):
+        path = os.path.join(output_dir, "checkpoints", name)
+        problem = verify_checkpoint(path)
+        if not problem:
+            return path
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"skipping checkpoint {path}: it fails verification ({problem})", file=sys.stderr, flush=True)
+    return None
+
+
+def file_checksums(folder, names):
+    """{name: [size, crc32]} of files in `folder`, each rank reading its share (checkpoints can be hundreds of GB)."""
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = {}
+    for name in names[rank::world_size]:
+        crc = 0
+        with open(os.path.join(folder, name), "rb") as f:
+            while block := f.read(1 << 24):
+                crc = zlib.crc32(block, crc)
+        mine[name] = [os.path.getsize(os.path.join(folder, name)), crc]
+    parts = [mine]
+    if dist.is_initialized():
+        parts = [None] * world_size
+        dist.all_gather_object(parts, mine)
+    return {name: value for part in parts for name, value in part.items()}
+
+
+def verify_checkpoint(path):
+    """None if every file listed in the checkpoint's manifest.json (written last) is there with its size and
+    checksum; otherwise what is wrong, naming the file."""
+    manifest = os.path.join(path, "manifest.json")
+    if not os.path.exists(manifest):
+        return f"no {manifest} (written last: the checkpoint is incomplete or from an older version)"
+    with open(manifest) as f:
+        expected = json.load(f)
+    missing = [name for name in expected if not os.path.isfile(os.path.join(path, name))]
+    if missing:
+        return f"missing file {os.path.join(path, missing[0])}"
+    for name, (size, crc) in file_checksums(path, sorted(expected)).items():
+        if [size, crc] != expected[name]:
+            what = "size" if size != expected[name][0] else "checksum"
+            return f"{os.path.join(path, name)} has another {what} than when it was written (corrupt)"
+    return None
+
+
+@contextlib.contextmanager
+def disk_errors(path):
+    """A write that fails for lack of space says so, with the path, instead of torch's C++ messages ("file write
+    failed", "enforce fail"); what was half-written at `path` is removed."""
+    try:
+        yield
+    except (OSError, RuntimeError, dcp.CheckpointException) as e:  # dcp wraps what its writers raise
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        shutil.rmtree(path, ignore_errors=True)
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or free < 64 * 2**20:
+            raise SystemExit(f"no space left on device while writing {path} ({free / 2**20:.0f} MiB free there): free "
+                             "some space or lower --keep_checkpoints, then continue with --resume auto") from e
+        raise
+
+
+def save_checkpoint(args, model, optimizer, state, rank, generators=None):
+    """Write a resumable checkpoint atomically (a temporary folder renamed when complete): model and optimizer through
+    torch.distributed.checkpoint (FSDP2 shards are written by their owners), `state` (counters, wandb run id), each
+    rank's RNG states, the run's args.json, and last manifest.json (size and checksum of every file), which resume
+    verifies. Keeps the newest `keep_checkpoints` (this one, verified, always among them)."""
+    root = os.path.join(args.output_dir, "checkpoints")
+    path = os.path.join(root, f"update_{state['update']:07d}")
+    tmp = path + ".tmp"
+    with disk_errors(tmp):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        barrier()
+        model_state, optim_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=os.path.join(tmp, "dcp"))
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+               "generators": {name: g.get_state() for name, g in (generators or {}).items()}}
+        torch.save(rng, os.path.join(tmp, f"rng_rank{rank}.pt"))
+        barrier()
+        if rank == 0:
+            with open(os.path.join(tmp, "state.json"), "w") as f:
+                json.dump(state, f)
+            shutil.copyfile(os.path.join(args.output_dir, "args.json"), os.path.join(tmp, "args.json"))
+        barrier()
+        names = sorted(os.path.relpath(os.path.join(d, n), tmp) for d, _, files in os.walk(tmp) for n in files)
+        checksums = file_checksums(tmp, names)
+        if rank == 0:
+            with open(os.path.join(tmp, "manifest.json"), "w") as f:
+                json.dump(checksums, f)
+    if rank == 0:
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+        old = checkpoint_names(args.output_dir)
+        for name in old[:max(0, len(old) - max(1, args.keep_checkpoints))]:
+            if name != os.path.basename(path):
+                shutil.rmtree(os.path.join(root, name))
+    barrier()
+    return path
+
+
+def load_checkpoint(path, model, optimizer, rank, world_size, generators=None):
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    if state["world_size"] != world_size:
+        raise ValueError(f"--resume {path}: written by {state['world_size']} ranks, resumed with {world_size}; "
+                         "exact resume needs the same number of ranks")
+    model_state, optim_state = get_state_dict(model, optimizer)
+    loaded = {"model": model_state, "optimizer": optim_state}
+    dcp.load(loaded, checkpoint_id=os.path.join(path, "dcp"))
+    set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
+    rng = torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    for name, g in (generators or {}).items():
+        g.set_state(rng["generators"][name])
+    return state
+
+
+def rewrite_log(path, resumed_update):
+    """A fresh start (resumed_update None) begins `path` (a jsonl log with an "update" key) anew; a resumed run keeps
+    the lines logged up to its checkpoint. An incomplete last line (a kill or a full disk mid-write) is dropped with a
+    warning; a malformed line elsewhere is an error naming the file and line. Rewritten atomically (temporary file,
+    rename), so a kill here loses nothing."""
+    kept = []
+    if resumed_update is not None and os.path.exists(path):
+        with open(path, "rb") as f:
+            lines = f.read().decode("utf-8", errors="replace").splitlines(keepends=True)
+        for i, line in enumerate(lines):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:
+                    print(f"warning: dropping the incomplete last line of {path}: {line[:80]!r}", file=sys.stderr)
+                    break
+                raise ValueError(f"{path} line {i + 1} is not valid JSON: {line[:80]!r}") from None
+            if row["update"] <= resumed_update:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+class Preemption:
+    """SIGTERM, what cluster schedulers send before killing a job, only raises a flag: the training loop finishes the
+    update, all ranks agree to stop, a checkpoint is written and the run exits 143. (torchrun forwards SIGTERM to its
+    workers and kills them --shutdown-timeout seconds later, 30 by default: an update plus a checkpoint must fit.)"""
+
+    def __init__(self):
+        self.flag = False
+        signal.signal(signal.SIGTERM, self.handler)
+
+    def handler(self, signum, frame):
+        self.flag = True
+
+    def requested(self, device):
+        return bool(all_reduce(torch.tensor(float(self.flag), device=device), op=dist.ReduceOp.MAX).item())
+
+
+def step_if_finite(model, optimizer, loss, args, device):
+    """Clip gradients and step, unless the loss or the gradient norm is non-finite on any rank: then the gradients
+    are dropped and the weights are not touched. Returns (stepped, grad_norm)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+        grad_norm = grad_norm.full_tensor()
+    bad = torch.logical_not(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)).float().to(device)
+    finite = all_reduce(bad, op=dist.ReduceOp.MAX).item() == 0
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return finite, grad_norm.item()
+
+
+def count_update(state, stepped):
+    state["update"] += 1
+    state["bad_in_a_row"] = 0 if stepped else state["bad_in_a_row"] + 1
+    state["skipped_updates"] += 0 if stepped else 1
+
+
+def checkpoint_or_stop(args, model, optimizer, state, rank, device, preemption, logger, generators=None):
+    """After an update: stop with a checkpoint after max_bad_updates skipped updates in a row or on SIGTERM;
+    otherwise write the periodic checkpoint."""
+    if state["bad_in_a_row"] >= args.max_bad_updates:  # the weights are the last good ones: none of these stepped
+        path = save_checkpoint(args, model, optimizer, {**state, "bad_in_a_row": 0}, rank, generators)
+        end_run(logger, rank, 1, f"stopping: {state['bad_in_a_row']} updates in a row had a non-finite loss or "
+                                 f"gradient norm and were skipped; the last good weights are in {path}. Lower --lr or "
+                                 f"check the data, then continue with --resume {path}")
+    if preemption.requested(device):
+        path = save_checkpoint(args, model, optimizer, state, rank, generators)
+        end_run(logger, rank, 143, f"preempted: checkpoint written to {path}; continue with the same command plus "
+                                   "--resume auto")
+    if args.save_freq and state["update"] % args.save_freq == 0 and state["update"] < args.num_updates:
+        save_checkpoint(args, model, optimizer, state, rank, generators)
+
+
+def end_run(logger, rank, code=0, message=None):
+    """Close the logger (wandb), print the message and leave with `code`. Under torchrun the process ends with
+    os._exit, skipping Python's own teardown, where gloo's worker threads and the DDP reducer can deadlock over the
+    GIL (pytorch#56297); every file has been written and closed by then."""
+    logger.close()
+    if message and rank == 0:
+        print(message, file=sys.stderr if code == 1 else sys.stdout, flush=True)
+    if dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        raise SystemExit(code)
+
+
+class Logger:
+    """Every logged scalar goes to the console and `<output_dir>/metrics.jsonl`, and to wandb with --track (a resumed
+    run continues the same wandb run). Only rank 0 writes."""
+
+    def __init__(self, args, rank, run_id, resumed_update):
+        self.rank, self.wandb = rank, None
+        self.path = os.path.join(args.output_dir, "metrics.jsonl")
+        if rank != 0:
+            return
+        rewrite_log(self.path, resumed_update)  # a resumed run drops what was logged after its checkpoint
+        if args.track:
+            import wandb
+
+            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args),
+                                    name=f"{args.exp_name}__{args.seed}__{run_id}", id=run_id, resume="allow")
+
+    def log(self, metrics, update):
+        if self.rank != 0:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"update": update, **metrics}) + "\n")
+        print(f"update {update}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=update)
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def save_model_atomically(model, tokenizer, args, rank, state_dict=None):
+    """`save_pretrained` (safetensors) plus the tokenizer into output_dir; config.json, the file that marks a finished
+    run, is moved in last, so an interrupted save never looks finished. `state_dict`: full weights gathered from a
+    sharded (FSDP2) model."""
+    tmp = os.path.join(args.output_dir, "final.tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        with disk_errors(tmp):
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+            tokenizer.save_pretrained(tmp)
+        names = sorted(os.listdir(tmp), key=lambda name: name == "config.json")
+        for name in names:
+            os.replace(os.path.join(tmp, name), os.path.join(args.output_dir, name))
+        os.rmdir(tmp)
+    barrier()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args, use_underscores=True))
