@@ -237,6 +237,35 @@ def check_nonfinite_guard(module, args, reference_dir, tmp_path, good, capsys):
     assert stopped.keys() == last_good.keys() and all(torch.equal(stopped[k], last_good[k]) for k in last_good)
 
 
+def pair_rows(maxlen_prompt=7, maxlen=6, lengths=((3, 2, 5), (7, 6, 1), (1, 4, 3)), seed=1):
+    """Pairs in filter.py's layout (random ids), one per (prompt, chosen, reject) real length in `lengths`."""
+    import datasets
+
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for prompt_len, chosen_len, reject_len in lengths:
+        row = {}
+        for name, n, width, left in (("prompt", prompt_len, maxlen_prompt, True), ("chosen", chosen_len, maxlen, False),
+                                     ("reject", reject_len, maxlen, False)):
+            ids = torch.randint(5, 1000, (n,), generator=g).tolist()
+            pad = [4] * (width - n)
+            row[f"{name}_input_ids"] = pad + ids if left else ids + pad
+            row[f"{name}_attention_mask"] = [0] * len(pad) + [1] * n if left else [1] * n + [0] * len(pad)
+        row["chosen_reward"], row["reject_reward"] = 1.0, 0.0
+        rows.append(row)
+    return datasets.Dataset.from_list(rows).with_format("torch")
+
+
+def save_tiny(path, config, model_class):
+    """A model of `config` with seeded random weights, saved with the tiny Llama-3 chat tokenizer."""
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(0)
+    model_class.from_config(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(TINY_LLAMA).save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def session_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("runs")

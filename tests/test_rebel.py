@@ -15,9 +15,11 @@ from conftest import (
     check_resume_from_checkpoint,
     check_resume_refuses_other_settings,
     metrics,
+    pair_rows,
     run,
     run_in_process,
     run_into,
+    save_tiny,
 )
 
 import filter as filter_stage
@@ -38,23 +40,6 @@ def test_rebel_loss_matches_a_slow_reference():
         assert losses[i].item() == pytest.approx(expected.item(), rel=1e-12)
         assert diff[i].item() == pytest.approx(expected_diff.item(), rel=1e-12)
     assert rebel.sign_align(torch.tensor([0.0, 1.0, -1.0]), torch.tensor([2.0, 2.0, 2.0])).tolist() == [0.5, 1, 0]
-
-
-def pair_rows(maxlen_prompt=7, maxlen=6):
-    """Three pairs in filter.py's layout, with prompts and responses of different real lengths."""
-    g = torch.Generator().manual_seed(1)
-    rows = []
-    for prompt_len, chosen_len, reject_len in ((3, 2, 5), (7, 6, 1), (1, 4, 3)):
-        row = {}
-        for name, n, width, left in (("prompt", prompt_len, maxlen_prompt, True), ("chosen", chosen_len, maxlen, False),
-                                     ("reject", reject_len, maxlen, False)):
-            ids = torch.randint(5, 1000, (n,), generator=g).tolist()
-            pad = [4] * (width - n)
-            row[f"{name}_input_ids"] = pad + ids if left else ids + pad
-            row[f"{name}_attention_mask"] = [0] * len(pad) + [1] * n if left else [1] * n + [0] * len(pad)
-        row["chosen_reward"], row["reject_reward"] = 1.0, 0.0
-        rows.append(row)
-    return datasets.Dataset.from_list(rows).with_format("torch")
 
 
 def slow_logprobs(model, row, temperature):
@@ -90,15 +75,6 @@ def test_trimmed_chunked_logprobs_and_gradients_equal_the_full_width_reference()
     expected.sum().backward()
     for fast_grad, p in zip(fast_grads, model.parameters()):
         torch.testing.assert_close(fast_grad, p.grad, atol=1e-5, rtol=1e-4)
-
-
-def save_tiny(path, config, model_class):
-    from transformers import AutoTokenizer
-
-    torch.manual_seed(0)
-    model_class.from_config(config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(TINY_LLAMA).save_pretrained(path)
-    return str(path)
 
 
 def test_dropout_read_from_the_config_is_off_too(tmp_path):
