@@ -604,7 +604,7 @@ def main(args: Args):
     if args.num_updates == 0 or len(train) < args.batch_size:
         raise ValueError(f"--batch_size {args.batch_size} is larger than the data ({len(train)} pairs) or "
                          f"total_episodes ({args.total_episodes})")
-    lengths = {name: torch.stack([d["chosen_attention_mask"].sum(1), d["reject_attention_mask"].sum(1)], 1).double(
+    lengths = {name: torch.stack([d[f"{part}_attention_mask"][:].sum(1) for part in ("chosen", "reject")], 1).double(
     ).to(device) for name, d in splits.items()}  # response tokens, for IPO's per-token averages
     lock = create_output_dir(args, rank, resume)  # noqa: F841 (held until the run ends)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16,

@@ -16,6 +16,7 @@ from conftest import (
     assert_weights_equal,
     chat_prompt,
     check_resume_from_checkpoint,
+    check_resume_refuses_other_settings,
     metrics,
     pair_rows,
     run,
@@ -131,6 +132,11 @@ def test_two_ranks_match_one_rank_with_ddp_and_with_fsdp2_and_gradient_checkpoin
 
 def test_resume_from_a_checkpoint_is_exact(dpo_1p, tiny_policy, tiny_pairs, tmp_path):
     check_resume_from_checkpoint(dpo, short_dpo(tiny_policy, tiny_pairs), dpo_1p, tmp_path / "resumed", update=3)
+
+
+def test_resume_with_other_settings_is_refused(dpo_1p, tiny_policy, tiny_pairs, tmp_path, no_model_loading):
+    check_resume_refuses_other_settings(dpo, short_dpo(tiny_policy, tiny_pairs), dpo_1p, tmp_path,
+                                        [("--dpo.beta", "0.1", "0.2"), ("--dpo.loss_type", "sigmoid", "ipo")])
 
 
 def conversation(i, answer):
