@@ -15,6 +15,7 @@ import transformers
 import tyro
 from conftest import SST2, TINY_GPT2, TINY_LLAMA
 
+import dpo
 import filter as filter_stage
 import generate
 import ppo
@@ -265,7 +266,7 @@ def test_empty_responses_are_kept_as_real_samples():
     assert kept[0]["reject_attention_mask"] == [1, 0, 0, 0]  # the empty response is its end-of-turn token
 
 
-MODULES = [sft_sst2, reward_sst2, ppo, rebel, generate, score, filter_stage]
+MODULES = [sft_sst2, reward_sst2, ppo, rebel, dpo, generate, score, filter_stage]
 UNBOUNDED = {"seed", "task.penalty_reward_value"}  # numeric arguments where every value means something
 
 
