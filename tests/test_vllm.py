@@ -60,3 +60,27 @@ def test_vllm_loads_the_policy_rebel_saved(tmp_path, chat_policy, chat_prompts, 
     assert [r["response_0_token_ids"] for r in vllm] == [r["response_0_token_ids"] for r in hf]
     before = generate(chat_policy, chat_prompts, tmp_path / "before", *greedy, "--backend", "hf")
     assert hf != before  # the trained policy is not the one it started from
+
+
+def test_ppo_with_vllm_rollouts_pushes_the_trained_weights(tmp_path, chat_policy, chat_reward_model, chat_prompts):
+    """2 updates of ppo.py --backend vllm in fp32 on the tiny chat model. After training, the engine's greedy held-out
+    answers equal transformers' greedy answers from the saved policy (the weights were pushed into the engine) and
+    differ from those before training; vLLM's logprobs of its own samples equal the trainer's."""
+    out = tmp_path / "ppo"
+    run("ppo.py", "--model_name_or_path", chat_policy, "--reward_model_name_or_path", chat_reward_model,
+        "--task.dataset", chat_prompts, "--task.prompt_column", "prompt", "--task.prompt_format", "chat",
+        "--task.prompt_words", "0", "--task.eval_split", "train", "--task.maxlen_prompt", "64",
+        "--task.response_length", "24", "--backend", "vllm", "--eval_greedy", "--eval_freq", "1", "--eval_size", "8",
+        "--lr", "3e-3", "--batch_size", "8", "--local_micro_batch_size", "4", "--total_episodes", "16",
+        "--output_dir", out, env=VLLM_ENV)
+    import json
+
+    samples = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()]
+    engine = {u: [s["response"] for s in samples if s["update"] == u] for u in (0, 1, 2)}
+    greedy = ["--temperature", "0", "--num_responses", "1", "--dtype", "float32", "--end_idx", "8"]
+    trainer = generate(out, chat_prompts, tmp_path / "hf", *greedy, "--backend", "hf")
+    assert engine[2] == [r["response_0"] for r in trainer]
+    assert engine[2] != engine[0]  # training changed the answers: the engine did not keep its initial weights
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    gaps = [r["rollout/vllm_logprob_gap"] for r in rows if "rollout/vllm_logprob_gap" in r]
+    assert len(gaps) == 2 and max(gaps) < 1e-3, gaps
