@@ -66,20 +66,25 @@ def main(args: Args):
     for tok in (tokenizer, rm_tokenizer):
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
-    same = ppo.tokenizers_match(tokenizer, rm_tokenizer)
-    prompts, prompt_ids, _ = ppo.load_prompts(tokenizer, args.eval_split, config)
+    columns = {}
+    prompts, prompt_ids, _ = ppo.load_prompts(tokenizer, args.eval_split, config, columns)
     prompts, prompt_ids = prompts[:args.eval_size], prompt_ids[:args.eval_size]
+    columns = {c: v[:args.eval_size] for c, v in columns.items()}
     load = lambda cls, path, arg: ppo.freeze(ppo.load_pretrained(cls, path, arg, config), device)  # noqa: E731
-    reference = load(ppo.AutoModelForCausalLM, args.reference, "--reference")
+    as_policy = lambda path, arg: ppo.CausalLogprobs(load(ppo.AutoModelForCausalLM, path, arg),  # noqa: E731
+                                                     args.temperature, config.logprob_chunk_size)
+    reference = as_policy(args.reference, "--reference")
     reward_model = load(ppo.AutoModelForSequenceClassification, args.reward_model, "--reward_model")
     reward_model.config.pad_token_id = rm_tokenizer.pad_token_id
+    rewards = ppo.Rewards(config, reward_model, None, tokenizer, rm_tokenizer, device)
     judge = ppo.SentimentIntensityAnalyzer()
     os.makedirs(args.output_dir, exist_ok=True)
     rows, samples = [], []
     for step, (path, episode) in enumerate([(args.reference, 0), *zip(args.policies, args.episodes)]):
-        policy = reference if step == 0 else load(ppo.AutoModelForCausalLM, path, "--policies")
-        metrics, answers = ppo.evaluate(policy, reference, reward_model, prompts, prompt_ids, tokenizer, rm_tokenizer,
-                                        same, judge, config, 0, 1, device, contextlib.nullcontext())
+        policy = reference if step == 0 else as_policy(path, "--policies")
+        sampler = ppo.Sampler(config, policy, tokenizer, 1, device)
+        metrics, answers = ppo.evaluate_policy(sampler, policy, reference, rewards, prompts, prompt_ids, columns,
+                                               judge, step, config, 0, 1, device, contextlib.nullcontext())
         rows.append({"update": step, "episode": episode, "policy": path, **metrics})
         samples += [{"update": step, "episode": episode, **answer} for answer in answers]
         print(f"{path}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)

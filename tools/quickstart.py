@@ -29,7 +29,7 @@ import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA, TINY = os.path.join(ROOT, "data", "sst2"), os.path.join(ROOT, "data", "tiny-gpt2")
-FINISHED = ("config.json", "state.json", "dataset_dict.json", "metrics.jsonl")  # a saved model, dataset or eval
+TRAINERS = ("sft_sst2.py", "reward_sst2.py", "ppo.py", "rebel.py", "dpo.py", "rebel_online.py", "rloo.py", "grpo.py")
 
 
 @dataclass
@@ -92,12 +92,25 @@ def stages(args):
     return result
 
 
+def finished(folder, script):
+    """Whether a stage's folder holds its finished output: a saved model (training writes metrics.jsonl as it
+    goes, the model only at the end), a saved dataset (written atomically), or an evaluation's metrics
+    (written last)."""
+    if script in TRAINERS:
+        markers = ("config.json",)
+    elif script.startswith("tools"):
+        markers = ("metrics.jsonl",)
+    else:
+        markers = ("dataset_dict.json", "state.json")
+    return any(os.path.exists(os.path.join(folder, f)) for f in markers)
+
+
 def main(args: Args):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
            "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
     start = time.time()
     for folder, script, script_args in stages(args):
-        if any(os.path.exists(os.path.join(folder, f)) for f in FINISHED) and not args.overwrite:
+        if finished(folder, script) and not args.overwrite:
             print(f"[quickstart] {folder}: already finished, skipped (--overwrite redoes it)")
             continue
         if script.startswith("tools"):
@@ -105,7 +118,7 @@ def main(args: Args):
         elif args.overwrite:
             again = ["--overwrite"]
         else:  # an interrupted stage continues: training from its last checkpoint, generate/score from their shards
-            again = ["--resume", "auto"] if script in ("sft_sst2.py", "reward_sst2.py", "ppo.py", "rebel.py") else []
+            again = ["--resume", "auto"] if script in TRAINERS else []
         cmd = [sys.executable, os.path.join(ROOT, script), *script_args, "--output_dir", folder, *again]
         print(f"[quickstart] {folder}: {' '.join(cmd[1:])}", flush=True)
         stage_start = time.time()

@@ -40,15 +40,21 @@ def read_jsonl(path):
         return [json.loads(line) for line in f]
 
 
+def eval_rows(run):
+    """The held-out evaluation rows of a run folder's metrics.jsonl (those with eval/scores), in order."""
+    rows = [m for m in read_jsonl(os.path.join(run, "metrics.jsonl")) if "eval/scores" in m]
+    if not rows:
+        raise ValueError(f"{run}/metrics.jsonl has no eval/scores rows")
+    return rows
+
+
 def main(args: Args):
     labels = list(args.labels) or [os.path.basename(os.path.normpath(run)) for run in args.runs]
     os.makedirs(args.output_dir, exist_ok=True)
     fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.8))
     samples = {}
     for run, label in zip(args.runs, labels):
-        rows = [m for m in read_jsonl(os.path.join(run, "metrics.jsonl")) if "eval/scores" in m]
-        if not rows:
-            raise ValueError(f"{run}/metrics.jsonl has no eval/scores rows")
+        rows = eval_rows(run)
         for ax, (key, _) in zip(axes, PANELS):
             ax.plot([m["episode"] for m in rows], [m[key] for m in rows], marker="o", markersize=3, label=label)
         by_update = {}

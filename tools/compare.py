@@ -1,0 +1,426 @@
+"""Every algorithm of the project on the offline SST-2 toy, from one SFT policy and one reward model, at one budget.
+
+PPO, online REBEL, RLOO and GRPO (online: they sample and score as they train), offline REBEL and iterative DPO
+(generate -> score -> filter -> train, `iterations` times, each iteration from the policy the last one trained) and DPO
+(one round of pairs sampled from the SFT policy) all spend the same number of sampled and scored responses
+(--episodes), each at several strengths of its pull towards the SFT policy (PPO's and RLOO's kl_coef, REBEL's eta,
+GRPO's and DPO's beta) and for each of --seeds. Every stage is the script run as a user would run it, in its own
+folder under --output_dir:
+
+    sft/, reward/                        the quickstart's SFT policy and reward model (seed 1), shared by every run
+    seed{s}/data/{iter0,all}/            pairs sampled from the SFT policy: iteration 0's prompts (offline REBEL and
+                                         iterative DPO, every strength) and the whole budget's prompts (DPO)
+    seed{s}/{algorithm}_{value}/         an online run, or an offline run's iter{t}/ stages and eval/ (its policies
+                                         evaluated by tools/eval_policy.py exactly as ppo.py evaluates)
+    stage_costs.json                     wall time and peak memory (ru_maxrss) of every stage run
+    report/                              frontier.png, curves.png, table.md, results.json
+
+Held-out numbers come from one evaluation for all: 128 validation prompts answered with the run's seed's sampling
+noise, scored by the reward model and by the VADER judge, KL to the SFT policy from the samples. A run's wall time
+and peak memory add up (time) or take the maximum (memory) over its stages, shared data stages included, so each is
+what that run costs alone. A finished stage is skipped and an interrupted one continues (training from its last
+checkpoint, generate and score from their finished shards); --overwrite redoes everything. An algorithm whose script
+is not in the repository is skipped with a note.
+
+    python tools/compare.py                       # everything, one seed (hours on 2 CPU cores)
+    python tools/compare.py --algorithms ppo dpo --ppo 0.05 0.5 --dry_run    # the stages it would run
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import matplotlib
+import tyro
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import quickstart  # noqa: E402  (the SFT and reward stages, and when a stage counts as finished)
+import report  # noqa: E402  (reading eval rows)
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT, DATA = quickstart.ROOT, quickstart.DATA
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    label: str
+    """name in the table and the plots"""
+    script: str
+    """the training script"""
+    kind: str
+    """online (samples as it trains), iterative (generate -> score -> filter -> train per iteration) or offline (one
+    round of pairs from the SFT policy)"""
+    strength: str
+    """the argument that sets the pull towards the SFT policy"""
+    extra: tuple[str, ...] = ()
+    """its other arguments"""
+
+
+# the quickstart's settings, shared by every algorithm of a kind; the strength argument is swept
+ONLINE = ("--lr", "3e-5", "--batch_size", "64", "--local_micro_batch_size", "32")
+PAIRS = ("--task.maxlen_prompt", "16", "--task.maxlen", "24", "--task.temperature", "0.7", "--lr", "3e-4",
+         "--batch_size", "32", "--local_micro_batch_size", "16", "--num_train_epochs", "2", "--eval_freq", "10")
+ALGORITHMS = {
+    "ppo": Algorithm("PPO", "ppo.py", "online", "--ppo.kl_coef", ONLINE),
+    "rebel_online": Algorithm("online REBEL", "rebel_online.py", "online", "--rebel.eta", ONLINE),
+    "rloo": Algorithm("RLOO", "rloo.py", "online", "--rloo.kl_coef", (*ONLINE, "--rloo.k", "4")),
+    "grpo": Algorithm("GRPO", "grpo.py", "online", "--grpo.beta", (*ONLINE, "--grpo.group_size", "4")),
+    "rebel": Algorithm("REBEL (offline)", "rebel.py", "iterative", "--rebel.eta", PAIRS),
+    "iterative_dpo": Algorithm("iterative DPO", "dpo.py", "iterative", "--dpo.beta", PAIRS),
+    "dpo": Algorithm("DPO", "dpo.py", "offline", "--dpo.beta", PAIRS),
+}
+
+
+@dataclass
+class Args:
+    output_dir: str = "runs/compare"
+    """folder that receives one subfolder per stage, stage_costs.json and report/"""
+    algorithms: tuple[str, ...] = tuple(ALGORITHMS)
+    """which algorithms to run (ppo rebel_online rloo grpo rebel iterative_dpo dpo)"""
+    seeds: tuple[int, ...] = (1,)
+    """seeds of the algorithm runs (the SFT policy and reward model are trained once, with seed 1)"""
+    episodes: int = 6400
+    """the budget: responses sampled and scored by every run (the quickstart's 6,400)"""
+    iterations: int = 2
+    """iterations of offline REBEL and iterative DPO; each samples episodes / iterations responses"""
+    num_responses: int = 4
+    """responses per prompt of the offline algorithms (the best and worst make a pair)"""
+    evals: int = 4
+    """held-out evaluations of the online runs after the one at the start"""
+    eval_size: int = 128
+    """held-out prompts per evaluation"""
+    ppo: tuple[float, ...] = (0.05, 0.2, 0.5)
+    """PPO's --ppo.kl_coef values (the quickstart's is 0.05)"""
+    rebel_online: tuple[float, ...] = (0.3, 1.0, 3.0)
+    """online REBEL's --rebel.eta values (larger: the policy moves further)"""
+    rloo: tuple[float, ...] = (0.05, 0.2, 0.5)
+    """RLOO's --rloo.kl_coef values"""
+    grpo: tuple[float, ...] = (0.04, 0.2, 0.5)
+    """GRPO's --grpo.beta values"""
+    rebel: tuple[float, ...] = (0.3, 1.0, 3.0)
+    """offline REBEL's --rebel.eta values (the quickstart's is 1; larger: the policy moves further)"""
+    iterative_dpo: tuple[float, ...] = (0.1, 0.3, 1.0)
+    """iterative DPO's --dpo.beta values (smaller: the policy moves further)"""
+    dpo: tuple[float, ...] = (0.1, 0.3, 1.0)
+    """DPO's --dpo.beta values"""
+    overwrite: bool = False
+    """redo every stage, even those already finished"""
+    dry_run: bool = False
+    """print the stages that would run and exit"""
+    report_only: bool = False
+    """run nothing: write report/ from the runs already finished"""
+
+
+@dataclass
+class Stage:
+    folder: str
+    script: str
+    args: list
+    run: tuple | None = None
+    """(algorithm, value, seed) of the run this stage belongs to (None: SFT, reward model); shared data stages are
+    listed once per run that uses them and run once"""
+
+
+def missing(args):
+    """The algorithms asked for whose script is not in the repository (yet)."""
+    for name in args.algorithms:
+        if name not in ALGORITHMS:
+            raise SystemExit(f"--algorithms: unknown {name!r}; known: {' '.join(ALGORITHMS)}")
+    return [name for name in args.algorithms if not os.path.exists(os.path.join(ROOT, ALGORITHMS[name].script))]
+
+
+def runs(args):
+    """(algorithm name, value, seed) of every run asked for whose script exists, in order."""
+    result, skip = [], missing(args)
+    for name in args.algorithms:
+        if name in skip:
+            continue
+        result += [(name, value, seed) for seed in args.seeds for value in getattr(args, name)]
+    return result
+
+
+def run_folder(args, name, value, seed):
+    return os.path.join(args.output_dir, f"seed{seed}", f"{name}_{value:g}")
+
+
+def check_budget(args):
+    per_iteration = args.iterations * args.num_responses
+    if args.episodes % per_iteration or args.episodes % 64:
+        raise SystemExit(f"--episodes {args.episodes}: must be a multiple of 64 (the online batch) and of iterations "
+                         f"x num_responses = {per_iteration}")
+    if args.episodes // args.num_responses > 6000:
+        raise SystemExit(f"--episodes {args.episodes}: more prompts than the 6,000 of the training split")
+
+
+def pair_stages(args, out, policy, start, end, seed):
+    """generate -> score -> filter from `policy` on training prompts [start, end), into out/{generate,score,filter}."""
+    seed_args = ["--seed", str(seed)]
+    return [
+        Stage(os.path.join(out, "generate"), "generate.py", [
+            "--model_name_or_path", policy, "--dataset", DATA, "--split", "train", "--prompt_column", "sentence",
+            "--prompt_format", "text", "--prompt_words", "4", "--maxlen", "24", "--num_responses",
+            str(args.num_responses), "--temperature", "0.7", "--top_p", "1.0", "--start_idx", str(start), "--end_idx",
+            str(end), "--backend", "hf", "--local_micro_batch_size", "64", *seed_args]),
+        Stage(os.path.join(out, "score"), "score.py", [
+            "--reward_model", os.path.join(args.output_dir, "reward"), "--dataset", os.path.join(out, "generate"),
+            "--prompt_format", "text", "--local_micro_batch_size", "64"]),
+        Stage(os.path.join(out, "filter"), "filter.py", [
+            "--dataset", os.path.join(out, "score"), "--model_name_or_path", policy, "--prompt_format", "text",
+            "--maxlen_prompt", "16", "--maxlen", "24", "--test_size", "100", *seed_args]),
+    ]
+
+
+def stages(args):
+    """Every Stage, in order: the SFT policy and reward model, then each run's stages."""
+    check_budget(args)
+    out = lambda *name: os.path.join(args.output_dir, *name)  # noqa: E731
+    sft, reward = out("sft"), out("reward")
+    result = [Stage(folder, script, script_args) for folder, script, script_args in
+              quickstart.stages(quickstart.Args(output_dir=args.output_dir))[:2]]
+    per_iteration = args.episodes // args.iterations // args.num_responses  # prompts per iteration
+    for name, value, seed in runs(args):
+        algo, folder, run = ALGORITHMS[name], run_folder(args, name, value, seed), (name, value, seed)
+        common = [algo.strength, f"{value:g}", "--seed", str(seed)]
+        if algo.kind == "online":
+            updates = args.episodes // 64
+            result.append(Stage(folder, algo.script, [
+                "--model_name_or_path", sft, "--reward_model_name_or_path", reward, "--task.dataset", DATA,
+                *algo.extra, "--total_episodes", str(args.episodes), "--eval_freq", str(max(1, updates // args.evals)),
+                "--eval_size", str(args.eval_size), *common], run))
+            continue
+        iterations = args.iterations if algo.kind == "iterative" else 1
+        policies, episodes, policy = [], [], sft
+        for t in range(iterations):
+            if t == 0:  # pairs from the SFT policy, shared by every run of this seed that starts with them
+                data = out(f"seed{seed}", "data", "iter0" if algo.kind == "iterative" else "all")
+                prompts = per_iteration if algo.kind == "iterative" else per_iteration * args.iterations
+                result += [Stage(s.folder, s.script, s.args, run) for s in pair_stages(args, data, sft, 0, prompts,
+                                                                                          seed)]
+            else:
+                data = os.path.join(folder, f"iter{t}")
+                result += [Stage(s.folder, s.script, s.args, run) for s in pair_stages(
+                    args, data, policy, t * per_iteration, (t + 1) * per_iteration, seed)]
+            train = os.path.join(folder, f"iter{t}", "train")
+            result.append(Stage(train, algo.script, ["--model_name_or_path", policy, "--task.dataset",
+                                                     os.path.join(data, "filter"), *algo.extra, *common], run))
+            policy = train
+            policies.append(train)
+            episodes.append(args.episodes * (t + 1) // iterations)
+        result.append(Stage(os.path.join(folder, "eval"), os.path.join("tools", "eval_policy.py"), [
+            "--policies", *policies, "--episodes", *map(str, episodes), "--reference", sft, "--reward_model", reward,
+            "--dataset", DATA, "--eval_size", str(args.eval_size), "--seed", str(seed)], run))
+    return result
+
+
+def run_stage(stage, overwrite, env):
+    """Run one stage as a subprocess; its wall time (s) and peak resident memory (MiB, the child's ru_maxrss)."""
+    if stage.script.startswith("tools"):
+        again = []
+    elif overwrite:
+        again = ["--overwrite"]
+    else:
+        again = ["--resume", "auto"] if stage.script in quickstart.TRAINERS else []
+    cmd = [sys.executable, os.path.join(ROOT, stage.script), *stage.args, "--output_dir", stage.folder, *again]
+    print(f"[compare] {stage.folder}: {' '.join(cmd[1:])}", flush=True)
+    start = time.time()
+    child = subprocess.Popen(cmd, env=env)
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode:
+        raise subprocess.CalledProcessError(child.returncode, cmd)
+    wall = time.time() - start
+    print(f"[compare] {stage.folder}: done in {wall:.0f} s, peak memory {usage.ru_maxrss / 1024:.0f} MiB", flush=True)
+    return {"wall_s": wall, "peak_mib": usage.ru_maxrss / 1024}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# results: read every run's held-out evaluations, tabulate and plot
+
+
+def eval_rows(args, name, value, seed):
+    """The run's held-out evaluation rows (eval/* keyed by episode), or None if it has not finished."""
+    algo, folder = ALGORITHMS[name], run_folder(args, name, value, seed)
+    path = folder if algo.kind == "online" else os.path.join(folder, "eval")
+    finished = os.path.exists(os.path.join(path, "config.json" if algo.kind == "online" else "metrics.jsonl"))
+    return report.eval_rows(path) if finished else None
+
+
+def collect(args, costs):
+    """One record per finished run: final eval numbers, the curve, the SFT policy's numbers (episode 0), costs."""
+    records = []
+    for name, value, seed in runs(args):
+        rows = eval_rows(args, name, value, seed)
+        if rows is None:
+            print(f"[compare] {name} {value:g} seed {seed}: not finished, left out of the report")
+            continue
+        run_costs = [c for folder, c in costs.items() if (name, value, seed) in [tuple(r) for r in c["runs"]]]
+        records.append({
+            "algorithm": name, "label": ALGORITHMS[name].label, "strength": ALGORITHMS[name].strength, "value": value,
+            "seed": seed, "scores": rows[-1]["eval/scores"], "judge": rows[-1]["eval/judge"], "kl": rows[-1]["eval/kl"],
+            "sft_scores": rows[0]["eval/scores"], "sft_judge": rows[0]["eval/judge"],
+            "curve": [{k: r[k] for k in ("episode", "eval/scores", "eval/judge", "eval/kl")} for r in rows],
+            "wall_s": sum(c["wall_s"] for c in run_costs) if run_costs else None,
+            "peak_mib": max(c["peak_mib"] for c in run_costs) if run_costs else None})
+    return records
+
+
+def mean_std(values, fmt):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return format(mean, fmt)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return f"{format(mean, fmt)} ± {format(std, fmt.lstrip('+'))}"
+
+
+def table(records, args):
+    """The paper-shaped table (markdown lines): one row per algorithm and setting, ± over seeds."""
+    groups = {}
+    for r in records:
+        groups.setdefault((r["algorithm"], r["value"]), []).append(r)
+    sft = {r["seed"]: (r["sft_scores"], r["sft_judge"]) for r in records}
+    seeds = ", ".join(map(str, args.seeds))
+    lines = [f"Budget: {args.episodes:,} sampled and scored responses per run; seeds {seeds}; held out: "
+             f"{args.eval_size} validation prompts. Wall time and peak memory (ru_maxrss of the child "
+             "processes, via os.wait4) add up over a run's stages, shared data stages included.", "",
+             "| algorithm | setting | RM score | judge (VADER) | KL to SFT | judge agrees | wall time (s) | "
+             "peak memory (MiB) |", "|---|---|---|---|---|---|---|---|",
+             f"| SFT policy | | {mean_std([s for s, _ in sft.values()], '+.3f')} | "
+             f"{mean_std([j for _, j in sft.values()], '+.3f')} | 0 | | | |"]
+    for (_, value), rs in groups.items():
+        up = [r["scores"] > r["sft_scores"] and r["judge"] > r["sft_judge"] for r in rs]
+        agrees = "yes" if all(up) else "no" if not any(up) else f"{sum(up)}/{len(up)} seeds"
+        lines.append(f"| {rs[0]['label']} | {rs[0]['strength'].split('.')[-1]} {value:g} | "
+                     f"{mean_std([r['scores'] for r in rs], '+.3f')} | {mean_std([r['judge'] for r in rs], '+.3f')} | "
+                     f"{mean_std([r['kl'] for r in rs], '.2f')} | {agrees} | "
+                     f"{mean_std([r['wall_s'] for r in rs], '.0f')} | {mean_std([r['peak_mib'] for r in rs], '.0f')} |")
+    lines += ["", "judge agrees: both the held-out reward-model score and the judge score end above the SFT policy's."]
+    return lines
+
+
+def plots(records, out):
+    """frontier.png (score and judge against KL, one marker per algorithm and setting, mean over seeds) and
+    curves.png (score and judge against episodes, one line per run)."""
+    names = list(dict.fromkeys(r["algorithm"] for r in records))
+    colors = {name: plt.get_cmap("tab10")(i) for i, name in enumerate(names)}
+    sft_scores = sum(r["sft_scores"] for r in records) / len(records)
+    sft_judge = sum(r["sft_judge"] for r in records) / len(records)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name in names:
+        points = {}
+        for r in records:
+            if r["algorithm"] == name:
+                points.setdefault(r["value"], []).append(r)
+        xs = {v: sum(r["kl"] for r in rs) / len(rs) for v, rs in points.items()}
+        order = sorted(points, key=xs.get)
+        for ax, key in zip(axes, ("scores", "judge")):
+            ys = [sum(r[key] for r in points[v]) / len(points[v]) for v in order]
+            ax.plot([xs[v] for v in order], ys, marker="o", color=colors[name], label=ALGORITHMS[name].label)
+            for v, y in zip(order, ys):
+                ax.annotate(f"{v:g}", (xs[v], y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                            color=colors[name])
+    for ax, sft, title in zip(axes, (sft_scores, sft_judge), ("reward-model score (held out)",
+                                                                "judge: VADER compound (held out)")):
+        ax.scatter([0], [sft], marker="*", s=120, color="black", zorder=3, label="SFT policy")
+        ax.axhline(sft, color="black", linewidth=0.6, linestyle="--")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("KL to the SFT policy (nats per response)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("reward versus KL: offline SST-2 toy (tiny GPT-2, synthetic corpus); labels: the KL-strength setting",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "frontier.png"), dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    styles = ["-", "--", ":", "-."]
+    for name in names:
+        values = list(dict.fromkeys(r["value"] for r in records if r["algorithm"] == name))
+        for r in records:
+            if r["algorithm"] != name:
+                continue
+            style = styles[values.index(r["value"]) % len(styles)]
+            label = f"{r['label']} {r['strength'].split('.')[-1]} {r['value']:g}" if r["seed"] == records[0][
+                "seed"] else None
+            for ax, key in zip(axes, ("eval/scores", "eval/judge")):
+                ax.plot([c["episode"] for c in r["curve"]], [c[key] for c in r["curve"]], style, marker="o",
+                        markersize=2.5, color=colors[name], label=label)
+    for ax, title in zip(axes, ("reward-model score (held out)", "judge: VADER compound (held out)")):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("episodes (responses sampled and scored)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "curves.png"), dpi=120)
+    plt.close(fig)
+
+
+def write_report(args, costs):
+    out = os.path.join(args.output_dir, "report")
+    os.makedirs(out, exist_ok=True)
+    records = collect(args, costs)
+    if not records:
+        print("[compare] no finished run to report")
+        return []
+    plots(records, out)
+    lines = table(records, args)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"episodes": args.episodes, "seeds": list(args.seeds), "eval_size": args.eval_size,
+                   "runs": records}, f, indent=1)
+    print("\n".join(lines))
+    print(f"\n[compare] wrote {out}/frontier.png, curves.png, table.md and results.json")
+    return records
+
+
+def main(args: Args):
+    for name in missing(args):
+        print(f"[compare] {name}: {ALGORITHMS[name].script} is not in this repository yet, skipped")
+    plan = stages(args)
+    costs_path = os.path.join(args.output_dir, "stage_costs.json")
+    costs = {}
+    if os.path.exists(costs_path) and not args.overwrite:
+        with open(costs_path) as f:
+            costs = json.load(f)
+    folders = list(dict.fromkeys(s.folder for s in plan))
+    if args.dry_run:
+        for folder in folders:
+            stage = next(s for s in plan if s.folder == folder)
+            print(f"{folder}: {stage.script} {' '.join(stage.args)}")
+        print(f"[compare] {len(folders)} stages, {len(runs(args))} runs of {args.episodes:,} episodes")
+        return plan
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+           "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
+    start, done = time.time(), set()
+    for stage in plan:
+        entry = costs.setdefault(stage.folder, {"runs": []})
+        if stage.run is not None and list(stage.run) not in entry["runs"]:
+            entry["runs"].append(list(stage.run))
+        if stage.folder in done or args.report_only:
+            continue
+        done.add(stage.folder)
+        if quickstart.finished(stage.folder, stage.script) and not args.overwrite:
+            print(f"[compare] {stage.folder}: already finished, skipped (--overwrite redoes it)")
+            continue
+        entry.update(run_stage(stage, args.overwrite, env))
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(costs_path + ".tmp", "w") as f:
+            json.dump(costs, f, indent=1)
+        os.replace(costs_path + ".tmp", costs_path)
+    costs = {k: v for k, v in costs.items() if "wall_s" in v}
+    write_report(args, costs)
+    print(f"[compare] finished in {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args, use_underscores=True))
