@@ -42,6 +42,8 @@ class Args:
     """column holding the prompts"""
     prompt_words: int = 4
     """first words of each prompt kept (as ppo.py's --task.prompt_words)"""
+    maxlen_prompt: int = 32
+    """prompts longer than this many tokens are dropped (as ppo.py's --task.maxlen_prompt)"""
     eval_size: int = 128
     """held-out prompts"""
     response_length: int = 24
@@ -56,7 +58,8 @@ def main(args: Args):
     if len(args.policies) != len(args.episodes):
         raise ValueError(f"--policies has {len(args.policies)} entries but --episodes has {len(args.episodes)}")
     task = ppo.TaskArgs(dataset=args.dataset, eval_split=args.eval_split, prompt_column=args.prompt_column,
-                        prompt_words=args.prompt_words, response_length=args.response_length,
+                        prompt_words=args.prompt_words, maxlen_prompt=args.maxlen_prompt,
+                        response_length=args.response_length,
                         temperature=args.temperature)
     config = ppo.Args(model_name_or_path=args.reference, reward_model_name_or_path=args.reward_model,
                       eval_size=args.eval_size, seed=args.seed, task=task)
