@@ -84,6 +84,12 @@ def fake_eval(folder, start, end, kl, episodes):
             for i, e in enumerate(episodes)]
     with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in [{"episode": 0, "loss": 1.0}, *rows])
+    # two held-out prompts whose judge scores move by the change of the mean +- 0.01: standard error 0.01
+    change = end[1] - start[1]
+    samples = [{"update": u, "index": i, "judge": start[1] + (change + (0.01 if i else -0.01)) * (u == len(rows) - 1)}
+               for u in range(len(rows)) for i in range(2)]
+    with open(os.path.join(folder, "eval_samples.jsonl"), "w") as f:
+        f.writelines(json.dumps(s) + "\n" for s in samples)
 
 
 def test_report_from_fake_metrics(tmp_path):
@@ -109,9 +115,12 @@ def test_report_from_fake_metrics(tmp_path):
         assert os.path.getsize(os.path.join(report, name)) > 0
     table = open(os.path.join(report, "table.md")).read()
     assert "Budget: 640 sampled and scored responses per run; seeds 1, 2" in table
-    assert "| SFT policy | | +0.100 ± 0.000 | +0.200 ± 0.000 | 0 |" in table
-    assert "| PPO | kl_coef 0.05 | +0.915 ± 0.007 | +0.100 ± 0.000 | 2.80 ± 0.00 | no | 10 | 300 |" in table
-    assert "| PPO | kl_coef 0.5 | +0.415 ± 0.007 | +0.300 ± 0.000 | 1.00 ± 0.00 | yes | n/a | n/a |" in table
-    assert "| DPO | beta 0.1 | +0.500 | +0.250 | 1.00 | yes | 12 | 250 |" in table  # shared data stage counted
+    assert "| SFT policy | | +0.100 ± 0.000 | +0.200 ± 0.000 | | 0 |" in table
+    assert ("| PPO | kl_coef 0.05 | +0.915 ± 0.007 | +0.100 ± 0.000 | -0.100 ± 0.010 / -0.100 ± 0.010 | 2.80 ± 0.00 | "
+            "no | 10 | 300 |") in table  # the judge fell below the SFT policy's
+    assert "| 1.00 ± 0.00 | yes | n/a | n/a |" in table
+    assert "| DPO | beta 0.1 | +0.500 | +0.250 | +0.050 ± 0.010 | 1.00 | yes | 12 | 250 |" in table  # shared stage
+    records[0]["judge_delta"] = 0.015  # a rise within 2 standard errors
+    assert compare.verdict(records[0]) == "within noise"
     results = json.load(open(os.path.join(report, "results.json")))
     assert results["episodes"] == 640 and len(results["runs"]) == 7

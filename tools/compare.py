@@ -243,27 +243,42 @@ def run_stage(stage, overwrite, env):
 # results: read every run's held-out evaluations, tabulate and plot
 
 
-def eval_rows(args, name, value, seed):
-    """The run's held-out evaluation rows (eval/* keyed by episode), or None if it has not finished."""
+def eval_path(args, name, value, seed):
+    """The folder with the run's held-out evaluations, or None if the run has not finished."""
     algo, folder = ALGORITHMS[name], run_folder(args, name, value, seed)
     path = folder if algo.kind == "online" else os.path.join(folder, "eval")
     finished = os.path.exists(os.path.join(path, "config.json" if algo.kind == "online" else "metrics.jsonl"))
-    return report.eval_rows(path) if finished else None
+    return path if finished else None
+
+
+def judge_change(path):
+    """The judge's change from the first evaluation (the SFT policy) to the last, over the same held-out prompts: its
+    mean and the standard error of that mean (paired by prompt)."""
+    by_update = {}
+    for s in report.read_jsonl(os.path.join(path, "eval_samples.jsonl")):
+        by_update.setdefault(s["update"], {})[s["index"]] = s["judge"]
+    first, last = by_update[min(by_update)], by_update[max(by_update)]
+    diffs = [last[i] - first[i] for i in first if i in last]
+    mean = sum(diffs) / len(diffs)
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)) if len(diffs) > 1 else 0.0
+    return mean, se
 
 
 def collect(args, costs):
     """One record per finished run: final eval numbers, the curve, the SFT policy's numbers (episode 0), costs."""
     records = []
     for name, value, seed in runs(args):
-        rows = eval_rows(args, name, value, seed)
-        if rows is None:
+        path = eval_path(args, name, value, seed)
+        if path is None:
             print(f"[compare] {name} {value:g} seed {seed}: not finished, left out of the report")
             continue
+        rows, (judge_delta, judge_se) = report.eval_rows(path), judge_change(path)
         run_costs = [c for folder, c in costs.items() if (name, value, seed) in [tuple(r) for r in c["runs"]]]
         records.append({
             "algorithm": name, "label": ALGORITHMS[name].label, "strength": ALGORITHMS[name].strength, "value": value,
             "seed": seed, "scores": rows[-1]["eval/scores"], "judge": rows[-1]["eval/judge"], "kl": rows[-1]["eval/kl"],
-            "sft_scores": rows[0]["eval/scores"], "sft_judge": rows[0]["eval/judge"],
+            "sft_scores": rows[0]["eval/scores"], "sft_judge": rows[0]["eval/judge"], "judge_delta": judge_delta,
+            "judge_se": judge_se,
             "curve": [{k: r[k] for k in ("episode", "eval/scores", "eval/judge", "eval/kl")} for r in rows],
             "wall_s": sum(c["wall_s"] for c in run_costs) if run_costs else None,
             "peak_mib": max(c["peak_mib"] for c in run_costs) if run_costs else None})
@@ -281,6 +296,13 @@ def mean_std(values, fmt):
     return f"{format(mean, fmt)} ± {format(std, fmt.lstrip('+'))}"
 
 
+def verdict(r):
+    """Whether the judge agrees with the reward model's rise, beyond the noise of the held-out sample."""
+    if r["scores"] > r["sft_scores"] and r["judge_delta"] > 2 * r["judge_se"]:
+        return "yes"
+    return "no" if r["judge_delta"] < -2 * r["judge_se"] or r["scores"] <= r["sft_scores"] else "within noise"
+
+
 def table(records, args):
     """The paper-shaped table (markdown lines): one row per algorithm and setting, ± over seeds."""
     groups = {}
@@ -291,18 +313,21 @@ def table(records, args):
     lines = [f"Budget: {args.episodes:,} sampled and scored responses per run; seeds {seeds}; held out: "
              f"{args.eval_size} validation prompts. Wall time and peak memory (ru_maxrss of the child "
              "processes, via os.wait4) add up over a run's stages, shared data stages included.", "",
-             "| algorithm | setting | RM score | judge (VADER) | KL to SFT | judge agrees | wall time (s) | "
-             "peak memory (MiB) |", "|---|---|---|---|---|---|---|---|",
+             "| algorithm | setting | RM score | judge (VADER) | judge − SFT's (± s.e.) | KL to SFT | judge agrees | "
+             "wall time (s) | peak memory (MiB) |", "|---|---|---|---|---|---|---|---|---|",
              f"| SFT policy | | {mean_std([s for s, _ in sft.values()], '+.3f')} | "
-             f"{mean_std([j for _, j in sft.values()], '+.3f')} | 0 | | | |"]
+             f"{mean_std([j for _, j in sft.values()], '+.3f')} | | 0 | | | |"]
     for (_, value), rs in groups.items():
-        up = [r["scores"] > r["sft_scores"] and r["judge"] > r["sft_judge"] for r in rs]
-        agrees = "yes" if all(up) else "no" if not any(up) else f"{sum(up)}/{len(up)} seeds"
+        verdicts = [verdict(r) for r in rs]
+        agrees = verdicts[0] if len(set(verdicts)) == 1 else ", ".join(verdicts)
         lines.append(f"| {rs[0]['label']} | {rs[0]['strength'].split('.')[-1]} {value:g} | "
                      f"{mean_std([r['scores'] for r in rs], '+.3f')} | {mean_std([r['judge'] for r in rs], '+.3f')} | "
+                     + " / ".join(f"{r['judge_delta']:+.3f} ± {r['judge_se']:.3f}" for r in rs) + " | "
                      f"{mean_std([r['kl'] for r in rs], '.2f')} | {agrees} | "
                      f"{mean_std([r['wall_s'] for r in rs], '.0f')} | {mean_std([r['peak_mib'] for r in rs], '.0f')} |")
-    lines += ["", "judge agrees: both the held-out reward-model score and the judge score end above the SFT policy's."]
+    lines += ["", "judge − SFT's: the judge's change on the same held-out prompts (per seed, ± the paired standard "
+              "error). judge agrees: yes when the reward-model score rose and the judge rose by more than 2 standard "
+              "errors; no when the judge fell by more than 2; within noise otherwise."]
     return lines
 
 
