@@ -59,6 +59,26 @@ def test_missing_script_is_skipped(tmp_path, monkeypatch, capsys):
     assert "no_such_script.py is not in this repository yet, skipped" in capsys.readouterr().out
 
 
+def test_a_failed_run_does_not_stop_the_others(tmp_path, monkeypatch, capsys):
+    args = small_args(tmp_path)
+    for folder in ("sft", "reward"):
+        os.makedirs(os.path.join(args.output_dir, folder))
+        open(os.path.join(args.output_dir, folder, "config.json"), "w").close()
+    ran = []
+
+    def fake_run(stage, overwrite, env):
+        ran.append(stage.folder)
+        if stage.folder.endswith("data/iter0/filter"):  # e.g. too few pairs left
+            raise compare.subprocess.CalledProcessError(1, ["filter.py"])
+        return {"wall_s": 1.0, "peak_mib": 1.0}
+
+    monkeypatch.setattr(compare, "run_stage", fake_run)
+    compare.main(args)
+    assert not any("rebel_1" in f for f in ran)  # REBEL needs the failed stage: its other stages are not run
+    assert any(f.endswith("ppo_0.5") for f in ran) and any("dpo_0.1" in f for f in ran)
+    assert "rebel 1 seed 1: failed at" in capsys.readouterr().out
+
+
 def test_finished_markers(tmp_path):
     folder = tmp_path / "run"
     folder.mkdir()

@@ -172,7 +172,7 @@ def pair_stages(args, out, policy, start, end, seed):
             "--prompt_format", "text", "--local_micro_batch_size", "64"]),
         Stage(os.path.join(out, "filter"), "filter.py", [
             "--dataset", os.path.join(out, "score"), "--model_name_or_path", policy, "--prompt_format", "text",
-            "--maxlen_prompt", "16", "--maxlen", "24", "--test_size", "100", *seed_args]),
+            "--maxlen_prompt", "16", "--maxlen", "24", "--test_size", "0.1", *seed_args]),
     ]
 
 
@@ -426,24 +426,32 @@ def main(args: Args):
         return plan
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
            "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
-    start, done = time.time(), set()
+    start, done, failed = time.time(), set(), {}
     for stage in plan:
         entry = costs.setdefault(stage.folder, {"runs": []})
         if stage.run is not None and list(stage.run) not in entry["runs"]:
             entry["runs"].append(list(stage.run))
-        if stage.folder in done or args.report_only:
+        if stage.folder in done or args.report_only or stage.run in failed:
             continue
         done.add(stage.folder)
         if quickstart.finished(stage.folder, stage.script) and not args.overwrite:
             print(f"[compare] {stage.folder}: already finished, skipped (--overwrite redoes it)")
             continue
-        entry.update(run_stage(stage, args.overwrite, env))
+        try:
+            entry.update(run_stage(stage, args.overwrite, env))
+        except subprocess.CalledProcessError as e:
+            if stage.run is None:  # the SFT policy or the reward model: nothing can run without them
+                raise
+            failed.update({s.run: stage.folder for s in plan if s.folder == stage.folder})  # every run sharing it
+            print(f"[compare] {stage.folder}: failed ({e}); the runs that need it are left out", flush=True)
         os.makedirs(args.output_dir, exist_ok=True)
         with open(costs_path + ".tmp", "w") as f:
             json.dump(costs, f, indent=1)
         os.replace(costs_path + ".tmp", costs_path)
     costs = {k: v for k, v in costs.items() if "wall_s" in v}
     write_report(args, costs)
+    for (name, value, seed), folder in failed.items():
+        print(f"[compare] {name} {value:g} seed {seed}: failed at {folder} (its log above says why)")
     print(f"[compare] finished in {time.time() - start:.0f} s")
 
 
