@@ -16,12 +16,12 @@ logits never exist.
 
 Prompts are a text column (the SST-2 example keeps its first `task.prompt_words` words; TL;DR's "...TL;DR:" prompts
 are used whole) or chat messages rendered with the chat template (`--task.prompt_format chat`). Sampling: `--backend
-hf` (the reference) samples token by token with Gumbel-max noise from a generator per (seed, update, step, global row), stopping
-once every response of a chunk has ended, so one rank and N ranks sample the same responses; `--backend vllm` runs one
-vLLM engine per rank beside the trainer, pushes the trained weights into it after every update, and only samples: the
-trainer recomputes every logprob and logs the gap to vLLM's (`rollout/vllm_logprob_gap`). `--fsdp` shards the four
-models with FSDP2. Every `eval_freq` updates held-out prompts are answered and scored by the reward model and by an
-independent judge (VADER's compound sentiment): a rising reward with a flat judge is reward hacking.
+hf` (the reference) samples token by token with Gumbel-max noise from a generator per (seed, update, step, global
+row), stopping once every response of a chunk has ended, so one rank and N ranks sample the same responses; `--backend
+vllm` runs one vLLM engine per rank beside the trainer, pushes the trained weights into it after every update, and
+only samples: the trainer recomputes every logprob and logs the gap to vLLM's (`rollout/vllm_logprob_gap`). `--fsdp`
+shards the four models with FSDP2. Every `eval_freq` updates held-out prompts are answered and scored by the reward
+model and by an independent judge (VADER's compound sentiment): a rising reward with a flat judge is reward hacking.
 
     python ppo.py --model_name_or_path runs/sft_sst2 --reward_model_name_or_path runs/reward_sst2
     torchrun --nproc_per_node 8 ppo.py --model_name_or_path runs/sft_sst2 --reward_model_name_or_path runs/reward_sst2

@@ -46,9 +46,9 @@ class Args:
     """prompts sampled in the rollout measurement (one batch)"""
     prompt_length: int = 32
     """tokens per prompt"""
-    response_length: int = 256
+    response_length: int = 128
     """tokens per response (EOS is never sampled by the random model, so every response runs to this length)"""
-    micro_batch: int = 8
+    micro_batch: int = 16
     """rollouts in the update measurement's forward and backward pass"""
     logprob_chunk_size: int = 256
     """ppo.py's --logprob_chunk_size in the update measurement (2,048 response positions: 8 chunks)"""
@@ -93,8 +93,9 @@ def prompts(args):
 
 
 def measure_rollout(backend, args, folder, queue):
-    import ppo
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import ppo
 
     torch.set_num_threads(args.threads)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -136,8 +137,9 @@ def peak_memory():
 
 
 def measure_update(variant, args, folder, queue):
-    import ppo
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    import ppo
 
     torch.set_num_threads(args.threads)
     policy = ppo.CausalLogprobs(AutoModelForCausalLM.from_pretrained(folder), 1.0, args.logprob_chunk_size)
