@@ -522,23 +522,24 @@ class Check:
         s, device = self.sizes, self.device
         value = AutoModelForSequenceClassification.from_pretrained(self.paths["reward_model"], dtype=torch.float32,
                                                                    attn_implementation=self.attn[0], num_labels=1)
-        model = ppo.freeze(ppo.PolicyAndValue(self.load_policy(), value), device, train=True)
+        model = ppo.freeze(ppo.PolicyAndValue(ppo.CausalLogprobs(self.load_policy(), 0.7, 1024), ppo.Values(value)),
+                           device, train=True)
         ns = SimpleNamespace(seed=1, task=SimpleNamespace(response_length=s.ppo_response, temperature=0.7),
                              ppo=SimpleNamespace(cliprange=0.2, cliprange_value=0.2))
         g = torch.Generator().manual_seed(0)
         queries = torch.randint(10, 1000, (s.ppo_batch, s.ppo_prompt), generator=g).to(device)
-        query_mask, rows = torch.ones_like(queries), torch.arange(s.ppo_batch, device=device)
+        query_mask, rows = torch.ones_like(queries), torch.arange(s.ppo_batch)
 
-        def rollout():
+        def rollout():  # EOS id -1: never sampled, so every response runs to its full length
             model.eval()
             with torch.no_grad(), autocast(device):
-                return ppo.sample(model.policy, queries, query_mask, rows, s.ppo_batch, 0, ns)
+                return ppo.sample(model.policy, queries, query_mask, rows, 0, -1, ns)
 
         rollout()  # warm-up
         seconds, responses = timed(rollout, device)
         with torch.no_grad(), autocast(device):
             old = [ppo.forward_response(model, queries[i:i + s.ppo_micro], query_mask[i:i + s.ppo_micro],
-                                        responses[i:i + s.ppo_micro], 0.7) for i in range(0, s.ppo_batch, s.ppo_micro)]
+                                        responses[i:i + s.ppo_micro]) for i in range(0, s.ppo_batch, s.ppo_micro)]
         old_logprobs, old_values = torch.cat([o[0] for o in old]), torch.cat([o[2] for o in old])
         advantages, returns = torch.randn_like(old_logprobs), old_values + torch.randn_like(old_values)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7, eps=1e-5)
@@ -548,8 +549,7 @@ class Check:
             for i in range(0, s.ppo_batch, s.ppo_micro):
                 part = slice(i, i + s.ppo_micro)
                 with autocast(device):
-                    logprobs, _, vpred = ppo.forward_response(model, queries[part], query_mask[part], responses[part],
-                                                              0.7)
+                    logprobs, _, vpred = ppo.forward_response(model, queries[part], query_mask[part], responses[part])
                     pg, vf, _, _, _ = ppo.ppo_losses(logprobs, old_logprobs[part], advantages[part], vpred,
                                                      old_values[part], returns[part], ns)
                     ((pg + 0.1 * vf).sum() / pg.numel()).backward()

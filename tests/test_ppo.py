@@ -112,8 +112,8 @@ def test_sampling_noise_does_not_depend_on_how_rows_are_split():
 
 
 def test_sampling_noise_is_uniform_and_independent():
-    """The hash noise must look like torch.rand: uniform in (0, 1), uncorrelated between neighbouring tokens, rows and
-    steps (the Gumbel-max test above checks that uniform noise samples the softmax)."""
+    """One generator per (seed, stream, step, row): uniform in (0, 1), uncorrelated between neighbouring tokens, rows
+    and steps (the Gumbel-max test above checks that uniform noise samples the softmax)."""
     noise = ppo.sampling_noise(1, 0, 0, torch.arange(64), 4096, "cpu").double()
     assert 0 < noise.min() and noise.max() < 1
     counts = torch.histc(noise, bins=16, min=0, max=1)
