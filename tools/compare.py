@@ -154,7 +154,7 @@ def check_budget(args):
     if args.episodes % per_iteration or args.episodes % 64:
         raise SystemExit(f"--episodes {args.episodes}: must be a multiple of 64 (the online batch) and of iterations "
                          f"x num_responses = {per_iteration}")
-    if args.episodes // args.num_responses > 6000:
+    if args.episodes // args.num_responses > 6000 and not args.report_only:
         raise SystemExit(f"--episodes {args.episodes}: more prompts than the 6,000 of the training split")
 
 
@@ -408,6 +408,19 @@ def write_report(args, costs):
     return records
 
 
+def save_cost(path, folder, entry):
+    """Add one stage's cost to the costs file, re-read first (another compare.py may be adding to it)."""
+    costs = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            costs = json.load(f)
+    costs[folder] = entry
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(f"{path}.{os.getpid()}.tmp", "w") as f:
+        json.dump(costs, f, indent=1)
+    os.replace(f"{path}.{os.getpid()}.tmp", path)
+
+
 def main(args: Args):
     for name in missing(args):
         print(f"[compare] {name}: {ALGORITHMS[name].script} is not in this repository yet, skipped")
@@ -438,18 +451,23 @@ def main(args: Args):
             print(f"[compare] {stage.folder}: already finished, skipped (--overwrite redoes it)")
             continue
         try:
-            entry.update(run_stage(stage, args.overwrite, env))
+            measured = run_stage(stage, args.overwrite, env)
         except subprocess.CalledProcessError as e:
             if stage.run is None:  # the SFT policy or the reward model: nothing can run without them
                 raise
             failed.update({s.run: stage.folder for s in plan if s.folder == stage.folder})  # every run sharing it
             print(f"[compare] {stage.folder}: failed ({e}); the runs that need it are left out", flush=True)
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(costs_path + ".tmp", "w") as f:
-            json.dump(costs, f, indent=1)
-        os.replace(costs_path + ".tmp", costs_path)
-    costs = {k: v for k, v in costs.items() if "wall_s" in v}
-    write_report(args, costs)
+            continue
+        entry.update(measured)
+        save_cost(costs_path, stage.folder, entry)
+    measured = {}
+    if os.path.exists(costs_path):  # as now on disk: stages another compare.py measured meanwhile included
+        with open(costs_path) as f:
+            measured = json.load(f)
+    for folder, entry in costs.items():  # the runs of this invocation that use each stage
+        runs_there = measured.setdefault(folder, {"runs": []})["runs"]
+        runs_there += [run for run in entry["runs"] if run not in runs_there]
+    write_report(args, {k: v for k, v in measured.items() if "wall_s" in v})
     for (name, value, seed), folder in failed.items():
         print(f"[compare] {name} {value:g} seed {seed}: failed at {folder} (its log above says why)")
     print(f"[compare] finished in {time.time() - start:.0f} s")
