@@ -12,7 +12,7 @@ folder under --output_dir:
                                          iterative DPO, every strength) and the whole budget's prompts (DPO)
     seed{s}/{algorithm}_{value}/         an online run, or an offline run's iter{t}/ stages and eval/ (its policies
                                          evaluated by tools/eval_policy.py exactly as ppo.py evaluates)
-    stage_costs.json                     wall time and peak memory (ru_maxrss) of every stage run
+    stage_costs.jsonl                    wall time and peak memory (ru_maxrss) of every stage run
     report/                              frontier.png, curves.png, table.md, results.json
 
 Held-out numbers come from one evaluation for all: 128 validation prompts answered with the run's seed's sampling
@@ -273,7 +273,7 @@ def collect(args, costs):
             print(f"[compare] {name} {value:g} seed {seed}: not finished, left out of the report")
             continue
         rows, (judge_delta, judge_se) = report.eval_rows(path), judge_change(path)
-        run_costs = [c for folder, c in costs.items() if (name, value, seed) in [tuple(r) for r in c["runs"]]]
+        run_costs = [c for folder, c in costs.items() if [name, value, seed] in c.get("runs", [])]
         records.append({
             "algorithm": name, "label": ALGORITHMS[name].label, "strength": ALGORITHMS[name].strength, "value": value,
             "seed": seed, "scores": rows[-1]["eval/scores"], "judge": rows[-1]["eval/judge"], "kl": rows[-1]["eval/kl"],
@@ -408,28 +408,20 @@ def write_report(args, costs):
     return records
 
 
-def save_cost(path, folder, entry):
-    """Add one stage's cost to the costs file, re-read first (another compare.py may be adding to it)."""
+def read_costs(path):
+    """{stage folder: {wall_s, peak_mib}} from the costs log (its newest line for each folder)."""
     costs = {}
     if os.path.exists(path):
-        with open(path) as f:
-            costs = json.load(f)
-    costs[folder] = entry
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(f"{path}.{os.getpid()}.tmp", "w") as f:
-        json.dump(costs, f, indent=1)
-    os.replace(f"{path}.{os.getpid()}.tmp", path)
+        for line in report.read_jsonl(path):
+            costs[line.pop("folder")] = line
+    return costs
 
 
 def main(args: Args):
     for name in missing(args):
         print(f"[compare] {name}: {ALGORITHMS[name].script} is not in this repository yet, skipped")
     plan = stages(args)
-    costs_path = os.path.join(args.output_dir, "stage_costs.json")
-    costs = {}
-    if os.path.exists(costs_path) and not args.overwrite:
-        with open(costs_path) as f:
-            costs = json.load(f)
+    costs_path = os.path.join(args.output_dir, "stage_costs.jsonl")
     folders = list(dict.fromkeys(s.folder for s in plan))
     if args.dry_run:
         for folder in folders:
@@ -437,13 +429,12 @@ def main(args: Args):
             print(f"{folder}: {stage.script} {' '.join(stage.args)}")
         print(f"[compare] {len(folders)} stages, {len(runs(args))} runs of {args.episodes:,} episodes")
         return plan
+    if args.overwrite and os.path.exists(costs_path):
+        os.remove(costs_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
            "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
     start, done, failed = time.time(), set(), {}
     for stage in plan:
-        entry = costs.setdefault(stage.folder, {"runs": []})
-        if stage.run is not None and list(stage.run) not in entry["runs"]:
-            entry["runs"].append(list(stage.run))
         if stage.folder in done or args.report_only or stage.run in failed:
             continue
         done.add(stage.folder)
@@ -458,16 +449,14 @@ def main(args: Args):
             failed.update({s.run: stage.folder for s in plan if s.folder == stage.folder})  # every run sharing it
             print(f"[compare] {stage.folder}: failed ({e}); the runs that need it are left out", flush=True)
             continue
-        entry.update(measured)
-        save_cost(costs_path, stage.folder, entry)
-    measured = {}
-    if os.path.exists(costs_path):  # as now on disk: stages another compare.py measured meanwhile included
-        with open(costs_path) as f:
-            measured = json.load(f)
-    for folder, entry in costs.items():  # the runs of this invocation that use each stage
-        runs_there = measured.setdefault(folder, {"runs": []})["runs"]
-        runs_there += [run for run in entry["runs"] if run not in runs_there]
-    write_report(args, {k: v for k, v in measured.items() if "wall_s" in v})
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(costs_path, "a") as f:  # one line per stage: two compare.py processes may share the log
+            f.write(json.dumps({"folder": stage.folder, **measured}) + "\n")
+    costs = read_costs(costs_path)
+    for stage in plan:  # the runs each measured stage belongs to (a shared data stage: several)
+        if stage.folder in costs and stage.run is not None:
+            costs[stage.folder].setdefault("runs", []).append(list(stage.run))
+    write_report(args, costs)
     for (name, value, seed), folder in failed.items():
         print(f"[compare] {name} {value:g} seed {seed}: failed at {folder} (its log above says why)")
     print(f"[compare] finished in {time.time() - start:.0f} s")
