@@ -260,9 +260,12 @@ def test_ratio_is_one_and_kl_zero_before_the_first_step(ppo_1p):
     assert first["objective/kl"] == 0.0 and first["objective/non_score_reward"] == 0.0
 
 
+FSDP = ["--fsdp", "--gradient_checkpointing"]
+
+
 @pytest.fixture(scope="session")
 def ppo_fsdp(session_dir, sft_policy, reward_model):
-    return run_into("ppo.py", [*short_ppo(sft_policy, reward_model), "--fsdp"], session_dir / "ppo_fsdp", nproc=2)
+    return run_into("ppo.py", [*short_ppo(sft_policy, reward_model), *FSDP], session_dir / "ppo_fsdp", nproc=2)
 
 
 def assert_same_run(one, two, keys=("objective/scores", "objective/kl", "loss/value_avg", "eval/scores")):
@@ -278,8 +281,8 @@ def test_two_ranks_match_one_rank(ppo_1p, ppo_2p):
 
 
 def test_fsdp_on_two_ranks_matches_one_rank(ppo_1p, ppo_fsdp):
-    """Policy and value model sharded and trained, reference and reward model sharded frozen, sampling through the
-    shards: the same run as one unsharded rank."""
+    """Policy and value model sharded and trained (with gradient checkpointing), reference and reward model sharded
+    frozen, sampling through the shards: the same run as one unsharded rank."""
     assert_same_run(ppo_1p, ppo_fsdp)
 
 
@@ -289,7 +292,7 @@ def test_resume_from_a_checkpoint_is_exact(ppo_1p, sft_policy, reward_model, tmp
 
 def test_preempted_fsdp_run_resumes_exactly(ppo_fsdp, sft_policy, reward_model, tmp_path):
     """SIGTERM to a 2-rank FSDP2 run: its sharded checkpoint resumes to the uninterrupted run's weights, bitwise."""
-    check_preempt_and_resume("ppo.py", [*short_ppo(sft_policy, reward_model), "--fsdp"], ppo_fsdp,
+    check_preempt_and_resume("ppo.py", [*short_ppo(sft_policy, reward_model), *FSDP], ppo_fsdp,
                              tmp_path / "preempted", nproc=2)
 
 
