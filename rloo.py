@@ -230,19 +230,18 @@ class Args:
 # RLOO
 
 
-def derive_group_batch_sizes(args, world_size, k, algo):
+def derive_group_batch_sizes(args, world_size, k, k_flag, nminibatches):
     """Fill in the computed fields; the global batch and minibatch are fixed, so 1 or N ranks make the same updates.
-    Every rank holds whole groups of k responses to one prompt."""
+    Every rank holds whole groups of k responses to one prompt (`k_flag` names k's argument in errors)."""
     args.world_size = world_size
-    nminibatches = getattr(args, algo).nminibatches
     if args.batch_size % (nminibatches * world_size):
-        raise ValueError(f"--batch_size {args.batch_size} does not split into --{algo}.nminibatches {nminibatches} "
-                         f"minibatches over {world_size} ranks")
+        raise ValueError(f"--batch_size {args.batch_size} does not split into --{k_flag.split('.')[0]}.nminibatches "
+                         f"{nminibatches} minibatches over {world_size} ranks")
     args.local_batch_size = args.batch_size // world_size
     if args.local_batch_size % k:
         raise ValueError(f"--batch_size {args.batch_size} over {world_size} ranks gives {args.local_batch_size} "
-                         f"responses per rank, not a multiple of --{'rloo.k' if algo == 'rloo' else 'grpo.group_size'} "
-                         f"{k}: each rank must hold whole groups of responses to one prompt")
+                         f"responses per rank, not a multiple of --{k_flag} {k}: each rank must hold whole groups of "
+                         "responses to one prompt")
     args.prompts_per_update = args.batch_size // k
     args.mini_batch_size = args.batch_size // nminibatches
     args.local_mini_batch_size = args.mini_batch_size // world_size
@@ -284,7 +283,7 @@ def main(args: Args):
         raise ValueError(f"--rloo.k must be >= 2 (the baseline is the mean reward of the other k - 1 responses), got "
                          f"{args.rloo.k}")
     rank, world_size, device = init_distributed()
-    derive_group_batch_sizes(args, world_size, args.rloo.k, "rloo")
+    derive_group_batch_sizes(args, world_size, args.rloo.k, "rloo.k", args.rloo.nminibatches)
     if args.fsdp and not dist.is_initialized():
         raise SystemExit("--fsdp shards over a process group: launch with torchrun (--nproc_per_node 1 for one GPU)")
     if args.backend == "vllm" and importlib.util.find_spec("vllm") is None:
@@ -387,6 +386,7 @@ def main(args: Args):
     if not resume:
         logger.log({**run_eval(0), "episode": 0}, 0)
     pad_id, eos_id, k = tokenizer.pad_token_id, tokenizer.eos_token_id, args.rloo.k
+    noptepochs, nminibatches = args.rloo.noptepochs, args.rloo.nminibatches
     start_time, start_update = time.time(), state["update"]
     while state["update"] < args.num_updates:
         update = state["update"]
@@ -450,10 +450,10 @@ def main(args: Args):
         stats = torch.zeros(6, dtype=torch.float64, device=device)  # per-sequence sums, see `names` below
         entropy_stats = torch.zeros(2, dtype=torch.float64, device=device)  # token-weighted entropy, tokens
         update_ok = True
-        for epoch in range(args.rloo.noptepochs):
+        for epoch in range(noptepochs):
             generator = torch.Generator().manual_seed(seed_of(args.seed, update, epoch))
             order = torch.randperm(args.batch_size, generator=generator).tolist()
-            for mb in range(args.rloo.nminibatches):
+            for mb in range(nminibatches):
                 mb_rows = order[mb * args.mini_batch_size:(mb + 1) * args.mini_batch_size]
                 mine = mb_rows[rank * args.local_mini_batch_size:(rank + 1) * args.local_mini_batch_size]
                 mb_loss = torch.zeros((), device=device)
