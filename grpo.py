@@ -640,17 +640,15 @@ def seed_of(*parts):
 
 
 def sampling_noise(seed, stream, step, rows, vocab, device):
-    """Uniform noise in (0, 1) for Gumbel-max sampling of `rows` (global row indices) at one step: a hash
-    (splitmix64's mixer, in wrapping int64 arithmetic) of (seed, stream, step, row, token). A row's noise does not
-    depend on which rank holds it or how the batch is chunked, so one rank and N ranks sample identical responses, and
-    each rank makes only its own rows' noise (local rows x vocab numbers, not global batch x vocab)."""
-    golden, mix1, mix2 = -7046029254386353131, -4658895280553007687, -7723592293110705685  # splitmix64's, as int64
-    keys = rows.to(device=device, dtype=torch.long)[:, None] * vocab + torch.arange(vocab, device=device)
-    x = keys * golden + seed_of(seed, stream, step)
-    x = (x ^ ((x >> 30) & (2**34 - 1))) * mix1  # the masks make >> a logical shift
-    x = (x ^ ((x >> 27) & (2**37 - 1))) * mix2
-    x = x ^ ((x >> 31) & (2**33 - 1))
-    return (((x >> 40) & (2**24 - 1)).float() + 0.5) / 2**24  # the top 24 bits, as torch.rand's float32 has
+    """Uniform noise for Gumbel-max sampling of `rows` (global row indices, a CPU tensor) at one step, each row's from
+    its own generator keyed by (seed, stream, step, row): a row's noise does not depend on which rank holds it or how
+    the batch is chunked, so one rank and N ranks sample identical responses, and each rank draws only its own rows'
+    noise (local rows x vocab numbers, not global batch x vocab)."""
+    noise = torch.empty((len(rows), vocab), device=device)
+    for i, row in enumerate(rows.tolist()):
+        generator = torch.Generator(device=device).manual_seed(seed_of(seed, stream, step, row))
+        torch.rand(vocab, generator=generator, device=device, out=noise[i])
+    return noise
 
 
 def gumbel_max(logits, noise, temperature):
