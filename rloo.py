@@ -334,13 +334,13 @@ def main(args: Args):
         check_response_logprobs(freeze(wrapped, device), *probe, what)
     if args.gradient_checkpointing:
         policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = freeze(policy, device, train=True)
+    model = freeze(Policy(policy), device, train=True)
     ref_policy = freeze(ref_policy, device)
     if reward_model is not None:
         reward_model.config.pad_token_id = rm_tokenizer.pad_token_id
         reward_model = freeze(reward_model, device)
     if args.fsdp:
-        model = shard(model, args, device)
+        model = shard(model, args, device, units=(policy,))
         ref_policy = shard(ref_policy, args, device)
         reward_model = reward_model and shard(reward_model, args, device)
         with torch.no_grad():  # FSDP2 takes the module of its first forward for the root: make it the root
@@ -352,7 +352,7 @@ def main(args: Args):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16,
                               enabled=args.bf16 and device.type == "cuda" and not args.fsdp)
     rewards = Rewards(args, reward_model, reward_fn, tokenizer, rm_tokenizer, device)
-    sampler = Sampler(args, unwrapped, tokenizer, world_size, device)
+    sampler = Sampler(args, policy, tokenizer, world_size, device)
     judge = SentimentIntensityAnalyzer()
 
     # 3. resume
@@ -371,7 +371,7 @@ def main(args: Args):
     def run_eval(update):
         unwrapped.eval()
         try:
-            metrics, samples = evaluate_policy(sampler, unwrapped, ref_policy, rewards, eval_prompts, eval_prompt_ids,
+            metrics, samples = evaluate_policy(sampler, policy, ref_policy, rewards, eval_prompts, eval_prompt_ids,
                                                eval_columns, judge, update, args, rank, world_size, device, autocast)
         except NonFiniteScores as e:
             end_run(logger, rank, 1, f"stopping at update {update}: {e}")
@@ -409,7 +409,7 @@ def main(args: Args):
             logprobs, ref_logprobs = [], []
             for i in range(0, len(rows), args.local_micro_batch_size):
                 part = slice(i, i + args.local_micro_batch_size)
-                logprobs.append(forward_response(unwrapped, queries[part], query_mask[part], responses[part])[0])
+                logprobs.append(forward_response(policy, queries[part], query_mask[part], responses[part])[0])
                 ref_logprobs.append(forward_response(ref_policy, queries[part], query_mask[part], responses[part])[0])
             scores = rewards(indices, prompts, prompt_ids, columns, responses, response_mask, has_eos)
         unwrapped.train()
@@ -503,11 +503,11 @@ def main(args: Args):
     # 6. save the policy (gathered from the shards under FSDP2)
     full = None
     if args.fsdp:
-        tied = getattr(unwrapped.model, "all_tied_weights_keys", None) or {}  # saved once, as save_pretrained does
+        tied = getattr(policy.model, "all_tied_weights_keys", None) or {}  # saved once, as save_pretrained does
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        full = {name: t for name, t in ((n.removeprefix("model."), t) for n, t in full.items()
-                                        if n.startswith("model.")) if name not in tied}
-    save_model_atomically(unwrapped.model, tokenizer, args, rank, state_dict=full)
+        full = {name: t for name, t in ((n.removeprefix("policy.model."), t) for n, t in full.items()
+                                        if n.startswith("policy.model.")) if name not in tied}
+    save_model_atomically(policy.model, tokenizer, args, rank, state_dict=full)
     if rank == 0:
         print(f"saved the policy and tokenizer to {args.output_dir}; held-out samples in {samples_path}")
     end_run(logger, rank)
@@ -821,9 +821,23 @@ class CausalLogprobs(torch.nn.Module):
                                 self.temperature, self.chunk_size)
 
 
+class Policy(torch.nn.Module):
+    """The trained policy (a CausalLogprobs) under a root module with no weights of its own, as ppo.py's
+    PolicyAndValue is: under FSDP2, a root that holds the embeddings and is also called for sampling lost their
+    gradients (1-rank FSDP2 against no FSDP2: the embeddings and final norm never moved), a unit below the root
+    does not. The scripts without a value model (rebel_online.py, rloo.py, grpo.py) train this."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, *args, **kwargs):
+        return self.policy(*args, **kwargs)
+
+
 def forward_response(model, queries, query_mask, responses):
-    """One pass over [left-padded query | response] through a PolicyAndValue (logprobs, entropies, values) or a
-    CausalLogprobs (logprobs, entropies, None), all over the response positions."""
+    """One pass over [left-padded query | response] through a PolicyAndValue (logprobs, entropies, values), or a
+    Policy or CausalLogprobs (logprobs, entropies, None), all over the response positions."""
     attention_mask = torch.cat([query_mask, torch.ones_like(responses)], 1)
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
     out = model(torch.cat([queries, responses], 1), attention_mask, position_ids, queries.shape[1])
