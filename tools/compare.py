@@ -345,7 +345,7 @@ def plots(records, out):
             if r["algorithm"] == name:
                 points.setdefault(r["value"], []).append(r)
         xs = {v: sum(r["kl"] for r in rs) / len(rs) for v, rs in points.items()}
-        order = sorted(points, key=xs.get)
+        order = sorted(points)  # joined in the order of the setting, from one end of its range to the other
         for ax, key in zip(axes, ("scores", "judge")):
             ys = [sum(r[key] for r in points[v]) / len(points[v]) for v in order]
             ax.plot([xs[v] for v in order], ys, marker="o", color=colors[name], label=ALGORITHMS[name].label)
