@@ -22,7 +22,7 @@ what that run costs alone. A finished stage is skipped and an interrupted one co
 checkpoint, generate and score from their finished shards); --overwrite redoes everything. An algorithm whose script
 is not in the repository is skipped with a note.
 
-    python tools/compare.py                       # everything, one seed (hours on 2 CPU cores)
+    python tools/compare.py --episodes 3200       # everything, one seed (about 2 hours on 2 shared CPU cores)
     python tools/compare.py --algorithms ppo dpo --ppo 0.05 0.5 --dry_run    # the stages it would run
 """
 
@@ -95,7 +95,7 @@ class Args:
     """held-out evaluations of the online runs after the one at the start"""
     eval_size: int = 128
     """held-out prompts per evaluation"""
-    ppo: tuple[float, ...] = (0.05, 0.2, 0.5)
+    ppo: tuple[float, ...] = (0.02, 0.05, 0.2, 0.5, 1.0)
     """PPO's --ppo.kl_coef values (the quickstart's is 0.05)"""
     rebel_online: tuple[float, ...] = (0.3, 1.0, 3.0)
     """online REBEL's --rebel.eta values (larger: the policy moves further)"""
