@@ -413,7 +413,7 @@ def read_costs(path):
     costs = {}
     if os.path.exists(path):
         for line in report.read_jsonl(path):
-            costs[line.pop("folder")] = line
+            costs[os.path.abspath(line.pop("folder"))] = line  # as written: relative to the working folder
     return costs
 
 
@@ -451,11 +451,11 @@ def main(args: Args):
             continue
         os.makedirs(args.output_dir, exist_ok=True)
         with open(costs_path, "a") as f:  # one line per stage: two compare.py processes may share the log
-            f.write(json.dumps({"folder": stage.folder, **measured}) + "\n")
+            f.write(json.dumps({"folder": os.path.abspath(stage.folder), **measured}) + "\n")
     costs = read_costs(costs_path)
     for stage in plan:  # the runs each measured stage belongs to (a shared data stage: several)
-        if stage.folder in costs and stage.run is not None:
-            costs[stage.folder].setdefault("runs", []).append(list(stage.run))
+        if os.path.abspath(stage.folder) in costs and stage.run is not None:
+            costs[os.path.abspath(stage.folder)].setdefault("runs", []).append(list(stage.run))
     write_report(args, costs)
     for (name, value, seed), folder in failed.items():
         print(f"[compare] {name} {value:g} seed {seed}: failed at {folder} (its log above says why)")
