@@ -15,10 +15,12 @@ Every stage is a top-level script run as a user would run it, in its own folder 
 
 The model sees each problem as data/arith's `messages` column: one worked example ("Lily has 32 apples. Lily gets 5
 more. ... Answer with one equation." answered "32 + 5 = 37") as an earlier chat turn, then the problem. Without it
-this small model mostly writes a paragraph that does not end within a few dozen tokens; with it, it mostly answers in
-one line ("29 - 17 = 12"), right about 30% of the time, so short responses (--maxlen 24) suffice and most problems
-get both a right and a wrong sample, the pair REBEL learns from. The prompt (about 100 tokens, the model's default
-system prompt included) costs more compute than the response: it is encoded once per sample.
+this small model mostly writes a paragraph that does not end within a few dozen tokens; with it, it mostly answers
+in one line ("29 - 17 = 12"), right about 30% of the time, so short responses (--maxlen 24) suffice. Still, only
+about a quarter of the problems get both a right and a wrong finished sample, the pair REBEL learns from (18 of 64
+with 5 samples each when measured; README: "A real model" has the numbers, and no improvement yet). The prompt
+(about 100 tokens, the model's default system prompt included) costs more compute than the response: it is encoded
+once per sample.
 
 Held-out accuracy is greedy decoding on --eval_size problems of data/arith/test.jsonl, whose (operation, a, b)
 triples never occur in training; the answer read from a response is its last integer (data/arith/reward.py says why).

@@ -1,15 +1,14 @@
 """Write `data/arith/{train,test}.jsonl`: short arithmetic word problems with exact integer answers, a task whose
 answers a rule can check (the reward function is `data/arith/reward.py`).
 
-Each problem is one operation on two small numbers (addition of numbers up to 24, subtraction from numbers up to
-30) told as a one- or two-sentence story, followed by "Answer with one equation." The `messages` column puts one
-worked example before the problem as an earlier chat turn ("Lily has 32 apples. Lily gets 5 more. ..." answered
-"32 + 5 = 37"), which makes SmolLM2-135M-Instruct answer in one line; so prompted it gets about 30% of the problems
-right when sampling at temperature 0.7, with right and wrong samples for the same problem, which is what REBEL's
-best-versus-worst pairs need. The held-out split is disjoint from the training split by the
-underlying problem, not only by its wording: every (operation, a, b) triple is assigned to one split, so the test
-measures answers to number combinations the policy never trained on. Seeded: the files are
-reproducible byte for byte (tests/test_data.py checks it, and that the splits are disjoint).
+Each problem is one operation on two small numbers (addition of numbers up to 24, subtraction from numbers up to 30)
+told as a one- or two-sentence story, followed by "Answer with one equation." The `messages` column puts one worked
+example before the problem as an earlier chat turn ("Lily has 32 apples. Lily gets 5 more. ..." answered "32 + 5 =
+37"), which makes SmolLM2-135M-Instruct answer in one line; so prompted it gets about 30% of the problems right when
+sampling at temperature 0.7 (greedy: 58 of the 200 test problems). The held-out split is disjoint from the training
+split by the underlying problem, not only by its wording: every (operation, a, b) triple is assigned to one split,
+so the test measures answers to number combinations the policy never trained on. Seeded: the files are reproducible
+byte for byte (tests/test_data.py checks it, and that the splits are disjoint).
 
 Columns: `prompt_id` (`train-0000`, `test-0000`, ...), `prompt` (the problem, a user message),
 `messages` (the chat the model is given: the worked example, then `prompt`), `answer` (int), `op` (add or
