@@ -46,9 +46,12 @@ class Args:
     """prompts sampled in the rollout measurement (one batch)"""
     prompt_length: int = 32
     """tokens per prompt"""
-    response_length: int = 128
-    """tokens per response (EOS is never sampled by the random model, so every response runs to this length)"""
-    micro_batch: int = 16
+    rollout_length: int = 64
+    """tokens per response in the rollout measurement (the random model practically never samples EOS, so every
+    response runs to this length)"""
+    response_length: int = 256
+    """response tokens per rollout in the update measurement"""
+    micro_batch: int = 8
     """rollouts in the update measurement's forward and backward pass"""
     logprob_chunk_size: int = 256
     """ppo.py's --logprob_chunk_size in the update measurement (2,048 response positions: 8 chunks)"""
@@ -82,7 +85,7 @@ def ppo_args(args, folder, backend):
 
     run = ppo.Args(model_name_or_path=folder, backend=backend, vllm_dtype="float32", bf16=False,
                    local_rollout_forward_batch_size=args.prompts, logprob_chunk_size=args.logprob_chunk_size)
-    run.task.response_length, run.task.maxlen_prompt, run.task.temperature = (args.response_length,
+    run.task.response_length, run.task.maxlen_prompt, run.task.temperature = (args.rollout_length,
                                                                              args.prompt_length, 1.0)
     return run
 
@@ -189,7 +192,7 @@ def main(args: Args):
                   update_peak_memory_ratio=after["peak_mib_over_setup"] / before["peak_mib_over_setup"])
     print(f"model: Llama-shaped, width {args.hidden_size}, {args.layers} layers, vocab {args.vocab_size}; "
           f"{args.threads} threads on {device()}")
-    print(f"rollout: {args.prompts} prompts of {args.prompt_length} tokens, {args.response_length} new tokens each")
+    print(f"rollout: {args.prompts} prompts of {args.prompt_length} tokens, {args.rollout_length} new tokens each")
     for backend, r in rollout.items():
         print(f"  {backend:<5} {r['tokens_per_s']:>10.0f} tokens/s")
     if "vllm" in rollout:

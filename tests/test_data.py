@@ -98,7 +98,8 @@ def test_arithmetic_problems_regenerate_byte_for_byte_with_disjoint_splits(tmp_p
     assert not {r["prompt"] for r in splits["train"]} & {r["prompt"] for r in splits["test"]}
     for rows in splits.values():
         assert all(r["answer"] == (r["a"] + r["b"] if r["op"] == "add" else r["a"] - r["b"]) for r in rows)
-        assert all(r["prompt"].endswith("Answer with just the number.") for r in rows)
+        assert all(r["prompt"].endswith(make_arith.INSTRUCTION) for r in rows)
+        assert all(r["messages"] == [*make_arith.EXAMPLE, {"role": "user", "content": r["prompt"]}] for r in rows)
         assert sum(r["op"] == "add" for r in rows) * 2 == len(rows)
 
 

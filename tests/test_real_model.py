@@ -44,7 +44,7 @@ def test_shortened_real_model_example_runs_and_reports(tmp_path):
     out = tmp_path / "real"
     run("tools/real_model_example.py", "--output_dir", out, "--iterations", "1", "--prompts_per_iteration", "24",
         "--num_responses", "4", "--eval_size", "12", "--kl_samples", "8", "--batch_size", "2", "--num_train_epochs",
-        "1", "--maxlen", "48")
+        "1", "--maxlen", "24")
     report = (out / "report" / "report.md").read_text()
     assert (out / "report" / "report.png").stat().st_size > 10_000
     assert "after iteration 1" in report and "| problem | answer | before | after |" in report

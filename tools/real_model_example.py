@@ -13,6 +13,15 @@ Every stage is a top-level script run as a user would run it, in its own folder 
     report/              held-out accuracy, response length and KL per iteration (report.png), before/after answers
                          and stage timings (report.md)
 
+The model sees each problem as data/arith's `messages` column: one worked example ("Lily has 32 apples. Lily gets 5
+more. ... Answer with one equation." answered "32 + 5 = 37") as an earlier chat turn, then the problem. Without it
+this small model mostly writes a paragraph that does not end within a few dozen tokens; with it, it mostly answers
+in one line ("29 - 17 = 12"), right about 30% of the time, so short responses (--maxlen 24) suffice. Still, only
+about a quarter of the problems get both a right and a wrong finished sample, the pair REBEL learns from (18 of 64
+with 5 samples each when measured; README: "A real model" has the numbers, and no improvement yet). The prompt
+(about 100 tokens, the model's default system prompt included) costs more compute than the response: it is encoded
+once per sample.
+
 Held-out accuracy is greedy decoding on --eval_size problems of data/arith/test.jsonl, whose (operation, a, b)
 triples never occur in training; the answer read from a response is its last integer (data/arith/reward.py says why).
 KL is KL(pi_0 || pi_t) per response, estimated on --kl_samples responses sampled from the initial model (iteration
@@ -52,25 +61,25 @@ class Args:
     """seed passed to every stage that samples or shuffles"""
     iterations: int = 2
     """REBEL iterations (generate -> score -> filter -> rebel), each from the previous iteration's policy"""
-    prompts_per_iteration: int = 96
+    prompts_per_iteration: int = 64
     """train problems per iteration (iteration t takes problems t * this ... (t + 1) * this - 1)"""
-    num_responses: int = 4
+    num_responses: int = 5
     """samples per problem"""
-    maxlen: int = 48
+    maxlen: int = 24
     """most new tokens per response (a response that does not end by then is dropped by filter.py)"""
     temperature: float = 0.7
     """sampling temperature of generate.py, used again by rebel.py's logprobs"""
-    eval_size: int = 100
+    eval_size: int = 200
     """held-out problems answered greedily after each iteration"""
     kl_samples: int = 64
     """initial-model samples the KL to the initial model is estimated on"""
-    eta: float = 1.0
+    eta: float = 2.0
     """rebel.py's --rebel.eta (rewards are 0 or 1, so eta is the log-ratio gap asked of a right/wrong pair)"""
-    lr: float = 5e-6
+    lr: float = 3e-5
     """rebel.py's peak learning rate"""
-    batch_size: int = 8
+    batch_size: int = 4
     """rebel.py's pairs per update"""
-    num_train_epochs: int = 4
+    num_train_epochs: int = 3
     """rebel.py's passes over each iteration's pairs"""
     local_micro_batch_size: int = 32
     """generate.py's prompts per generate call"""
@@ -89,8 +98,9 @@ def stages(args):
         return [
             (out(f"eval{t}", "generate"), "generate.py", [
                 "--model_name_or_path", policy, "--dataset", test, "--split", "train", "--end_idx", str(args.eval_size),
-                "--keep_columns", "answer", "op", "--num_responses", "1", "--temperature", "0", "--maxlen",
-                str(args.maxlen), "--backend", "hf", "--local_micro_batch_size", str(args.local_micro_batch_size),
+                "--prompt_column", "messages", "--keep_columns", "answer", "op", "--num_responses", "1",
+                "--temperature", "0", "--maxlen", str(args.maxlen), "--backend", "hf", "--local_micro_batch_size",
+                str(args.local_micro_batch_size),
                 *seed]),
             (out(f"eval{t}", "score"), "score.py", ["--reward_fn", REWARD_FN, "--dataset",
                                                      out(f"eval{t}", "generate")]),
@@ -104,9 +114,10 @@ def stages(args):
         result += [
             (it("generate"), "generate.py", [
                 "--model_name_or_path", policy, "--dataset", os.path.join(ARITH, "train.jsonl"), "--split", "train",
-                "--start_idx", start, "--end_idx", end, "--keep_columns", "answer", "--num_responses",
-                str(args.num_responses), "--temperature", str(args.temperature), "--top_p", "1.0", "--maxlen",
-                str(args.maxlen), "--backend", "hf", "--local_micro_batch_size", str(args.local_micro_batch_size),
+                "--start_idx", start, "--end_idx", end, "--prompt_column", "messages", "--keep_columns", "answer",
+                "--num_responses", str(args.num_responses), "--temperature", str(args.temperature), "--top_p", "1.0",
+                "--maxlen", str(args.maxlen), "--backend", "hf", "--local_micro_batch_size",
+                str(args.local_micro_batch_size),
                 *seed]),
             (it("score"), "score.py", ["--reward_fn", REWARD_FN, "--dataset", it("generate")]),
             (it("filter"), "filter.py", [
@@ -236,12 +247,14 @@ def report(args, timings):
         return ", ".join(f"{op} {sum(v) / len(v):.2f}" for op, v in sorted(ops.items()))
 
     lines = [f"# {title}", "", "![curves](report.png)", "",
-             "| policy | held-out accuracy | by operation | response length (tokens) | ended within maxlen | "
-             "KL to the initial model | pairs trained on |", "|---|---|---|---|---|---|---|"]
+             "| policy | held-out accuracy ± standard error | by operation | response length (tokens) | "
+             "ended within maxlen | KL to the initial model | pairs trained on |", "|---|---|---|---|---|---|---|"]
     for t, e in enumerate(evals):
         name = "initial (SmolLM2-135M-Instruct)" if t == 0 else f"after iteration {t}"
         trained = pairs[t - 1]["train"] if t else ""
-        lines.append(f"| {name} | {e.accuracy:.3f} ({round(e.accuracy * len(e.rows))}/{len(e.rows)}) | {by_op(e)} | "
+        se = (e.accuracy * (1 - e.accuracy) / len(e.rows)) ** 0.5  # binomial standard error of the accuracy
+        lines.append(f"| {name} | {e.accuracy:.3f} ± {se:.3f} ({round(e.accuracy * len(e.rows))}/{len(e.rows)}) | "
+                     f"{by_op(e)} | "
                      f"{e.length:.1f} | {e.ended:.2f} | {kls[t]:.2f} | {trained} |")
     lines += ["", f"Sampled accuracy on each iteration's training problems (T = {args.temperature:g}): "
               + ", ".join(f"iteration {t}: {a:.3f}" for t, a in enumerate(train_acc)), "",
@@ -252,7 +265,8 @@ def report(args, timings):
     clean = lambda s: re.sub(r"\s+", " ", s).replace("|", "/").strip()  # noqa: E731
     mark = lambda r: "✓" if r["response_0_reward"] else "✗"  # noqa: E731
     for b, a in zip(before[:12], after[:12]):
-        prompt = clean(b["prompt"]).replace(" Answer with just the number.", "")
+        question = b["prompt"][-1]["content"] if isinstance(b["prompt"], list) else b["prompt"]  # the problem
+        prompt = clean(question).replace(" Answer with one equation.", "")
         lines.append(f"| {prompt} | {b['answer']} | {mark(b)} {clean(b['response_0'])} | "
                      f"{mark(a)} {clean(a['response_0'])} |")
     changed = sum(x["response_0_reward"] != y["response_0_reward"] for x, y in zip(before, after))

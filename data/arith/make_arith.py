@@ -1,14 +1,17 @@
 """Write `data/arith/{train,test}.jsonl`: short arithmetic word problems with exact integer answers, a task whose
 answers a rule can check (the reward function is `data/arith/reward.py`).
 
-Each problem is one operation on two small numbers (addition of numbers up to 24, subtraction from numbers up to
-30: SmolLM2-135M-Instruct gets about a quarter of them right when sampling) told as a one- or two-sentence story,
-followed by "Answer with just the number." The held-out split is disjoint from the training split by the
-underlying problem, not only by its wording: every (operation, a, b) triple is assigned to one split, so the test
-measures answers to number combinations the policy never trained on. Seeded: the files are
-reproducible byte for byte (tests/test_data.py checks it, and that the splits are disjoint).
+Each problem is one operation on two small numbers (addition of numbers up to 24, subtraction from numbers up to 30)
+told as a one- or two-sentence story, followed by "Answer with one equation." The `messages` column puts one worked
+example before the problem as an earlier chat turn ("Lily has 32 apples. Lily gets 5 more. ..." answered "32 + 5 =
+37"), which makes SmolLM2-135M-Instruct answer in one line; so prompted it gets about 30% of the problems right when
+sampling at temperature 0.7 (greedy: 58 of the 200 test problems). The held-out split is disjoint from the training
+split by the underlying problem, not only by its wording: every (operation, a, b) triple is assigned to one split,
+so the test measures answers to number combinations the policy never trained on. Seeded: the files are reproducible
+byte for byte (tests/test_data.py checks it, and that the splits are disjoint).
 
-Columns: `prompt_id` (`train-0000`, `test-0000`, ...), `prompt` (a user message), `answer` (int), `op` (add or
+Columns: `prompt_id` (`train-0000`, `test-0000`, ...), `prompt` (the problem, a user message),
+`messages` (the chat the model is given: the worked example, then `prompt`), `answer` (int), `op` (add or
 sub), `a`, `b`.
 
     python data/arith/make_arith.py            # writes data/arith/train.jsonl (640 problems) and test.jsonl (200)
@@ -35,7 +38,12 @@ class Args:
 
 
 OP_CYCLE = ["add", "sub"]
-INSTRUCTION = "Answer with just the number."
+INSTRUCTION = "Answer with one equation."
+# One worked example shown before every problem as an earlier chat turn (the `messages` column): without it this small
+# model mostly writes a paragraph; with it, mostly one line such as "29 - 17 = 12". Its numbers lie outside every
+# problem the generator can pose (sums of numbers up to 24), so it gives no split's answer away.
+EXAMPLE = [{"role": "user", "content": f"Lily has 32 apples. Lily gets 5 more. How many apples does Lily have now? "
+                                       f"{INSTRUCTION}"}, {"role": "assistant", "content": "32 + 5 = 37"}]
 NAMES = ["Tom", "Anna", "Sam", "Lena", "Omar", "Mia", "Ravi", "Julia", "Ken", "Sara", "Ben", "Nora", "Luis", "Emma",
          "Jack", "Zoe"]
 ITEMS = ["apples", "pencils", "stickers", "marbles", "books", "cookies", "cards", "coins", "shells", "toy cars",
@@ -86,8 +94,12 @@ def make_splits(args):
         rng.shuffle(splits[split])
     rows = {}
     for split, problems in splits.items():
-        rows[split] = [{"prompt_id": f"{split}-{i:04d}", "prompt": render(op, a, b, rng), "answer": answer(op, a, b),
-                        "op": op, "a": a, "b": b} for i, (op, a, b) in enumerate(problems)]
+        rows[split] = []
+        for i, (op, a, b) in enumerate(problems):
+            prompt = render(op, a, b, rng)
+            rows[split].append({"prompt_id": f"{split}-{i:04d}", "prompt": prompt,
+                                "messages": [*EXAMPLE, {"role": "user", "content": prompt}],
+                                "answer": answer(op, a, b), "op": op, "a": a, "b": b})
     return rows
 
 
