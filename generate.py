@@ -22,6 +22,7 @@ changed in the meantime, it stops instead of mixing old and new work.
         --prompt_format text --prompt_words 4 --maxlen 24 --backend hf      # the SST-2 example
 """
 
+import copy
 import fcntl
 import hashlib
 import importlib.util
@@ -41,7 +42,7 @@ import torch
 import torch.distributed as dist
 import tyro
 from huggingface_hub import try_to_load_from_cache
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig
 
 
 @dataclass
@@ -178,23 +179,56 @@ def select_backend(args, world_size):
     return backend, reason
 
 
+def shared_prefix_length(prompt_ids):
+    """Tokens every prompt starts with (a system prompt, a worked example), leaving each prompt at least one token
+    of its own: generate needs one uncached token per row."""
+    length = min(len(x) for x in prompt_ids) - 1
+    for position in range(length):
+        if any(x[position] != prompt_ids[0][position] for x in prompt_ids):
+            return position
+    return max(length, 0)
+
+
 def generate_hf(model, tokenizer, prompt_ids, shard, stop_ids, args, device):
     """Responses for one shard's prompts (already sorted by length): batches of local_micro_batch_size prompts,
-    left-padded, each seeded by (seed, shard, batch), so the output depends on neither rank nor world size."""
+    each seeded by (seed, shard, batch), so the output depends on neither rank nor world size.
+
+    The prompt is encoded once, not once per response, and the tokens every prompt of the shard starts with once per
+    shard: their keys and values are computed first and copied to the rows that share them (what vLLM's prefix
+    cache does). Rows are laid out [shared prefix, padding, rest of the prompt], the padding masked and the positions
+    counted over real tokens, so each row is computed as if alone, up to float rounding; the random draws are those
+    of generate with num_return_sequences. On a CPU, with a 100-token chat prompt and short answers, the prompt is
+    most of the work (tests/test_pipeline.py checks the responses against plain generate)."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     config = GenerationConfig(do_sample=args.temperature > 0, temperature=args.temperature or None,
                               top_p=args.top_p if args.temperature > 0 else None, top_k=0, max_new_tokens=args.maxlen,
-                              num_return_sequences=args.num_responses, eos_token_id=stop_ids, pad_token_id=pad_id)
+                              eos_token_id=stop_ids, pad_token_id=pad_id)
+    shared = shared_prefix_length(prompt_ids)
+    prefix_cache = DynamicCache(config=model.config)
+    if shared:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([prompt_ids[0][:shared]], device=device), past_key_values=prefix_cache)
     responses = []
     for batch_index, start in enumerate(range(0, len(prompt_ids), args.local_micro_batch_size)):
         batch = prompt_ids[start:start + args.local_micro_batch_size]
-        width = max(len(x) for x in batch)
-        input_ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in batch], device=device)
-        attention_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch], device=device)
-        torch.manual_seed(args.seed * 1_000_003 ** 2 + shard * 1_000_003 + batch_index)
+        width = max(len(x) for x in batch) - shared  # of the rows' own tokens
+        input_ids = torch.tensor([x[:shared] + [pad_id] * (width - len(x) + shared) + x[shared:] for x in batch],
+                                 device=device)
+        attention_mask = torch.tensor([[1] * shared + [0] * (width - len(x) + shared) + [1] * (len(x) - shared)
+                                       for x in batch], device=device)
+        positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # as generate counts them
+        cache = copy.deepcopy(prefix_cache)
+        cache.batch_repeat_interleave(len(batch))
         with torch.no_grad():
-            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-        for row in out[:, width:].tolist():
+            if width > 1:  # each prompt's own tokens but its last, once per prompt
+                model(input_ids=input_ids[:, shared:-1], attention_mask=attention_mask[:, :-1],
+                      position_ids=positions[:, shared:-1], past_key_values=cache)
+            cache.batch_repeat_interleave(args.num_responses)
+            torch.manual_seed(args.seed * 1_000_003 ** 2 + shard * 1_000_003 + batch_index)
+            out = model.generate(input_ids=input_ids.repeat_interleave(args.num_responses, 0),
+                                 attention_mask=attention_mask.repeat_interleave(args.num_responses, 0),
+                                 past_key_values=cache, generation_config=config)
+        for row in out[:, input_ids.shape[1]:].tolist():
             responses.append(cut_at_stop(row, stop_ids))
     return [responses[i * args.num_responses:(i + 1) * args.num_responses] for i in range(len(prompt_ids))]
 

@@ -12,7 +12,7 @@ import time
 import datasets
 import pytest
 import torch
-from conftest import ROOT, TINY_GPT2, TINY_LLAMA, command, run, run_in_process
+from conftest import ROOT, TINY_GPT2, TINY_LLAMA, chat_prompt, command, run, run_in_process
 
 import filter as filter_stage
 import generate
@@ -59,6 +59,54 @@ def test_generate_writes_prompts_in_order_with_single_bos(generated, chat_prompt
             assert tokenizer.decode(row[f"response_{i}_token_ids"], skip_special_tokens=True) == row[f"response_{i}"]
     finished = [row[f"response_{i}_token_ids"][-1] == tokenizer.eos_token_id for row in data for i in range(4)]
     assert sum(finished) > len(finished) // 2  # the tiny policy learned to end its turn
+
+
+@pytest.mark.parametrize("prompts", ["shared_system_prompt", "identical", "nothing_shared"])
+def test_generate_hf_encodes_shared_prompt_tokens_once_with_the_same_responses(chat_policy, prompts):
+    """generate_hf computes the tokens all prompts share once, and each prompt once for its n responses (rows laid out
+    [shared, padding, own tokens]): greedy responses equal plain generate on each prompt alone, and sampled ones equal
+    generate on the left-padded batch with num_return_sequences and the same seed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_policy)
+    model = AutoModelForCausalLM.from_pretrained(chat_policy).eval()
+    system = {"role": "system", "content": "you write short reviews of films for a newspaper"}
+    chats = {"shared_system_prompt": [[system, {"role": "user", "content": chat_prompt(i) + " please" * (i % 3)}]
+                                      for i in range(5)],
+             "identical": [[system, {"role": "user", "content": chat_prompt(0)}]] * 3,
+             "nothing_shared": [[{"role": "user", "content": chat_prompt(i)}] for i in range(3)]}[prompts]
+    prompt_ids = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True)["input_ids"]
+                  for c in chats]
+    if prompts == "nothing_shared":  # the chat template's common start cut off
+        prompt_ids = [x[generate.shared_prefix_length(prompt_ids):] for x in prompt_ids]
+        assert generate.shared_prefix_length(prompt_ids) == 0
+    stop_ids = generate.stop_token_ids(tokenizer, str(chat_policy))
+    assert tokenizer.pad_token_id is None  # generate_hf pads with stop_ids[0], and so does the reference (the token
+    # finished rows are fed changes the random draws of the other rows)
+    for temperature, n in ((0.0, 1), (1.0, 3)):
+        args = generate.Args(temperature=temperature, top_p=1.0, num_responses=n, maxlen=12, local_micro_batch_size=2,
+                             seed=3)
+        got = generate.generate_hf(model, tokenizer, prompt_ids, 0, stop_ids, args, torch.device("cpu"))
+        config = GenerationConfig(do_sample=temperature > 0, temperature=temperature or None, top_p=args.top_p,
+                                  top_k=0, max_new_tokens=12,
+                                  num_return_sequences=n, eos_token_id=stop_ids, pad_token_id=stop_ids[0])
+        if temperature == 0:  # each prompt alone, no padding at all
+            expected = [[generate.cut_at_stop(model.generate(input_ids=torch.tensor([x]), generation_config=config)
+                                              [0, len(x):].tolist(), stop_ids)] for x in prompt_ids]
+        else:  # the batches of generate_hf, left-padded, n rows per prompt
+            expected = []
+            for batch_index, start in enumerate(range(0, len(prompt_ids), 2)):
+                batch = prompt_ids[start:start + 2]
+                width = max(map(len, batch))
+                torch.manual_seed(args.seed * 1_000_003 ** 2 + batch_index)
+                out = model.generate(input_ids=torch.tensor([[0] * (width - len(x)) + x for x in batch]),
+                                     attention_mask=torch.tensor([[0] * (width - len(x)) + [1] * len(x)
+                                                                  for x in batch]), generation_config=config)
+                rows = [generate.cut_at_stop(row, stop_ids) for row in out[:, width:].tolist()]
+                expected += [rows[i * n:(i + 1) * n] for i in range(len(batch))]
+        assert got == expected
+        if n > 1:
+            assert len({tuple(r) for rows in got for r in rows}) > 1
 
 
 def test_two_ranks_generate_and_score_the_same(session_dir, generated, scored, chat_policy, chat_prompts,
