@@ -3,8 +3,9 @@
 
 Backends: vLLM on GPU (one pass with `SamplingParams(n=...)`, tensor parallelism for large models, prompts given as
 token ids so the chat template's BOS is not doubled, a seed per prompt) and transformers `generate` elsewhere
-(prompts sorted by length and batched left-padded; under torchrun, shards of prompts go round-robin to the ranks and
-the output is gathered back in prompt order). `--backend auto` picks vLLM when it is installed and a GPU is present,
+(prompts sorted by length and batched, each prompt encoded once for its n responses and the tokens all prompts
+share, such as a system prompt, once per shard; under torchrun, shards of prompts go round-robin to the ranks and the
+output is gathered back in prompt order). `--backend auto` picks vLLM when it is installed and a GPU is present,
 and says which it picked. Chat prompts go through the tokenizer's chat template with `add_generation_prompt=True`;
 `--prompt_format text` feeds raw text (the SST-2 example).
 

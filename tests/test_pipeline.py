@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import datasets
@@ -68,6 +69,9 @@ def test_generate_hf_encodes_shared_prompt_tokens_once_with_the_same_responses(c
     generate on the left-padded batch with num_return_sequences and the same seed."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_generate import plain_generate
+
     tokenizer = AutoTokenizer.from_pretrained(chat_policy)
     model = AutoModelForCausalLM.from_pretrained(chat_policy).eval()
     system = {"role": "system", "content": "you write short reviews of films for a newspaper"}
@@ -81,34 +85,23 @@ def test_generate_hf_encodes_shared_prompt_tokens_once_with_the_same_responses(c
         prompt_ids = [x[generate.shared_prefix_length(prompt_ids):] for x in prompt_ids]
         assert generate.shared_prefix_length(prompt_ids) == 0
     stop_ids = generate.stop_token_ids(tokenizer, str(chat_policy))
-    assert tokenizer.pad_token_id is None  # generate_hf pads with stop_ids[0], and so does the reference (the token
-    # finished rows are fed changes the random draws of the other rows)
+    assert tokenizer.pad_token_id is None  # generate_hf pads with stop_ids[0]; the reference pads alike
     for temperature, n in ((0.0, 1), (1.0, 3)):
         args = generate.Args(temperature=temperature, top_p=1.0, num_responses=n, maxlen=12, local_micro_batch_size=2,
                              seed=3)
         got = generate.generate_hf(model, tokenizer, prompt_ids, 0, stop_ids, args, torch.device("cpu"))
-        config = GenerationConfig(do_sample=temperature > 0, temperature=temperature or None, top_p=args.top_p,
-                                  top_k=0, max_new_tokens=12,
-                                  num_return_sequences=n, eos_token_id=stop_ids, pad_token_id=stop_ids[0])
         if temperature == 0:  # each prompt alone, no padding at all
+            config = GenerationConfig(do_sample=False, max_new_tokens=12, eos_token_id=stop_ids)
             expected = [[generate.cut_at_stop(model.generate(input_ids=torch.tensor([x]), generation_config=config)
                                               [0, len(x):].tolist(), stop_ids)] for x in prompt_ids]
-        else:  # the batches of generate_hf, left-padded, n rows per prompt
-            expected = []
-            for batch_index, start in enumerate(range(0, len(prompt_ids), 2)):
-                batch = prompt_ids[start:start + 2]
-                width = max(map(len, batch))
-                torch.manual_seed(args.seed * 1_000_003 ** 2 + batch_index)
-                out = model.generate(input_ids=torch.tensor([[0] * (width - len(x)) + x for x in batch]),
-                                     attention_mask=torch.tensor([[0] * (width - len(x)) + [1] * len(x)
-                                                                  for x in batch]), generation_config=config)
-                rows = [generate.cut_at_stop(row, stop_ids) for row in out[:, width:].tolist()]
-                expected += [rows[i * n:(i + 1) * n] for i in range(len(batch))]
+        else:  # generate.py's earlier way: left-padded batches, num_return_sequences, the same seeds
+            expected = plain_generate(model, prompt_ids, stop_ids, stop_ids[0], args)
         assert got == expected
         if n > 1:
             assert len({tuple(r) for rows in got for r in rows}) > 1
 
 
+@pytest.mark.slow
 def test_two_ranks_generate_and_score_the_same(session_dir, generated, scored, chat_policy, chat_prompts,
                                                chat_reward_model):
     gen2, score2 = session_dir / "gen_2p", session_dir / "score_2p"
