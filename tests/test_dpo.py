@@ -15,6 +15,8 @@ from conftest import (
     TINY_LLAMA,
     assert_weights_equal,
     chat_prompt,
+    check_nonfinite_guard,
+    check_preempt_and_resume,
     check_resume_from_checkpoint,
     check_resume_refuses_other_settings,
     metrics,
@@ -116,6 +118,7 @@ def test_end_to_end_on_filter_pairs(dpo_1p):
     assert len(list((dpo_1p / "ref_logprobs").glob("*.pt"))) == 1
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_rank_with_ddp_and_with_fsdp2_and_gradient_checkpointing(session_dir, dpo_1p, tiny_policy,
                                                                                        tiny_pairs):
     ddp, fsdp = session_dir / "dpo_2p", session_dir / "dpo_2p_fsdp"
@@ -132,6 +135,17 @@ def test_two_ranks_match_one_rank_with_ddp_and_with_fsdp2_and_gradient_checkpoin
 
 def test_resume_from_a_checkpoint_is_exact(dpo_1p, tiny_policy, tiny_pairs, tmp_path):
     check_resume_from_checkpoint(dpo, short_dpo(tiny_policy, tiny_pairs), dpo_1p, tmp_path / "resumed", update=3)
+
+
+def test_nonfinite_updates_are_skipped_then_stop_the_run(dpo_1p, tiny_policy, tiny_pairs, tmp_path, capsys):
+    check_nonfinite_guard(dpo, [*short_dpo(tiny_policy, tiny_pairs), "--save_freq", "1"], dpo_1p, tmp_path, good=3,
+                          capsys=capsys)
+
+
+@pytest.mark.slow
+def test_preempted_run_resumes_exactly(dpo_1p, tiny_policy, tiny_pairs, tmp_path):
+    """SIGTERM mid-run: the checkpoint it writes resumes to the uninterrupted run's weights and metrics, bitwise."""
+    check_preempt_and_resume("dpo.py", short_dpo(tiny_policy, tiny_pairs), dpo_1p, tmp_path / "preempted", nproc=1)
 
 
 def test_resume_with_other_settings_is_refused(dpo_1p, tiny_policy, tiny_pairs, tmp_path, no_model_loading):

@@ -24,6 +24,7 @@ def dry_run(tmp_path_factory):
     return out, json.loads((out / "gpu_check.json").read_text())
 
 
+@pytest.mark.slow
 def test_every_stage_finished_and_saved_what_loads(dry_run):
     out, results = dry_run
     stages = results["stages"]
@@ -42,6 +43,7 @@ def test_every_stage_finished_and_saved_what_loads(dry_run):
     assert results["stages"]["setup"]["tokenizer_size"] < results["sizes"]["vocab_size"]
 
 
+@pytest.mark.slow
 def test_rebel_ratio_is_exactly_one_before_the_first_update(dry_run):
     stages = dry_run[1]["stages"]
     for name in ("rebel_ddp", "rebel_fsdp"):
@@ -49,6 +51,7 @@ def test_rebel_ratio_is_exactly_one_before_the_first_update(dry_run):
     assert stages["ppo"]["initial_ratio"] == 1.0 and stages["ppo"]["initial_ratio_var"] == 0.0
 
 
+@pytest.mark.slow
 def test_figures_are_measured_and_consistent(dry_run):
     out, results = dry_run
     stages = results["stages"]

@@ -11,6 +11,7 @@ import torch
 from conftest import (
     assert_same_run,
     check_nonfinite_guard,
+    check_preempt_and_resume,
     check_resume_from_checkpoint,
     check_short_run_learns,
     metrics,
@@ -104,6 +105,7 @@ def test_ratio_is_one_and_kl_zero_before_the_first_step(grpo_1p):
     assert metrics(grpo_1p)[-1]["objective/kl_loss"] > 0  # the policy moved away from the reference
 
 
+@pytest.mark.slow
 def test_fsdp_on_two_ranks_matches_one_rank(grpo_1p, session_dir, sft_policy, reward_model):
     """FSDP2 over 2 ranks, the dapo loss normalised by the tokens of the whole minibatch: the same run as one rank."""
     two = run_into("grpo.py", [*short_grpo(sft_policy, reward_model), "--fsdp"], session_dir / "grpo_fsdp", nproc=2)
@@ -115,10 +117,17 @@ def test_resume_from_a_checkpoint_is_exact(grpo_1p, sft_policy, reward_model, tm
     check_resume_from_checkpoint(grpo, short_grpo(sft_policy, reward_model), grpo_1p, tmp_path / "resumed", update=1)
 
 
+@pytest.mark.slow
+def test_preempted_run_resumes_exactly(grpo_1p, sft_policy, reward_model, tmp_path):
+    """SIGTERM mid-run: the checkpoint it writes resumes to the uninterrupted run's weights and metrics, bitwise."""
+    check_preempt_and_resume("grpo.py", short_grpo(sft_policy, reward_model), grpo_1p, tmp_path / "preempted", nproc=1)
+
+
 def test_nonfinite_updates_are_skipped_then_stop_the_run(grpo_1p, sft_policy, reward_model, tmp_path, capsys):
     check_nonfinite_guard(grpo, short_grpo(sft_policy, reward_model), grpo_1p, tmp_path, good=1, capsys=capsys)
 
 
+@pytest.mark.slow
 def test_short_run_raises_the_held_out_reward_above_the_sft_policy(session_dir, sft_policy, reward_model):
     args = online_args(sft_policy, reward_model, "--batch_size", "32", "--local_micro_batch_size", "32",
                        "--total_episodes", "480", "--eval_size", "64", "--grpo.noptepochs", "2")

@@ -271,10 +271,12 @@ def ppo_fsdp(session_dir, sft_policy, reward_model):
 PPO_CURVES = ("objective/scores", "objective/kl", "loss/value_avg", "eval/scores")
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_rank(ppo_1p, ppo_2p):
     assert_same_run(ppo_1p, ppo_2p, PPO_CURVES)
 
 
+@pytest.mark.slow
 def test_fsdp_on_two_ranks_matches_one_rank(ppo_1p, ppo_fsdp):
     """Policy and value model sharded and trained (with gradient checkpointing), reference and reward model sharded
     frozen, sampling through the shards: the same run as one unsharded rank."""
@@ -285,6 +287,7 @@ def test_resume_from_a_checkpoint_is_exact(ppo_1p, sft_policy, reward_model, tmp
     check_resume_from_checkpoint(ppo, short_ppo(sft_policy, reward_model), ppo_1p, tmp_path / "resumed", update=1)
 
 
+@pytest.mark.slow
 def test_preempted_fsdp_run_resumes_exactly(ppo_fsdp, sft_policy, reward_model, tmp_path):
     """SIGTERM to a 2-rank FSDP2 run: its sharded checkpoint resumes to the uninterrupted run's weights, bitwise."""
     check_preempt_and_resume("ppo.py", [*short_ppo(sft_policy, reward_model), *FSDP], ppo_fsdp,
@@ -295,6 +298,7 @@ def test_nonfinite_updates_are_skipped_then_stop_the_run(ppo_1p, sft_policy, rew
     check_nonfinite_guard(ppo, short_ppo(sft_policy, reward_model), ppo_1p, tmp_path, good=1, capsys=capsys)
 
 
+@pytest.mark.slow
 def test_short_run_raises_the_held_out_reward_above_the_sft_policy(session_dir, sft_policy, reward_model):
     args = ["--model_name_or_path", sft_policy, "--reward_model_name_or_path", reward_model, "--task.dataset", SST2,
             "--lr", "1e-4", "--batch_size", "32", "--local_micro_batch_size", "32", "--total_episodes", "480",
@@ -366,6 +370,7 @@ def nan_reward_setup(session_dir, reward_model):
     return rm, data
 
 
+@pytest.mark.slow
 def test_nonfinite_rewards_stop_the_run_naming_the_reward_model(nan_reward_setup, sft_policy, tmp_path, capsys):
     rm, data = nan_reward_setup
     args = [*ppo_args(sft_policy, rm), "--task.dataset", data, "--total_episodes", "32"]
@@ -386,6 +391,7 @@ def test_nonfinite_rewards_stop_the_run_naming_the_reward_model(nan_reward_setup
             "NaN or inf, e.g. for the prompt '§ ") in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_rank_with_several_minibatches(sft_policy, reward_model, tmp_path):
     """Minibatches are drawn from the global batch and split over the ranks, so 2 ranks make the updates 1 rank
     makes for nminibatches > 1 too (each rank used to draw its minibatches from its own rows only)."""

@@ -165,6 +165,7 @@ def test_log_ratio_is_exactly_zero_before_the_first_update(rebel_1p):
     assert rows[-1]["objective/abs_logratio_diff"] > 0
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_rank_with_ddp_and_with_fsdp2_and_gradient_checkpointing(session_dir, rebel_1p, rebel_2p,
                                                                                        sft_policy, sst2_pairs):
     fsdp = session_dir / "rebel_2p_fsdp"
@@ -184,6 +185,7 @@ def test_resume_from_a_checkpoint_is_exact(rebel_1p, sft_policy, sst2_pairs, tmp
                                  update=2)
 
 
+@pytest.mark.slow
 def test_preempted_two_rank_run_resumes_exactly_from_the_cached_reference(rebel_2p, sft_policy, sst2_pairs,
                                                                            tmp_path):
     first, resumed = check_preempt_and_resume("rebel.py", short_rebel(sft_policy, sst2_pairs), rebel_2p,
@@ -203,6 +205,7 @@ def test_reference_logprobs_are_cached_beside_the_run(rebel_1p):
     assert set(ref) == {"train", "eval"} and ref["train"].shape[1] == 2 and ref["train"].dtype == torch.float64
 
 
+@pytest.mark.slow
 def test_sst2_chain_raises_held_out_sign_agreement(session_dir, sft_policy, sst2_pairs):
     out = session_dir / "rebel_learns"
     run("rebel.py", "--model_name_or_path", sft_policy, "--task.dataset", sst2_pairs, *REBEL, "--batch_size", "32",

@@ -8,6 +8,7 @@ from conftest import (
     SST2,
     assert_same_run,
     check_nonfinite_guard,
+    check_preempt_and_resume,
     check_resume_from_checkpoint,
     check_short_run_learns,
     metrics,
@@ -121,12 +122,14 @@ def test_ratio_is_one_and_kl_zero_before_the_first_step(rebel_1p):
 REBEL_CURVES = ("objective/scores", "objective/kl", "loss/policy_avg", "objective/sign_align", "eval/scores")
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_rank(rebel_1p, rebel_2p):
     """Each rank samples its own pairs with the noise of their global rows, and takes its share of every minibatch of
     pairs from the gathered rollout: the same run as one rank."""
     assert_same_run(rebel_1p, rebel_2p, REBEL_CURVES)
 
 
+@pytest.mark.slow
 def test_fsdp_with_several_minibatches_on_two_ranks_matches_one_rank(sft_policy, reward_model, tmp_path):
     """The policy sharded with FSDP2 (a unit below a root without weights, sampled through), the reference and reward
     model sharded frozen, 2 epochs of 2 minibatches of pairs split over the ranks: the same run as one unsharded rank.
@@ -143,11 +146,19 @@ def test_resume_from_a_checkpoint_is_exact(rebel_1p, sft_policy, reward_model, t
                                  update=1)
 
 
+@pytest.mark.slow
+def test_preempted_run_resumes_exactly(rebel_1p, sft_policy, reward_model, tmp_path):
+    """SIGTERM mid-run: the checkpoint it writes resumes to the uninterrupted run's weights and metrics, bitwise."""
+    check_preempt_and_resume("rebel_online.py", short_rebel(sft_policy, reward_model), rebel_1p,
+                             tmp_path / "preempted", nproc=1)
+
+
 def test_nonfinite_updates_are_skipped_then_stop_the_run(rebel_1p, sft_policy, reward_model, tmp_path, capsys):
     check_nonfinite_guard(rebel_online, short_rebel(sft_policy, reward_model), rebel_1p, tmp_path, good=1,
                           capsys=capsys)
 
 
+@pytest.mark.slow
 def test_short_run_raises_the_held_out_reward_above_the_sft_policy(session_dir, sft_policy, reward_model):
     args = ["--model_name_or_path", sft_policy, "--reward_model_name_or_path", reward_model, "--task.dataset", SST2,
             "--lr", "1e-4", "--batch_size", "32", "--local_micro_batch_size", "32", "--total_episodes", "480",

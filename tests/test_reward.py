@@ -59,6 +59,7 @@ def test_saved_reward_model_scores_text_with_no_extra_code(reward_model):
     assert batched[0] > batched[1] and batched[2] > batched[3]
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_rank(rm_short_1p, rm_short_2p):
     assert_weights_equal(rm_short_1p, rm_short_2p, exact=False)
     one, two = metrics(rm_short_1p), metrics(rm_short_2p)
@@ -78,6 +79,7 @@ def test_resume_from_a_checkpoint_is_exact(rm_short_1p, tmp_path):
     check_resume_from_checkpoint(reward_sst2, RM_ARGS + SHORT, rm_short_1p, tmp_path / "resumed", update=4)
 
 
+@pytest.mark.slow
 def test_preempted_two_rank_run_resumes_exactly(rm_short_2p, tmp_path):
     check_preempt_and_resume("reward_sst2.py", RM_ARGS + SHORT, rm_short_2p, tmp_path / "preempted", nproc=2)
 

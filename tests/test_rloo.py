@@ -9,6 +9,7 @@ import torch
 from conftest import (
     assert_same_run,
     check_nonfinite_guard,
+    check_preempt_and_resume,
     check_resume_from_checkpoint,
     check_short_run_learns,
     metrics,
@@ -87,6 +88,7 @@ def test_ratio_is_one_and_kl_zero_before_the_first_step(rloo_1p):
     assert first["objective/advantage_std"] > 0  # the k responses to a prompt differ
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_rank(rloo_1p, session_dir, sft_policy, reward_model):
     """DDP over 2 ranks, each with whole groups of 4: the same run as one rank (which accumulates 4 micro-batches)."""
     two = run_into("rloo.py", short_rloo(sft_policy, reward_model), session_dir / "rloo_2p", nproc=2)
@@ -97,10 +99,17 @@ def test_resume_from_a_checkpoint_is_exact(rloo_1p, sft_policy, reward_model, tm
     check_resume_from_checkpoint(rloo, short_rloo(sft_policy, reward_model), rloo_1p, tmp_path / "resumed", update=1)
 
 
+@pytest.mark.slow
+def test_preempted_run_resumes_exactly(rloo_1p, sft_policy, reward_model, tmp_path):
+    """SIGTERM mid-run: the checkpoint it writes resumes to the uninterrupted run's weights and metrics, bitwise."""
+    check_preempt_and_resume("rloo.py", short_rloo(sft_policy, reward_model), rloo_1p, tmp_path / "preempted", nproc=1)
+
+
 def test_nonfinite_updates_are_skipped_then_stop_the_run(rloo_1p, sft_policy, reward_model, tmp_path, capsys):
     check_nonfinite_guard(rloo, short_rloo(sft_policy, reward_model), rloo_1p, tmp_path, good=1, capsys=capsys)
 
 
+@pytest.mark.slow
 def test_short_run_raises_the_held_out_reward_above_the_sft_policy(session_dir, sft_policy, reward_model):
     """RLOO with k = 2 (16 prompts per update) is noisier than PPO at this budget: with these settings the held-out
     score rose by 0.57 (seed 1) and 0.27 (seed 2); with 2 epochs, or lr 2e-4, by 0.39-0.49. Hence a margin of 0.25."""

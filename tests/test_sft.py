@@ -83,6 +83,7 @@ def test_sft_learns_and_saves_a_loadable_model(sft_1p):
     assert model.config.vocab_size == len(tokenizer)
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_rank(sft_1p, sft_2p):
     assert_weights_equal(sft_1p, sft_2p, exact=False)
     one, two = metrics(sft_1p), metrics(sft_2p)
@@ -104,6 +105,7 @@ def test_resume_from_a_checkpoint_is_exact(sft_1p, tmp_path):
     check_resume_from_checkpoint(sft_sst2, SFT_ARGS, sft_1p, tmp_path / "resumed", update=8)
 
 
+@pytest.mark.slow
 def test_preempted_two_rank_run_resumes_exactly(sft_2p, tmp_path):
     check_preempt_and_resume("sft_sst2.py", SFT_ARGS, sft_2p, tmp_path / "preempted", nproc=2)
 

