@@ -7,7 +7,7 @@ shared:  generate.py's `generate_hf`: the tokens every prompt shares (system pro
 
 Both run the same batches with the same seeds; the bench reports responses per second of each, their ratio, and how
 many responses came out identical (sampling from logits that differ by float rounding only). The default workload is
-the real-model example's (data/arith's chat prompts, about 100 tokens of which about 75 are shared, 8 samples of up
+the real-model example's (data/arith's chat prompts, about 100 tokens of which 70 are shared, 8 samples of up
 to 24 tokens at temperature 0.7, 8 prompts per call) on SmolLM2-135M-Instruct (`python data/make_smollm2.py`), or on
 any model given with --model.
 
