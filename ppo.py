@@ -253,12 +253,17 @@ def derive_ppo_batch_sizes(args, world_size):
         raise ValueError(f"--total_episodes {args.total_episodes} is less than one --batch_size {args.batch_size}")
 
 
-def masked_whiten(x, mask, eps=1e-8):
-    """Whiten x over its real entries across all ranks (unbiased variance), leaving padding at 0."""
+def masked_mean_and_variance(x, mask):
+    """Mean and unbiased variance of x over its real entries across all ranks."""
     total, count = masked_sum_and_count(x, mask)
     mean = total / count
     squares, _ = masked_sum_and_count((x - mean) ** 2, mask)
-    variance = squares / (count - 1)
+    return mean, squares / (count - 1)
+
+
+def masked_whiten(x, mask, eps=1e-8):
+    """Whiten x over its real entries across all ranks (unbiased variance), leaving padding at 0."""
+    mean, variance = masked_mean_and_variance(x, mask)
     return ((x - mean) * torch.rsqrt(variance + eps)).float() * mask
 
 
@@ -283,6 +288,22 @@ def ppo_losses(new_logprobs, old_logprobs, advantages, vpred, old_values, return
     vf_losses_clipped = (vpred_clipped - returns) ** 2
     return (torch.max(pg_losses, pg_losses_clipped), 0.5 * torch.max(vf_losses, vf_losses_clipped), ratio,
             (pg_losses_clipped > pg_losses).float(), (vf_losses_clipped > vf_losses).float())
+
+
+def is_sequence_classifier(path, args):
+    """Whether the checkpoint at `path` is a sequence classifier (its `score` head trained), by its config."""
+    architectures = AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code).architectures or []
+    return any(name.endswith("ForSequenceClassification") for name in architectures)
+
+
+def zero_head(head):
+    """Set a new value head to zero. transformers initialises a missing head at random (std initializer_range): on
+    SmolLM2-135M that gives values of 0.66 +- 0.64 per token against returns of 0 or 1, and GAE bootstraps from them.
+    Where a response ends the value drops to 0, so a value above the mean return makes ending (EOS) look worse than
+    going on, and the policy learns to write longer responses before the value model has caught up."""
+    with torch.no_grad():
+        for parameter in head.parameters():
+            parameter.zero_()
 
 
 class Values(torch.nn.Module):
@@ -371,6 +392,8 @@ def main(args: Args):
         print(f"rewards from the function --reward_fn {args.reward_fn}; the value model starts from {value_path}")
     if not hasattr(value_model, "score"):
         raise SystemExit(f"value model {value_path}: no `score` head (decoder sequence classifiers have one)")
+    if not is_sequence_classifier(value_path, args):
+        zero_head(value_model.score)  # a new head predicts 0, not noise (README: "PPO with a reward function")
     probe = left_pad(eval_prompt_ids[:args.local_micro_batch_size], tokenizer.pad_token_id)
     probe = (probe[0].to(device), probe[1].to(device), probe[0][:, -8:].to(device))  # responses: real prompt tokens
     for wrapped, what in ((policy, f"--model_name_or_path {args.model_name_or_path}"),
@@ -478,6 +501,9 @@ def main(args: Args):
         advantages = compute_gae(rewards_per_token, values, args.ppo.gamma, args.ppo.lam)
         returns = advantages + values
         advantages = masked_whiten(advantages, mask)
+        value_mean = masked_mean_and_variance(values, mask)[0].item()
+        explained_variance = 1 - (masked_mean_and_variance(returns - values, mask)[1]
+                                  / masked_mean_and_variance(returns, mask)[1]).item()
 
         per_sequence = torch.stack([kl.sum(1), (-logprobs * mask).sum(1), non_score_reward.sum(1), scores, raw_scores,
                                     mask.sum(1), has_eos.float()])
@@ -544,7 +570,8 @@ def main(args: Args):
                    "policy/entropy_avg": entropy, "loss/policy_avg": pg, "loss/value_avg": vf,
                    "val/clipfrac_avg": vf_clipfrac, "val/ratio": ratio_mean,
                    "val/ratio_var": ratio_sq - ratio_mean ** 2, "val/num_eos_tokens": eos_rate * args.batch_size,
-                   "val/eos_rate": eos_rate, "val/response_length": length, **rollout_metrics,
+                   "val/eos_rate": eos_rate, "val/response_length": length, "val/value_avg": value_mean,
+                   "val/explained_variance": explained_variance, **rollout_metrics,
                    "loss/grad_norm": grad_norm, "loss/skipped_updates": state["skipped_updates"], "lr": lr,
                    "episode": state["update"] * args.batch_size,
                    "eps": (state["update"] - start_update) * args.batch_size / (time.time() - start_time)}

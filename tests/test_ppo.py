@@ -417,6 +417,9 @@ def test_reward_function_instead_of_a_reward_model(sft_policy, tmp_path, capsys)
         assert s["score"] == len(s["response"].split()) + 10 * labels[s["index"]]
     rows = metrics(tmp_path / "out")
     assert rows[-1]["update"] == 1 and math.isfinite(rows[-1]["objective/scores"])
+    # the value model's new head starts at 0 (a random one predicts noise that GAE bootstraps from): the rollout's
+    # values are all 0, so returns - values = returns and the explained variance is exactly 0
+    assert rows[-1]["val/value_avg"] == 0.0 and rows[-1]["val/explained_variance"] == 0.0
     with pytest.raises(ValueError, match=r"--reward_fn .*words.py:nope: .*has no function 'nope'"):
         run_in_process(ppo, [*ppo_args(sft_policy, "/no/rm"), "--reward_fn", f"{fn}:nope"], tmp_path / "bad")
 
