@@ -15,7 +15,7 @@ the paper's tau, and the loss asks for an average log-ratio gap of 1 / (2 tau) p
 
 Data: `--task.dataset_format pairs` (default) reads filter.py's padded layout (chosen = the best of n samples,
 reject = the worst), the data rebel.py trains on; running generate -> score -> filter -> dpo again from the new
-policy is the paper's iterative DPO (README: "DPO"). `--task.dataset_format preference` reads `prompt`, `chosen` and
+policy is the paper's iterative DPO (docs/dpo.md). `--task.dataset_format preference` reads `prompt`, `chosen` and
 `rejected` columns, each response text or a list of chat messages ending with the assistant's answer (as in
 HuggingFaceH4/ultrafeedback_binarized, whose chosen and rejected hold the whole conversation), renders them with the
 tokenizer's chat template and lays them out exactly as filter.py does, dropping (and counting) rows longer than
@@ -30,6 +30,8 @@ forward), AdamW (betas 0.9, 0.95), cosine schedule with warmup counted in update
         --task.dataset HuggingFaceH4/ultrafeedback_binarized --task.dataset_format preference \\
         --task.train_split train_prefs --task.eval_split test_prefs --fsdp --gradient_checkpointing \\
         --output_dir runs/dpo
+
+Documentation: docs/dpo.md
 """
 
 import contextlib

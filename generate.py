@@ -21,6 +21,8 @@ changed in the meantime, it stops instead of mixing old and new work.
         --dataset HuggingFaceH4/ultrafeedback_binarized --split train_prefs --tensor_parallel_size 8
     python generate.py --model_name_or_path runs/sft_sst2 --dataset stanfordnlp/sst2 --prompt_column sentence \\
         --prompt_format text --prompt_words 4 --maxlen 24 --backend hf      # the SST-2 example
+
+Documentation: docs/generate-score-filter.md
 """
 
 import copy

@@ -38,7 +38,9 @@ guard.
 
     python grpo.py --model_name_or_path runs/sft_sst2 --reward_model_name_or_path runs/reward_sst2
     torchrun --nproc_per_node 8 grpo.py --model_name_or_path runs/sft_sst2 --reward_model_name_or_path runs/reward_sst2
-    torchrun --nproc_per_node 8 grpo.py --backend vllm --fsdp ...   # README: "GRPO (grpo.py)"
+    torchrun --nproc_per_node 8 grpo.py --backend vllm --fsdp ...   # docs/grpo.md
+
+Documentation: docs/grpo.md
 """
 
 import contextlib

@@ -25,7 +25,9 @@ model and by an independent judge (VADER's compound sentiment): a rising reward 
 
     python ppo.py --model_name_or_path runs/sft_sst2 --reward_model_name_or_path runs/reward_sst2
     torchrun --nproc_per_node 8 ppo.py --model_name_or_path runs/sft_sst2 --reward_model_name_or_path runs/reward_sst2
-    torchrun --nproc_per_node 8 ppo.py --backend vllm --fsdp ...   # README: "PPO at paper scale"
+    torchrun --nproc_per_node 8 ppo.py --backend vllm --fsdp ...   # docs/ppo.md
+
+Documentation: docs/ppo.md
 """
 
 import contextlib

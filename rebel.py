@@ -18,10 +18,12 @@ model's own forward on the first micro-batch: a model that scales its logits aft
 gradient checkpointing; bf16 and sdpa attention on GPU; DDP, or FSDP2 (`--fsdp`) for models that do not fit on one GPU.
 
 One iteration (t = 0) trains the base policy; iteration t + 1 runs generate -> score -> filter -> rebel again from
-the policy of iteration t (README: "REBEL on Llama-3-8B-Instruct, UltraFeedback and ArmoRM").
+the policy of iteration t (docs/rebel.md).
 
     torchrun --nproc_per_node 8 rebel.py --model_name_or_path meta-llama/Meta-Llama-3-8B-Instruct \\
         --task.dataset runs/filter --fsdp --gradient_checkpointing --output_dir runs/rebel_iter0
+
+Documentation: docs/rebel.md
 """
 
 import contextlib

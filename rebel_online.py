@@ -20,7 +20,9 @@ logs the gap to vLLM's), `--fsdp`, exact resume, SIGTERM, the non-finite guard, 
 prompts answered and scored by the reward model and an independent judge (VADER).
 
     python rebel_online.py --model_name_or_path runs/sft_sst2 --reward_model_name_or_path runs/reward_sst2
-    torchrun --nproc_per_node 8 rebel_online.py --backend vllm --fsdp ...   # README: "Online REBEL"
+    torchrun --nproc_per_node 8 rebel_online.py --backend vllm --fsdp ...   # docs/rebel_online.md
+
+Documentation: docs/rebel_online.md
 """
 
 import contextlib

@@ -14,6 +14,8 @@ instead fits sigmoid(r) to the 0/1 labels of both sentences. Reported on validat
     python reward_sst2.py                                                   # gpt2 on stanfordnlp/sst2
     torchrun --nproc_per_node 8 reward_sst2.py --model_name_or_path runs/sft_sst2
     python reward_sst2.py --model_name_or_path data/tiny-gpt2 --from_scratch --dataset data/sst2   # offline, CPU
+
+Documentation: docs/sft-and-reward.md
 """
 
 import contextlib

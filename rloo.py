@@ -25,7 +25,9 @@ guard.
 
     python rloo.py --model_name_or_path runs/sft_sst2 --reward_model_name_or_path runs/reward_sst2 --rloo.k 2
     torchrun --nproc_per_node 8 rloo.py --model_name_or_path runs/sft_sst2 --reward_model_name_or_path runs/reward_sst2
-    torchrun --nproc_per_node 8 rloo.py --backend vllm --fsdp ...   # README: "RLOO (rloo.py)"
+    torchrun --nproc_per_node 8 rloo.py --backend vllm --fsdp ...   # docs/rloo.md
+
+Documentation: docs/rloo.md
 """
 
 import contextlib

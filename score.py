@@ -21,6 +21,8 @@ the input dataset or the reward model's weights changed in the meantime, it stop
     torchrun --nproc_per_node 8 score.py --reward_model RLHFlow/ArmoRM-Llama3-8B-v0.1 --trust_remote_code ...
     python score.py --reward_model runs/reward_sst2 --prompt_format text --dataset runs/generate_sst2
     python score.py --reward_fn data/arith/reward.py:exact_answer --dataset runs/generate_arith   # a function
+
+Documentation: docs/generate-score-filter.md
 """
 
 import fcntl

@@ -9,6 +9,8 @@ policy that never stops. `val/eos_rate` (how often sampled continuations end wit
     python sft_sst2.py                                                    # gpt2 on stanfordnlp/sst2
     torchrun --nproc_per_node 8 sft_sst2.py --output_dir runs/sft_sst2    # same global batch on 8 GPUs
     python sft_sst2.py --model_name_or_path data/tiny-gpt2 --from_scratch --dataset data/sst2   # offline, CPU
+
+Documentation: docs/sft-and-reward.md
 """
 
 import contextlib

@@ -24,6 +24,8 @@ is not in the repository is skipped with a note.
 
     python tools/compare.py --episodes 3200       # everything, one seed (about 2 hours on 2 shared CPU cores)
     python tools/compare.py --algorithms ppo dpo --ppo 0.05 0.5 --dry_run    # the stages it would run
+
+Documentation: docs/comparison.md
 """
 
 import json

@@ -17,6 +17,8 @@ their last checkpoint, generate and score from their finished shards), so runnin
 interruption picks up where it stopped; --overwrite redoes everything.
 
     python tools/quickstart.py
+
+Documentation: docs/quickstart.md
 """
 
 import os

@@ -5,6 +5,8 @@ keyed by `episode`, and `eval_samples.jsonl` with the answers behind them (ppo.p
 tools/eval_policy.py for the policies of offline algorithms such as REBEL). Writes `report.png` and `report.md`.
 
     python tools/report.py --runs runs/quickstart/ppo runs/quickstart/rebel_eval --output_dir runs/quickstart/report
+
+Documentation: docs/quickstart.md
 """
 
 import json
