@@ -445,6 +445,8 @@ def main(args: Args):
             continue
         try:
             measured = run_stage(stage, args.overwrite, env)
+            total = len({s.folder for s in plan})
+            print(f"[compare] {len(done)} of {total} stages, {time.time() - start:.0f} s so far", flush=True)
         except subprocess.CalledProcessError as e:
             if stage.run is None:  # the SFT policy or the reward model: nothing can run without them
                 raise

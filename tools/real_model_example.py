@@ -319,7 +319,8 @@ def main(args: Args):
         stage_start = time.time()
         subprocess.run([sys.executable, os.path.join(ROOT, "data", "make_smollm2.py")], check=True, env=env)
         timings["make_smollm2"] = time.time() - stage_start
-    for folder, script, script_args in stages(args):
+    plan = stages(args)
+    for k, (folder, script, script_args) in enumerate(plan, 1):
         name = os.path.relpath(folder, args.output_dir)
         if any(os.path.exists(os.path.join(folder, f)) for f in FINISHED) and not args.overwrite:
             print(f"[real_model] {name}: already finished, skipped (--overwrite redoes it)")
@@ -336,7 +337,8 @@ def main(args: Args):
         stage_start = time.time()
         subprocess.run(cmd, check=True, env=env)
         timings[name] = time.time() - stage_start
-        print(f"[real_model] {name}: done in {timings[name]:.0f} s", flush=True)
+        print(f"[real_model] {name}: done in {timings[name]:.0f} s (stage {k} of {len(plan)}, "
+              f"{time.time() - start:.0f} s so far)", flush=True)
         with open(timing_path + ".tmp", "w") as f:
             json.dump(timings, f, indent=2)
         os.replace(timing_path + ".tmp", timing_path)
