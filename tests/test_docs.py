@@ -97,7 +97,7 @@ COMMANDS = [(f"{path.relative_to(ROOT)}:{line}", script, args, offline)
             for path, line, code, offline in BLOCKS for script, args in commands(code)]
 COMMANDS += [(f"{path.relative_to(ROOT)}:{line}", script, args, False)
              for path in PAGES for line, code in inline_commands(path) for script, args in commands(code)
-             if script != "script.py"]  # "python script.py": any script
+             if script not in ("script.py", "...")]  # "python script.py", "python ...": any script
 
 
 @pytest.fixture(scope="module")
