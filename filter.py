@@ -18,6 +18,8 @@ embedding table. Output: a `save_to_disk` DatasetDict with `train` and `test` sp
 `args.json`, and `filter_stats.json` (what each rule dropped).
 
     python filter.py --dataset runs/score --model_name_or_path meta-llama/Meta-Llama-3-8B-Instruct
+
+Documentation: docs/generate-score-filter.md
 """
 
 import fcntl

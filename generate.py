@@ -21,6 +21,8 @@ changed in the meantime, it stops instead of mixing old and new work.
         --dataset HuggingFaceH4/ultrafeedback_binarized --split train_prefs --tensor_parallel_size 8
     python generate.py --model_name_or_path runs/sft_sst2 --dataset stanfordnlp/sst2 --prompt_column sentence \\
         --prompt_format text --prompt_words 4 --maxlen 24 --backend hf      # the SST-2 example
+
+Documentation: docs/generate-score-filter.md
 """
 
 import copy
@@ -103,6 +105,9 @@ class Args:
     """transformers: attention kernel"""
     shard_size: int = 1000
     """prompts per shard, the unit of work that is written to disk and skipped when resuming"""
+    progress: bool = True
+    """show progress on rank 0 (shard k of N of rank 0's shards, rate, time left): a bar on a terminal, a line every
+    minute in a log file; --no_progress turns it off"""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -318,7 +323,8 @@ def main(args: Args):
             except OSError as e:
                 raise SystemExit(f"--model_name_or_path {args.model_name_or_path}: cannot load a model ({e})") from None
             model.to(device).eval()
-    for shard in todo:
+    progress = Progress(len(todo), 0, "shard", rank == 0 and args.progress)
+    for done, shard in enumerate(todo, 1):
         indices = order[shard * args.shard_size:(shard + 1) * args.shard_size]
         shard_prompt_ids = [prompt_ids[i] for i in indices]
         if backend == "vllm":
@@ -335,7 +341,9 @@ def main(args: Args):
                 row[f"response_{k}_token_ids"] = r
             rows.append(row)
         write_shard(shard_file(partial, shard), rows)
-        print(f"[rank {rank}] shard {shard + 1}/{num_shards} written", flush=True)
+        progress.write(f"[rank {rank}] shard {shard + 1}/{num_shards} written")
+        progress.update(done)
+    progress.close()
 
     # 3. gather in prompt order, save atomically
     barrier()
@@ -528,7 +536,7 @@ def open_partial(args, rank, inputs):
     identity, a dataset's fingerprint or a model's `weights_identity`), is an error rather than a silent mix."""
     partial = args.output_dir.rstrip("/") + ".partial"
     recorded = os.path.join(partial, "args.json")
-    settings = {k: v for k, v in asdict(args).items() if k not in ("overwrite", "push_to_hub")}
+    settings = {k: v for k, v in asdict(args).items() if k not in ("overwrite", "push_to_hub", "progress")}
     settings["output_dir"] = os.path.normpath(args.output_dir)  # runs/x/ is runs/x
     barrier()
     if rank == 0:
@@ -576,6 +584,60 @@ def weights_identity(path):
                 f.seek(-(1 << 20), os.SEEK_END)
             digest.update(f"{name}\0{size}\0".encode() + head + f.read())
     return f"sha256 {digest.hexdigest()[:16]}"
+
+
+class Progress:
+    """k of N (updates, or shards), the rate and the time left, on the ranks it is enabled on (rank 0): a tqdm bar
+    when stderr is a terminal, otherwise (a log file, CI, a cluster's output) a plain line on stderr at most every
+    `every` seconds and at the end; nothing when disabled (--no_progress). Lines printed through `write` keep the
+    bar intact."""
+
+    every = 60.0
+
+    def __init__(self, total, done, unit, enabled, stream=None):
+        self.total, self.unit, self.enabled = total, unit, enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self.start, self.start_done, self.last, self.bar = time.time(), done, time.time(), None
+        if enabled and self.stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=done, unit=unit, file=self.stream, dynamic_ncols=True)
+
+    @staticmethod
+    def clock(seconds):
+        if not math.isfinite(seconds):
+            return "?"
+        minutes, seconds = divmod(int(seconds), 60)
+        return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
+
+    def line(self, done, now):
+        elapsed = now - self.start
+        rate = (done - self.start_done) / elapsed if elapsed > 0 else 0.0
+        speed = f"{rate:.3g} {self.unit}s/s" if rate >= 1 else f"{1 / rate:.3g} s/{self.unit}" if rate else "-"
+        left = (self.total - done) / rate if rate else math.inf
+        return (f"{self.unit} {done}/{self.total} ({100 * done / max(self.total, 1):.0f}%), {speed}, "
+                f"elapsed {self.clock(elapsed)}, left {self.clock(left)}")
+
+    def update(self, done):
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+            return
+        now = time.time()
+        if done >= self.total or now - self.last >= self.every:
+            self.last = now
+            print(f"progress: {self.line(done, now)}", file=self.stream, flush=True)
+
+    def write(self, text):
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stdout)
+        else:
+            print(text, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
 
 
 def shard_file(partial, shard):

@@ -20,7 +20,9 @@ logs the gap to vLLM's), `--fsdp`, exact resume, SIGTERM, the non-finite guard, 
 prompts answered and scored by the reward model and an independent judge (VADER).
 
     python rebel_online.py --model_name_or_path runs/sft_sst2 --reward_model_name_or_path runs/reward_sst2
-    torchrun --nproc_per_node 8 rebel_online.py --backend vllm --fsdp ...   # README: "Online REBEL"
+    torchrun --nproc_per_node 8 rebel_online.py --backend vllm --fsdp ...   # docs/rebel_online.md
+
+Documentation: docs/rebel_online.md
 """
 
 import contextlib
@@ -115,6 +117,9 @@ class Args:
     """seed of data order and sampling (sampling noise is keyed by update, step and global row, not by rank)"""
     track: bool = False
     """log to Weights & Biases"""
+    progress: bool = True
+    """show progress on rank 0 (update or shard k of N, rate, time left): a bar on a terminal, a line every minute in
+    a log file; --no_progress turns it off"""
     wandb_project_name: str = "rlhf"
     """wandb project"""
     wandb_entity: str | None = None
@@ -1322,7 +1327,7 @@ def changed_settings(args, recorded):
     """`--name old -> new` for every argument that differs from those a run was started with, except the ones that
     cannot change its results (where it writes, how often it checkpoints, how it logs)."""
     neutral = {"output_dir", "overwrite", "resume", "save_freq", "keep_checkpoints", "max_bad_updates", "track",
-               "wandb_project_name", "wandb_entity", "exp_name"}
+               "wandb_project_name", "wandb_entity", "exp_name", "progress"}
 
     def flat(d, prefix=""):
         return {k: v for key, value in d.items() for k, v in (flat(value, f"{prefix}{key}.").items()
@@ -1586,16 +1591,77 @@ def end_run(logger, rank, code=0, message=None):
         raise SystemExit(code)
 
 
+class Progress:
+    """k of N (updates, or shards), the rate and the time left, on the ranks it is enabled on (rank 0): a tqdm bar
+    when stderr is a terminal, otherwise (a log file, CI, a cluster's output) a plain line on stderr at most every
+    `every` seconds and at the end; nothing when disabled (--no_progress). Lines printed through `write` keep the
+    bar intact."""
+
+    every = 60.0
+
+    def __init__(self, total, done, unit, enabled, stream=None):
+        self.total, self.unit, self.enabled = total, unit, enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self.start, self.start_done, self.last, self.bar = time.time(), done, time.time(), None
+        if enabled and self.stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=done, unit=unit, file=self.stream, dynamic_ncols=True)
+
+    @staticmethod
+    def clock(seconds):
+        if not math.isfinite(seconds):
+            return "?"
+        minutes, seconds = divmod(int(seconds), 60)
+        return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
+
+    def line(self, done, now):
+        elapsed = now - self.start
+        rate = (done - self.start_done) / elapsed if elapsed > 0 else 0.0
+        speed = f"{rate:.3g} {self.unit}s/s" if rate >= 1 else f"{1 / rate:.3g} s/{self.unit}" if rate else "-"
+        left = (self.total - done) / rate if rate else math.inf
+        return (f"{self.unit} {done}/{self.total} ({100 * done / max(self.total, 1):.0f}%), {speed}, "
+                f"elapsed {self.clock(elapsed)}, left {self.clock(left)}")
+
+    def update(self, done):
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+            return
+        now = time.time()
+        if done >= self.total or now - self.last >= self.every:
+            self.last = now
+            print(f"progress: {self.line(done, now)}", file=self.stream, flush=True)
+
+    def write(self, text):
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stdout)
+        else:
+            print(text, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
 class Logger:
     """Every logged scalar goes to the console and `<output_dir>/metrics.jsonl`, and to wandb with --track (a resumed
-    run continues the same wandb run). Only rank 0 writes."""
+    run continues the same wandb run), plus `elapsed`: seconds since logging began (after the models loaded), which a
+    resumed run continues from its checkpoint's line. Only rank 0 writes, and shows update k of num_updates, the rate
+    and the time left (Progress) unless --no_progress."""
 
     def __init__(self, args, rank, run_id, resumed_update):
-        self.rank, self.wandb = rank, None
+        self.rank, self.wandb, self.start, self.before = rank, None, time.time(), 0.0
         self.path = os.path.join(args.output_dir, "metrics.jsonl")
+        self.progress = Progress(args.num_updates, resumed_update or 0, "update", rank == 0 and args.progress)
         if rank != 0:
             return
         rewrite_log(self.path, resumed_update)  # a resumed run drops what was logged after its checkpoint
+        if resumed_update is not None and os.path.exists(self.path):
+            with open(self.path) as f:
+                last = f.read().splitlines()[-1:]
+            self.before = json.loads(last[0]).get("elapsed", 0.0) if last else 0.0
         if args.track:
             import wandb
 
@@ -1605,13 +1671,16 @@ class Logger:
     def log(self, metrics, update):
         if self.rank != 0:
             return
+        metrics = {**metrics, "elapsed": self.before + time.time() - self.start}
         with open(self.path, "a") as f:
             f.write(json.dumps({"update": update, **metrics}) + "\n")
-        print(f"update {update}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
+        self.progress.write(f"update {update}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         if self.wandb is not None:
             self.wandb.log(metrics, step=update)
+        self.progress.update(update)
 
     def close(self):
+        self.progress.close()
         if self.wandb is not None:
             self.wandb.finish()
 

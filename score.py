@@ -21,6 +21,8 @@ the input dataset or the reward model's weights changed in the meantime, it stop
     torchrun --nproc_per_node 8 score.py --reward_model RLHFlow/ArmoRM-Llama3-8B-v0.1 --trust_remote_code ...
     python score.py --reward_model runs/reward_sst2 --prompt_format text --dataset runs/generate_sst2
     python score.py --reward_fn data/arith/reward.py:exact_answer --dataset runs/generate_arith   # a function
+
+Documentation: docs/generate-score-filter.md
 """
 
 import fcntl
@@ -75,6 +77,9 @@ class Args:
     """rows per shard, the unit of work that is written to disk and skipped when resuming"""
     attn_implementation: str = "sdpa"
     """attention kernel (eager for custom models that lack sdpa)"""
+    progress: bool = True
+    """show progress on rank 0 (shard k of N of rank 0's shards, rate, time left): a bar on a terminal, a line every
+    minute in a log file; --no_progress turns it off"""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -260,7 +265,8 @@ def main(args: Args):
         model.to(device).eval()
         if args.local_micro_batch_size > 1:
             check_padding(model, shard_sequences(dataset, todo[0], columns, tokenizer, args)[1], pad_id, device)
-    for shard in todo:
+    progress = Progress(len(todo), 0, "shard", rank == 0 and args.progress)
+    for done, shard in enumerate(todo, 1):
         if reward_fn:
             rows, rewards = function_rewards(reward_fn, dataset, shard, columns, args)
         else:
@@ -274,7 +280,9 @@ def main(args: Args):
                                  f"{dataset[row][columns[k]][:80]!r}")
         write_shard(shard_file(partial, shard), [{"row": r, "rewards": rewards[(r - rows[0]) * n:(r - rows[0] + 1) * n]}
                                                  for r in rows])
-        print(f"[rank {rank}] shard {shard + 1}/{num_shards} written", flush=True)
+        progress.write(f"[rank {rank}] shard {shard + 1}/{num_shards} written")
+        progress.update(done)
+    progress.close()
 
     # 3. gather in row order, save atomically
     barrier()
@@ -469,7 +477,7 @@ def open_partial(args, rank, inputs):
     identity, a dataset's fingerprint or a model's `weights_identity`), is an error rather than a silent mix."""
     partial = args.output_dir.rstrip("/") + ".partial"
     recorded = os.path.join(partial, "args.json")
-    settings = {k: v for k, v in asdict(args).items() if k not in ("overwrite", "push_to_hub")}
+    settings = {k: v for k, v in asdict(args).items() if k not in ("overwrite", "push_to_hub", "progress")}
     settings["output_dir"] = os.path.normpath(args.output_dir)  # runs/x/ is runs/x
     barrier()
     if rank == 0:
@@ -517,6 +525,60 @@ def weights_identity(path):
                 f.seek(-(1 << 20), os.SEEK_END)
             digest.update(f"{name}\0{size}\0".encode() + head + f.read())
     return f"sha256 {digest.hexdigest()[:16]}"
+
+
+class Progress:
+    """k of N (updates, or shards), the rate and the time left, on the ranks it is enabled on (rank 0): a tqdm bar
+    when stderr is a terminal, otherwise (a log file, CI, a cluster's output) a plain line on stderr at most every
+    `every` seconds and at the end; nothing when disabled (--no_progress). Lines printed through `write` keep the
+    bar intact."""
+
+    every = 60.0
+
+    def __init__(self, total, done, unit, enabled, stream=None):
+        self.total, self.unit, self.enabled = total, unit, enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self.start, self.start_done, self.last, self.bar = time.time(), done, time.time(), None
+        if enabled and self.stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=done, unit=unit, file=self.stream, dynamic_ncols=True)
+
+    @staticmethod
+    def clock(seconds):
+        if not math.isfinite(seconds):
+            return "?"
+        minutes, seconds = divmod(int(seconds), 60)
+        return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
+
+    def line(self, done, now):
+        elapsed = now - self.start
+        rate = (done - self.start_done) / elapsed if elapsed > 0 else 0.0
+        speed = f"{rate:.3g} {self.unit}s/s" if rate >= 1 else f"{1 / rate:.3g} s/{self.unit}" if rate else "-"
+        left = (self.total - done) / rate if rate else math.inf
+        return (f"{self.unit} {done}/{self.total} ({100 * done / max(self.total, 1):.0f}%), {speed}, "
+                f"elapsed {self.clock(elapsed)}, left {self.clock(left)}")
+
+    def update(self, done):
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+            return
+        now = time.time()
+        if done >= self.total or now - self.last >= self.every:
+            self.last = now
+            print(f"progress: {self.line(done, now)}", file=self.stream, flush=True)
+
+    def write(self, text):
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stdout)
+        else:
+            print(text, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
 
 
 def shard_file(partial, shard):

@@ -51,6 +51,8 @@ it takes about 2.5 CPU-minutes, most of it the scripts' start-up (7 subprocesses
 it is a quick smoke test. tests/test_gpu_check.py runs it, so the check does not rot between GPU sessions:
 
     python bench/gpu_check.py --dry_run --output_dir runs/gpu_check_dry
+
+Documentation: docs/benchmarks.md
 """
 
 import contextlib

@@ -13,7 +13,7 @@ TRAINING = [p for p in ("sft_sst2.py", "reward_sst2.py", "ppo.py", "rebel.py", "
 ONLINE = [p for p in ("ppo.py", "rebel_online.py", "rloo.py", "grpo.py") if p in SCRIPTS]  # ppo.py's rollout block
 CORE = {"init_distributed", "all_reduce", "load_split", "require_columns", "check_output_dir", "create_output_dir",
         "save_checkpoint", "load_checkpoint", "Preemption", "step_if_finite", "checkpoint_or_stop", "Logger",
-        "save_model_atomically", "lr_at"}
+        "save_model_atomically", "lr_at", "Progress"}
 # helpers above main that a script copied from another (same name, same code), outside the shared blocks
 COPIED = [(("trimmed_batch", "chunk_logprobs", "SequenceLogprobs", "check_logprob_path", "build_model", "fingerprint",
             "sharded_pass", "reference_logprobs"), ("rebel.py", "dpo.py")),

