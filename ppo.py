@@ -2,17 +2,17 @@
 
 Each update: 1. sample `batch_size` responses of at most `task.response_length` tokens from the policy (prompts
 left-padded, `position_ids = cumsum(attention_mask) - 1`) and cut each after its first EOS; 2. score them with the
-reward model, or a Python function given by `--reward_fn file.py:function` (then the value model starts from the
-policy with a new scalar head); a response without EOS gets `task.penalty_reward_value` instead of its score when
-`task.non_eos_penalty`; a NaN or inf score stops the run, naming the reward model; 3. per-token reward = -kl_coef *
-KL(policy || reference) (k1, or k3), plus the score at the last real token (the EOS); GAE (gamma, lam) on a value
-model initialised from the reward model; advantages whitened over all real tokens of the global batch;
-4. `noptepochs` passes of `nminibatches` minibatches of the global batch with the clipped policy loss and clipped
-value loss (`vf_coef`), gradients accumulated over micro-batches and normalised by the real tokens of the whole
-minibatch, clipped, AdamW. Logprobs are computed by the same function in the rollout and in the update (fp32,
-logits / temperature, the same padding, dropout off in modules and configs), so the ratio is exactly 1 before the
-first step; that function runs the output layer and log-softmax over chunks of response positions, so the full fp32
-logits never exist.
+reward model, or a Python function given by `--reward_fn file.py:function` (then the value model starts from the policy
+with a new scalar head set to 0, so its first values are 0, not noise); a response without EOS gets
+`task.penalty_reward_value` instead of its score when `task.non_eos_penalty`; a NaN or inf score stops the run, naming
+the reward model; 3. per-token reward = -kl_coef * KL(policy || reference) (k1, or k3), plus the score at the last real
+token (the EOS); GAE (gamma, lam) on a value model initialised from the reward model; advantages whitened over all real
+tokens of the global batch; 4. `noptepochs` passes of `nminibatches` minibatches of the global batch with the clipped
+policy loss and clipped value loss (`vf_coef`), gradients accumulated over micro-batches and normalised by the real
+tokens of the whole minibatch, clipped, AdamW. Logprobs are computed by the same function in the rollout and in the
+update (fp32, logits / temperature, the same padding, dropout off in modules and configs), so the ratio is exactly 1
+before the first step; that function runs the output layer and log-softmax over chunks of response positions, so the
+full fp32 logits never exist.
 
 Prompts are a text column (the SST-2 example keeps its first `task.prompt_words` words; TL;DR's "...TL;DR:" prompts
 are used whole) or chat messages rendered with the chat template (`--task.prompt_format chat`). Sampling: `--backend
@@ -166,7 +166,8 @@ class Args:
     then starts from the policy with a new scalar head, and --reward_model_name_or_path is not used"""
     value_model_name_or_path: str | None = None
     """the value model's initialisation (a sequence classifier with a `score` head); None: the reward model, or the
-    policy with a new scalar head when the reward model's tokenizer differs from the policy's or --reward_fn is given"""
+    policy with a new scalar head, set to 0, when the reward model's tokenizer differs from the policy's or --reward_fn
+    is given"""
     trust_remote_code: bool = False
     """allow custom model code for the reward model (e.g. ArmoRM)"""
     attn_implementation: str = "sdpa"
