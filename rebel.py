@@ -368,7 +368,9 @@ def build_model(path, arg, args, device, probe, trainable=True):
     else:
         wrapped.to(device)
     check_logprob_path(wrapped, probe, f"{arg} {path}")
-    if dist.is_initialized() and trainable and not args.fsdp:
+    if args.fsdp:  # the root stays gathered after its forward: register the shards again, for the optimizer to hold
+        wrapped.reshard()
+    elif dist.is_initialized() and trainable:
         return DDP(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
     return wrapped
 

@@ -7,8 +7,8 @@ Appends one JSON line per event to RECORD.jsonl, at once (under torchrun the scr
 - {"shard": class name} for every fully_shard call;
 - {"move": class name, "plain": [names]} for every Module.to / Module.cuda that names a device, with the parameters
   that are not DTensors (not sharded) at that moment;
-- {"step": n, "params": [dtypes], "state": [dtypes]} after the first two optimizer steps: the dtypes of the trained
-  parameters and of the AdamW state.
+- {"step": n, "params": [dtypes], "unsharded": count, "state": [dtypes]} after the first two optimizer steps: the
+  dtypes of the trained parameters, how many of them are not DTensors, and the dtypes of the AdamW state.
 """
 
 import json
@@ -64,6 +64,7 @@ class AdamW(torch.optim.AdamW):
         if AdamW.steps <= 2:
             params = [p for group in self.param_groups for p in group["params"]]
             record({"step": AdamW.steps, "params": sorted({str(local(p).dtype) for p in params}),
+                    "unsharded": sum(not isinstance(p, DTensor) for p in params),
                     "state": sorted({str(local(v).dtype) for p in params for k, v in self.state[p].items()
                                      if torch.is_tensor(v) and k != "step"})})
         return out

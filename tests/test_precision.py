@@ -94,13 +94,14 @@ def test_bf16_checkpoint_trains_fp32_master_weights_with_bf16_autocast_on_cpu(sc
 def test_fsdp_shards_every_model_before_any_move_to_the_device(script, bf16_models, tmp_path):
     """--fsdp (one rank, bf16 mixed precision forced on CPU): fully_shard runs, and no module is ever moved to the
     device while it holds a parameter that is not sharded (the whole model on one GPU is what --fsdp must avoid);
-    the logprob probe then runs on the sharded models in bf16 and accepts them; the trained weights stay fp32."""
+    the logprob probe then runs on the sharded models in bf16 and accepts them; the optimizer holds the fp32 shards
+    (a probe through the root left rebel.py's and dpo.py's root gathered in bf16 until it was resharded)."""
     events, stdout = recorded_run(script, [*short_args(script, bf16_models), "--fsdp"], tmp_path / "run", nproc=1)
     assert any("shard" in e for e in events), f"{script}: fully_shard never called"
     unsharded_moves = [e for e in events if "move" in e and e["plain"]]
     assert not unsharded_moves, f"{script}: moved before sharding: {unsharded_moves[:3]}"
-    steps = [e for e in events if "step" in e]
-    assert steps and all(e["params"] == e["state"] == ["torch.float32"] for e in steps), (script, steps)
+    steps = [e for e in events if "step" in e]  # the optimizer holds the fp32 shards, not gathered bf16 copies
+    assert steps and all(e["params"] == e["state"] == ["torch.float32"] and e["unsharded"] == 0 for e in steps), steps
 
 
 class FakeFlash:
