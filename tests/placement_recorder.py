@@ -7,6 +7,7 @@ Appends one JSON line per event to RECORD.jsonl, at once (under torchrun the scr
 - {"shard": class name} for every fully_shard call;
 - {"move": class name, "plain": [names]} for every Module.to / Module.cuda that names a device, with the parameters
   that are not DTensors (not sharded) at that moment;
+- {"autocast": device type, "dtype": dtype} for every torch.autocast made enabled;
 - {"step": n, "params": [dtypes], "unsharded": count, "state": [dtypes]} after the first two optimizer steps: the
   dtypes of the trained parameters, how many of them are not DTensors, and the dtypes of the AdamW state.
 """
@@ -70,7 +71,15 @@ class AdamW(torch.optim.AdamW):
         return out
 
 
+class autocast(torch.autocast):
+    def __init__(self, device_type, dtype=None, enabled=True, cache_enabled=None):
+        super().__init__(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
+        if enabled:
+            record({"autocast": device_type, "dtype": str(dtype)})
+
+
 torch.nn.Module.to, torch.nn.Module.cuda = to, cuda
+torch.autocast = autocast
 torch.distributed.fsdp.fully_shard = fully_shard  # the scripts import it from here
 torch.optim.AdamW = AdamW
 sys.argv = [script, *script_args]

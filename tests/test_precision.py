@@ -12,7 +12,7 @@ import sys
 import datasets
 import pytest
 import torch
-from conftest import ROOT, SST2, TINY_GPT2, TINY_LLAMA, online_args, pair_rows, weights
+from conftest import ROOT, SST2, TINY_GPT2, TINY_LLAMA, metrics, online_args, pair_rows, weights
 
 import ppo
 import rebel
@@ -80,13 +80,19 @@ def recorded_run(script, args, out, nproc=1, bf16_on_cpu=True):
 @pytest.mark.parametrize("script", TRAINING)
 def test_bf16_checkpoint_trains_fp32_master_weights_with_bf16_autocast_on_cpu(script, bf16_models, tmp_path):
     """A checkpoint stored in bf16 (transformers 5 would load it bf16) trains fp32 parameters with fp32 AdamW state
-    and is saved fp32, while --bf16 (forced on CPU) runs the forward passes under bf16 autocast."""
+    and is saved fp32, while --bf16 (forced on CPU) runs the forward passes under bf16 autocast; before the first
+    optimizer step the policy's logprobs equal the reference's exactly (objective/kl 0), so no bf16 drift arises
+    between rollout, reference and training passes (measured on CPU; GPU kernels may differ)."""
     events, _ = recorded_run(script, short_args(script, bf16_models), tmp_path / "run", nproc=0)
+    assert {"autocast": "cpu", "dtype": "torch.bfloat16"} in events, f"{script}: --bf16 did not apply on CPU"
     steps = [e for e in events if "step" in e]
     assert steps, f"{script}: no optimizer step recorded"
     for e in steps:
         assert e["params"] == ["torch.float32"] and e["state"] == ["torch.float32"], (script, e)
     assert {t.dtype for t in weights(tmp_path / "run").values()} == {torch.float32}
+    if script not in ("sft_sst2.py", "reward_sst2.py"):  # policy = reference before the first step, in bf16 too:
+        first = next(m for m in metrics(tmp_path / "run") if "objective/kl" in m)  # both paths autocast alike
+        assert first["update"] == 1 and first["objective/kl"] == 0.0, first
 
 
 @pytest.mark.slow
@@ -206,3 +212,15 @@ def test_probe_tolerance_follows_the_dtype_and_still_refuses_a_logit_transform(d
                                     "scaled")
     print(f"{dtype}: fast-path logprobs {fast.abs().max().item():.3g} nats at most; tolerance {tolerance:.3g}; "
           f"refusal: {refused.value}")
+
+
+def test_bf16_applies_on_cpu_only_when_forced(monkeypatch):
+    """--bf16 keeps its meaning on CPU (ignored: fp32) unless RLHF_BF16_ON_CPU=1; bf16_compute is an identical copy
+    in every training script (tests/test_shared_helpers.py), so ppo.py's stands for all."""
+    from types import SimpleNamespace
+
+    cpu, on, off = torch.device("cpu"), SimpleNamespace(bf16=True), SimpleNamespace(bf16=False)
+    monkeypatch.delenv("RLHF_BF16_ON_CPU", raising=False)
+    assert not ppo.bf16_compute(on, cpu) and ppo.bf16_compute(on, torch.device("cuda", 0))
+    monkeypatch.setenv("RLHF_BF16_ON_CPU", "1")
+    assert ppo.bf16_compute(on, cpu) and not ppo.bf16_compute(off, cpu)
