@@ -149,7 +149,7 @@ class Args:
     """attention kernel: sdpa, eager, or flash_attention_2 (GPU)"""
     bf16: bool = True
     """bf16 compute on GPU (fp32 weights and optimizer; autocast with DDP, a mixed-precision policy with FSDP2);
-    ignored on CPU, which runs fp32"""
+    ignored on CPU, which runs fp32, unless RLHF_BF16_ON_CPU=1 (for tests)"""
     fsdp: bool = False
     """shard parameters, gradients and optimizer state with FSDP2 (fully_shard each decoder layer, then the root)
     instead of replicating the model with DDP"""
@@ -414,7 +414,14 @@ class SequenceLogprobs(torch.nn.Module):
         super().__init__()
         self.model, self.temperature, self.chunk_size = model, temperature, chunk_size
 
-    def forward(self, input_ids, attention_mask, response_mask, prompt_len):
+    def forward(self, input_ids, attention_mask, response_mask, prompt_len, probe=False):
+        if probe:  # check_logprob_path, through forward so that FSDP2 gathers the weights: both paths in one call
+            keep = {"logits_to_keep": input_ids.shape[1] - prompt_len + 1}  # the positions that predict the response
+            if "logits_to_keep" not in inspect.signature(self.model.forward).parameters:
+                keep = {}
+            return self.token_logprobs(input_ids, attention_mask, response_mask, prompt_len), self.model(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                position_ids=(attention_mask.cumsum(1) - 1).clamp(min=0), **keep).logits
         logprobs = self.token_logprobs(input_ids, attention_mask, response_mask, prompt_len)
         rows = torch.arange(len(input_ids), device=input_ids.device)[:, None].expand_as(response_mask)[response_mask]
         return torch.zeros(len(input_ids), device=input_ids.device).index_add(0, rows, logprobs)
@@ -436,31 +443,64 @@ class SequenceLogprobs(torch.nn.Module):
         return torch.cat(pieces)
 
 
+@contextlib.contextmanager
+def probe_attention(model):
+    """The logprob probe runs in fp32 (unless FSDP2 computes in bf16), which flash-attention kernels refuse
+    (fp16/bf16 tensors only): for its length the model attends with sdpa (eager for a model without sdpa), then with
+    its configured implementation again. The probe checks the output layer, not the attention kernel. Set on the
+    configs directly: switching back through `set_attn_implementation` would re-check that the kernel's package is
+    installed."""
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config") and hasattr(
+        m.config, "_attn_implementation_internal")}.values()
+    before = [c._attn_implementation_internal for c in configs]
+    use = "sdpa" if getattr(model, "_supports_sdpa", False) else "eager"
+    for c, attn in zip(configs, before):
+        if attn not in ("sdpa", "eager"):
+            c._attn_implementation_internal = use
+    try:
+        yield
+    finally:
+        for c, attn in zip(configs, before):
+            c._attn_implementation_internal = attn
+
+
+def probe_tolerance(logits, temperature):
+    """How far the fast path's logprobs may lie from the model's own forward's (`logits`: the forward's logits in the
+    dtype it computed them in, before the division by `temperature`). In fp32 1e-3 (rounding is about 1e-5). In
+    bf16/fp16 the two paths' logits may round to neighbouring values: up to one unit in the last place (eps * |logit|)
+    apart, for the target's logit and for the log-sum-exp, so 2 * eps * max |logit| / temperature more. A logit
+    transform after the output layer (a scale of 1/2 or less, soft-capping) moves logprobs by far more."""
+    if logits.dtype == torch.float32:
+        return 1e-3
+    return 1e-3 + 2 * torch.finfo(logits.dtype).eps * logits.float().abs().max().item() / temperature
+
+
 @torch.no_grad()
 def check_logprob_path(wrapped, batch, what):
-    """Prove on one micro-batch, in fp32, that SequenceLogprobs (the base model, then the output embedding at the
-    response positions) gives the logprobs of the model's own forward. It does not for a model that transforms its
-    logits after the output embedding (Granite's `logits_scaling`, Cohere's `logit_scale`, soft-capping): refused."""
+    """Prove on one micro-batch that SequenceLogprobs (the base model, then the output embedding at the response
+    positions) gives the logprobs of the model's own forward, both computed as training computes them (fp32 weights
+    without autocast, or FSDP2's bf16 mixed precision) and compared with the tolerance of that dtype
+    (probe_tolerance), with sdpa attention (probe_attention). It does not for a model that transforms its logits after
+    the output embedding (Granite's `logits_scaling`, Cohere's `logit_scale`, soft-capping): refused."""
     model, training = wrapped.model, wrapped.model.training
     model.eval()
-    fast = wrapped.token_logprobs(**batch)
-    input_ids, attention_mask, prompt_len = batch["input_ids"], batch["attention_mask"], batch["prompt_len"]
-    keep = {"logits_to_keep": input_ids.shape[1] - prompt_len + 1}  # only the positions that predict the response
-    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
-        keep = {}
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                   position_ids=(attention_mask.cumsum(1) - 1).clamp(min=0), **keep).logits
-    logits = logits[:, -(input_ids.shape[1] - prompt_len + 1):-1].float() / wrapped.temperature
-    slow = logits.log_softmax(-1).gather(-1, input_ids[:, prompt_len:, None]).squeeze(-1)[batch["response_mask"]]
+    with probe_attention(model):
+        fast, raw = wrapped(**batch, probe=True)
+    input_ids, prompt_len = batch["input_ids"], batch["prompt_len"]
+    raw = raw[:, -(input_ids.shape[1] - prompt_len + 1):-1]
+    slow = (raw.float() / wrapped.temperature).log_softmax(-1).gather(-1, input_ids[:, prompt_len:, None]).squeeze(-1)
+    slow = slow[batch["response_mask"]]
     model.train(training)
-    gap = (fast - slow).abs().max().item()
-    if not gap <= 1e-3:  # fp32 rounding is about 1e-5 here; a NaN gap is refused too
+    gap, tolerance = (fast - slow).abs().max().item(), probe_tolerance(raw, wrapped.temperature)
+    if not gap <= tolerance:  # a NaN gap is refused too
         found = {k: v for k, v in vars(model.config.get_text_config()).items()
                  if k in ("logits_scaling", "logit_scale", "final_logit_softcapping", "output_multiplier_scale")}
         raise SystemExit(f"{what}: the model's own forward gives other logprobs than the fast logprob path (base "
                          f"model, then the output embedding) on the first micro-batch: up to {gap:.3g} nats per "
-                         f"token. It transforms its logits after the output embedding{f' ({found})' if found else ''}, "
-                         "which the chunked log-softmax does not reproduce; this script cannot train this model as is")
+                         f"token, more than {str(raw.dtype).removeprefix('torch.')} rounding explains "
+                         f"({tolerance:.3g}; both paths ran in that dtype). It transforms its logits after the output "
+                         f"embedding{f' ({found})' if found else ''}, which the chunked log-softmax does not "
+                         "reproduce; this script cannot train this model as is")
 
 
 def without_dropout(config):
@@ -492,17 +532,19 @@ def build_model(path, arg, args, device, probe, trainable=True):
     if getattr(model.config, "final_logit_softcapping", None):
         raise SystemExit(f"{arg} {path}: logit soft-capping is not supported by the chunked log-softmax")
     wrapped = SequenceLogprobs(model, args.task.temperature, args.logprob_chunk_size)
-    wrapped.to(device)
-    check_logprob_path(wrapped, probe, f"{arg} {path}")
-    if args.fsdp:
-        bf16 = args.bf16 and device.type == "cuda"
+    if args.fsdp:  # sharded while still on the CPU: fully_shard moves each unit to the device as it shards it
+        bf16 = bf16_compute(args, device)
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
         for module in model.modules():
             if type(module).__name__ in (model._no_split_modules or ()):
                 fully_shard(module, mp_policy=policy or MixedPrecisionPolicy())
         fully_shard(wrapped, mp_policy=policy or MixedPrecisionPolicy())
-        return wrapped
-    if dist.is_initialized() and trainable:
+    else:
+        wrapped.to(device)
+    check_logprob_path(wrapped, probe, f"{arg} {path}")
+    if args.fsdp:  # the root stays gathered after its forward: register the shards again, for the optimizer to hold
+        wrapped.reshard()
+    elif dist.is_initialized() and trainable:
         return DDP(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
     return wrapped
 
@@ -542,7 +584,7 @@ def reference_logprobs(splits, args, rank, world_size, device, autocast, probe):
         "data": {name: data._fingerprint for name, data in splits.items()},
         "model": fingerprint(args.ref_model_name_or_path or args.model_name_or_path),
         "temperature": args.task.temperature, "maxlen_prompt": args.task.maxlen_prompt, "maxlen": args.task.maxlen,
-        "attn": args.attn_implementation, "bf16": args.bf16 and device.type == "cuda", "fsdp": args.fsdp,
+        "attn": args.attn_implementation, "bf16": bf16_compute(args, device), "fsdp": args.fsdp,
     }, sort_keys=True).encode()).hexdigest()[:16]
     path = os.path.join(args.output_dir, "ref_logprobs", f"{key}.pt")
     if os.path.exists(path):
@@ -612,8 +654,7 @@ def main(args: Args):
     lengths = {name: torch.stack([d[f"{part}_attention_mask"][:].sum(1) for part in ("chosen", "reject")], 1).double(
     ).to(device) for name, d in splits.items()}  # response tokens, for IPO's per-token averages
     lock = create_output_dir(args, rank, resume)  # noqa: F841 (held until the run ends)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16,
-                              enabled=args.bf16 and device.type == "cuda" and not args.fsdp)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_compute(args, device) and not args.fsdp)
 
     # 2. reference logprobs, once (cached), then the policy; each model's fast logprob path is first checked against
     # its own forward on one micro-batch (`probe`)
@@ -711,6 +752,12 @@ def init_distributed():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")  # dcp in one process
     return rank, world_size, device
+
+
+def bf16_compute(args, device):
+    """--bf16 applies on GPU. On CPU the scripts run fp32 unless RLHF_BF16_ON_CPU=1, which is for tests: it makes CPU
+    runs take the bf16 code paths (CPU autocast, FSDP2 bf16 mixed precision) that otherwise run on GPU only."""
+    return args.bf16 and (device.type == "cuda" or os.environ.get("RLHF_BF16_ON_CPU") == "1")
 
 
 def all_reduce(tensor, op=dist.ReduceOp.SUM):

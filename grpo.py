@@ -180,7 +180,8 @@ class Args:
     attn_implementation: str = "sdpa"
     """attention kernel: sdpa, eager, or flash_attention_2 (GPU)"""
     bf16: bool = True
-    """bf16 on GPU (autocast, or FSDP2 mixed precision; weights and optimizer stay fp32); ignored on CPU (fp32)"""
+    """bf16 on GPU (autocast, or FSDP2 mixed precision; weights and optimizer stay fp32); ignored on CPU
+    (fp32) unless RLHF_BF16_ON_CPU=1 (for tests)"""
     fsdp: bool = False
     """shard the policy (trained) and reference and reward model (frozen) with FSDP2 over the ranks
     (launch with torchrun) instead of replicating them with DDP"""
@@ -367,28 +368,30 @@ def main(args: Args):
         print(f"rewards from the function --reward_fn {args.reward_fn}")
     probe = left_pad(eval_prompt_ids[:args.local_micro_batch_size], tokenizer.pad_token_id)
     probe = (probe[0].to(device), probe[1].to(device), probe[0][:, -8:].to(device))  # responses: real prompt tokens
-    for wrapped, what in ((policy, f"--model_name_or_path {args.model_name_or_path}"),
-                          (ref_policy, f"--ref_model_name_or_path {ref_path}")):
-        check_response_logprobs(freeze(wrapped, device), *probe, what)
     if args.gradient_checkpointing:
         policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = freeze(Policy(policy), device, train=True)
-    ref_policy = freeze(ref_policy, device)
+    model = freeze(Policy(policy), train=True)
+    ref_policy = freeze(ref_policy)
     if reward_model is not None:
         reward_model.config.pad_token_id = rm_tokenizer.pad_token_id
-        reward_model = freeze(reward_model, device)
-    if args.fsdp:
+        reward_model = freeze(reward_model)
+    if args.fsdp:  # sharded while still on the CPU: fully_shard moves each unit to the device as it shards it
         model = shard(model, args, device, units=(policy,))
         ref_policy = shard(ref_policy, args, device)
         reward_model = reward_model and shard(reward_model, args, device)
         with torch.no_grad():  # FSDP2 takes the module of its first forward for the root: make it the root
             forward_response(model, *probe)
-    elif world_size > 1:
+    else:
+        model, ref_policy = model.to(device), ref_policy.to(device)
+        reward_model = reward_model and reward_model.to(device)
+    for wrapped, what in ((policy, f"--model_name_or_path {args.model_name_or_path}"),
+                          (ref_policy, f"--ref_model_name_or_path {ref_path}")):
+        check_response_logprobs(wrapped, *probe, what)
+    if world_size > 1 and not args.fsdp:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     unwrapped = model.module if isinstance(model, DDP) else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.adam_eps)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16,
-                              enabled=args.bf16 and device.type == "cuda" and not args.fsdp)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_compute(args, device) and not args.fsdp)
     rewards = Rewards(args, reward_model, reward_fn, tokenizer, rm_tokenizer, device)
     sampler = Sampler(args, policy, tokenizer, world_size, device)
     judge = SentimentIntensityAnalyzer()
@@ -848,10 +851,12 @@ class CausalLogprobs(torch.nn.Module):
         super().__init__()
         self.model, self.temperature, self.chunk_size = model, temperature, chunk_size
 
-    def forward(self, input_ids, attention_mask, position_ids, response_start=None, past_key_values=None):
+    def forward(self, input_ids, attention_mask, position_ids, response_start=None, past_key_values=None,
+                logits_to_keep=1, use_cache=True):
         if response_start is None:
+            keep = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}  # 0: a model without the argument
             return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              past_key_values=past_key_values, use_cache=True, logits_to_keep=1)
+                              past_key_values=past_key_values, use_cache=use_cache, **keep)
         hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                        use_cache=False).last_hidden_state[:, response_start - 1:-1]
         return chunked_logprobs(hidden, input_ids[:, response_start:], self.model.get_output_embeddings(),
@@ -881,31 +886,67 @@ def forward_response(model, queries, query_mask, responses):
     return out if len(out) == 3 else (*out, None)
 
 
+@contextlib.contextmanager
+def probe_attention(model):
+    """The logprob probe runs in fp32 (unless FSDP2 computes in bf16), which flash-attention kernels refuse
+    (fp16/bf16 tensors only): for its length the model attends with sdpa (eager for a model without sdpa), then with
+    its configured implementation again. The probe checks the output layer, not the attention kernel. Set on the
+    configs directly: switching back through `set_attn_implementation` would re-check that the kernel's package is
+    installed."""
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config") and hasattr(
+        m.config, "_attn_implementation_internal")}.values()
+    before = [c._attn_implementation_internal for c in configs]
+    use = "sdpa" if getattr(model, "_supports_sdpa", False) else "eager"
+    for c, attn in zip(configs, before):
+        if attn not in ("sdpa", "eager"):
+            c._attn_implementation_internal = use
+    try:
+        yield
+    finally:
+        for c, attn in zip(configs, before):
+            c._attn_implementation_internal = attn
+
+
+def probe_tolerance(logits, temperature):
+    """How far the fast path's logprobs may lie from the model's own forward's (`logits`: the forward's logits in the
+    dtype it computed them in, before the division by `temperature`). In fp32 1e-3 (rounding is about 1e-5). In
+    bf16/fp16 the two paths' logits may round to neighbouring values: up to one unit in the last place (eps * |logit|)
+    apart, for the target's logit and for the log-sum-exp, so 2 * eps * max |logit| / temperature more. A logit
+    transform after the output layer (a scale of 1/2 or less, soft-capping) moves logprobs by far more."""
+    if logits.dtype == torch.float32:
+        return 1e-3
+    return 1e-3 + 2 * torch.finfo(logits.dtype).eps * logits.float().abs().max().item() / temperature
+
+
 @torch.no_grad()
 def check_response_logprobs(wrapped, queries, query_mask, responses, what):
-    """Prove on one micro-batch, in fp32, that CausalLogprobs (the base model, then the output embedding) gives the
-    logprobs of the model's own forward. It does not for a model that transforms its logits after the output
-    embedding (Granite's `logits_scaling`, Cohere's `logit_scale`, soft-capping): refused."""
+    """Prove on one micro-batch that CausalLogprobs (the base model, then the output embedding) gives the logprobs of
+    the model's own forward, both computed as training computes them (fp32 weights without autocast, or FSDP2's
+    bf16 mixed precision) and compared with the tolerance of that dtype (probe_tolerance), with sdpa attention
+    (probe_attention). It does not for a model that transforms its logits after the output embedding (Granite's
+    `logits_scaling`, Cohere's `logit_scale`, soft-capping): refused."""
     model, training = wrapped.model, wrapped.model.training
     model.eval()
-    fast, _, _ = forward_response(wrapped, queries, query_mask, responses)
-    attention_mask = torch.cat([query_mask, torch.ones_like(responses)], 1)
-    keep = {"logits_to_keep": responses.shape[1] + 1}  # only the positions that predict the response
-    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
-        keep = {}
-    logits = model(input_ids=torch.cat([queries, responses], 1), attention_mask=attention_mask, use_cache=False,
-                   position_ids=(attention_mask.cumsum(1) - 1).clamp(min=0), **keep).logits
-    logits = logits[:, -(responses.shape[1] + 1):-1].float() / wrapped.temperature
-    slow = logits.log_softmax(-1).gather(-1, responses[..., None]).squeeze(-1)
+    with probe_attention(model):
+        fast, _, _ = forward_response(wrapped, queries, query_mask, responses)
+        attention_mask = torch.cat([query_mask, torch.ones_like(responses)], 1)
+        keep = responses.shape[1] + 1  # only the positions that predict the response
+        if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+            keep = 0
+        raw = wrapped(torch.cat([queries, responses], 1), attention_mask, (attention_mask.cumsum(1) - 1).clamp(min=0),
+                      logits_to_keep=keep, use_cache=False).logits[:, -(responses.shape[1] + 1):-1]
+    slow = (raw.float() / wrapped.temperature).log_softmax(-1).gather(-1, responses[..., None]).squeeze(-1)
     model.train(training)
-    gap = (fast - slow).abs().max().item()
-    if not gap <= 1e-3:  # fp32 rounding is about 1e-5 here; a NaN gap is refused too
+    gap, tolerance = (fast - slow).abs().max().item(), probe_tolerance(raw, wrapped.temperature)
+    if not gap <= tolerance:  # a NaN gap is refused too
         found = {k: v for k, v in vars(model.config.get_text_config()).items()
                  if k in ("logits_scaling", "logit_scale", "final_logit_softcapping", "output_multiplier_scale")}
         raise SystemExit(f"{what}: the model's own forward gives other logprobs than ppo.py's fast path (base model, "
-                         f"then the output embedding) on the first micro-batch: up to {gap:.3g} nats per token. It "
-                         f"transforms its logits after the output embedding{f' ({found})' if found else ''}, which the "
-                         "chunked log-softmax does not reproduce; ppo.py cannot train this model as is")
+                         f"then the output embedding) on the first micro-batch: up to {gap:.3g} nats per token, more "
+                         f"than {str(raw.dtype).removeprefix('torch.')} rounding explains ({tolerance:.3g}; both paths "
+                         f"ran in that dtype). It transforms its logits after the output embedding"
+                         f"{f' ({found})' if found else ''}, which the chunked log-softmax does not reproduce; ppo.py "
+                         "cannot train this model as is")
 
 
 def tokenizers_match(a, b):
@@ -1129,31 +1170,35 @@ def without_dropout(config):
 
 
 def load_pretrained(cls, path, arg, args, **kwargs):
-    """A model with every dropout probability 0 (config attributes and nn.Dropout alike); `kwargs` go to its config
-    (num_labels, trust_remote_code)."""
+    """A model with every dropout probability 0 (config attributes and nn.Dropout alike), with fp32 weights whatever
+    dtype the checkpoint was saved in (transformers 5 would keep a bf16 checkpoint bf16: bf16 master weights and AdamW
+    state, where lr-sized updates round away); `kwargs` go to its config (num_labels, trust_remote_code)."""
     try:
         config = without_dropout(AutoConfig.from_pretrained(path, **kwargs))
         return cls.from_pretrained(path, config=config, attn_implementation=args.attn_implementation,
-                                   trust_remote_code=kwargs.get("trust_remote_code", False))
+                                   trust_remote_code=kwargs.get("trust_remote_code", False), dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise SystemExit(f"{arg} {path}: cannot load it as {cls.__name__} ({e})") from None
 
 
-def freeze(model, device, train=False):
+def freeze(model, train=False):
     """Dropout modules off (policy, reference, value and reward model alike; their configs were zeroed by
-    load_pretrained), moved to device; frozen unless `train`."""
+    load_pretrained); frozen unless `train`. Not moved: to the device whole without FSDP2, by `shard` with it."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     model.requires_grad_(train)
-    return model.to(device).train(train)
+    return model.train(train)
 
 
 def shard(model, args, device, units=()):
     """FSDP2 over all ranks: every transformer block, then each of `units` (modules also called on their own: the
-    policy when it samples, the value model), then the whole; bf16 mixed precision on GPU with --bf16."""
+    policy when it samples, the value model), then the whole; bf16 mixed precision with --bf16 (see bf16_compute).
+    Call it on a model still on the CPU: fully_shard moves each unit's parameters to the device of its mesh (the
+    default mesh: the current CUDA device, which init_distributed set) and shards them there, so no device ever holds
+    more than one unit unsharded."""
     mp = MixedPrecisionPolicy()
-    if args.bf16 and device.type == "cuda":
+    if bf16_compute(args, device):
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     blocks = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or ())}
     for module in list(model.modules()):
@@ -1182,6 +1227,12 @@ def init_distributed():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")  # dcp in one process
     return rank, world_size, device
+
+
+def bf16_compute(args, device):
+    """--bf16 applies on GPU. On CPU the scripts run fp32 unless RLHF_BF16_ON_CPU=1, which is for tests: it makes CPU
+    runs take the bf16 code paths (CPU autocast, FSDP2 bf16 mixed precision) that otherwise run on GPU only."""
+    return args.bf16 and (device.type == "cuda" or os.environ.get("RLHF_BF16_ON_CPU") == "1")
 
 
 def all_reduce(tensor, op=dist.ReduceOp.SUM):

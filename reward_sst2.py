@@ -86,7 +86,8 @@ class Args:
     attn_implementation: str = "sdpa"
     """attention kernel: sdpa, eager, or flash_attention_2 (GPU)"""
     bf16: bool = True
-    """bf16 autocast on GPU (weights and optimizer stay fp32); ignored on CPU, which runs fp32"""
+    """bf16 autocast on GPU (weights and optimizer stay fp32); ignored on CPU, which runs fp32, unless
+    RLHF_BF16_ON_CPU=1 (for tests)"""
 
     # data
     dataset: str = "stanfordnlp/sst2"
@@ -279,10 +280,12 @@ def main(args: Args):
         config = AutoConfig.from_pretrained(args.model_name_or_path, num_labels=1)
         config = without_dropout(config) if args.disable_dropout else config
         if args.from_scratch:
-            model = AutoModelForSequenceClassification.from_config(config, attn_implementation=args.attn_implementation)
+            model = AutoModelForSequenceClassification.from_config(config, attn_implementation=args.attn_implementation,
+                                                                   dtype=torch.float32)
         else:
             model = AutoModelForSequenceClassification.from_pretrained(
-                args.model_name_or_path, config=config, attn_implementation=args.attn_implementation)
+                args.model_name_or_path, config=config, attn_implementation=args.attn_implementation,
+                dtype=torch.float32)  # fp32 master weights, whatever dtype the checkpoint was saved in
     except OSError as e:
         raise SystemExit(f"--model_name_or_path {args.model_name_or_path}: cannot load a model ({e})") from None
     model.config.pad_token_id = tokenizer.pad_token_id  # the pooling reads the last token that is not this id
@@ -295,7 +298,7 @@ def main(args: Args):
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     unwrapped = model.module if isinstance(model, DDP) else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_compute(args, device))
 
     # 3. resume
     state = {"update": 0, "world_size": world_size, "skipped_updates": 0, "bad_in_a_row": 0,
@@ -370,6 +373,12 @@ def init_distributed():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")  # dcp in one process
     return rank, world_size, device
+
+
+def bf16_compute(args, device):
+    """--bf16 applies on GPU. On CPU the scripts run fp32 unless RLHF_BF16_ON_CPU=1, which is for tests: it makes CPU
+    runs take the bf16 code paths (CPU autocast, FSDP2 bf16 mixed precision) that otherwise run on GPU only."""
+    return args.bf16 and (device.type == "cuda" or os.environ.get("RLHF_BF16_ON_CPU") == "1")
 
 
 def all_reduce(tensor, op=dist.ReduceOp.SUM):

@@ -106,7 +106,7 @@ def measure_rollout(backend, args, folder, queue):
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     policy = ppo.CausalLogprobs(AutoModelForCausalLM.from_pretrained(folder), 1.0, args.logprob_chunk_size)
-    policy = ppo.freeze(policy, device())
+    policy = ppo.freeze(policy).to(device())
     sampler = ppo.Sampler(run, policy, tokenizer, 1, device())
     ids, rows = prompts(args), list(range(args.prompts))
     sampler(ids, rows, 0, 0)  # warm-up (and, for vLLM, the first weight push)
@@ -149,7 +149,7 @@ def measure_update(variant, args, folder, queue):
     torch.manual_seed(0)
     values = ppo.Values(AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(folder,
                                                                                                   num_labels=1)))
-    model = ppo.freeze(ppo.PolicyAndValue(policy, values), device(), train=True)
+    model = ppo.freeze(ppo.PolicyAndValue(policy, values), train=True).to(device())
     g = torch.Generator().manual_seed(2)
     queries = torch.randint(100, args.vocab_size, (args.micro_batch, args.prompt_length), generator=g).to(device())
     responses = torch.randint(100, args.vocab_size, (args.micro_batch, args.response_length), generator=g).to(

@@ -525,7 +525,7 @@ class Check:
         value = AutoModelForSequenceClassification.from_pretrained(self.paths["reward_model"], dtype=torch.float32,
                                                                    attn_implementation=self.attn[0], num_labels=1)
         model = ppo.freeze(ppo.PolicyAndValue(ppo.CausalLogprobs(self.load_policy(), 0.7, 1024), ppo.Values(value)),
-                           device, train=True)
+                           train=True).to(device)
         ns = SimpleNamespace(seed=1, task=SimpleNamespace(response_length=s.ppo_response, temperature=0.7),
                              ppo=SimpleNamespace(cliprange=0.2, cliprange_value=0.2))
         g = torch.Generator().manual_seed(0)

@@ -75,7 +75,7 @@ def main(args: Args):
     prompts, prompt_ids, _ = ppo.load_prompts(tokenizer, args.eval_split, config, columns)
     prompts, prompt_ids = prompts[:args.eval_size], prompt_ids[:args.eval_size]
     columns = {c: v[:args.eval_size] for c, v in columns.items()}
-    load = lambda cls, path, arg: ppo.freeze(ppo.load_pretrained(cls, path, arg, config), device)  # noqa: E731
+    load = lambda cls, path, arg: ppo.freeze(ppo.load_pretrained(cls, path, arg, config)).to(device)  # noqa: E731
     as_policy = lambda path, arg: ppo.CausalLogprobs(load(ppo.AutoModelForCausalLM, path, arg),  # noqa: E731
                                                      args.temperature, config.logprob_chunk_size)
     reference = as_policy(args.reference, "--reference")
