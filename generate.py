@@ -158,6 +158,11 @@ def stop_token_ids(tokenizer, model_name_or_path):
     return sorted(i for i in ids if i is not None)
 
 
+def describe_stop_ids(tokenizer, stop_ids):
+    """The stop tokens as `id 'token'`, for the start-up message that says which tokens end a response."""
+    return ", ".join(f"{i} {tokenizer.convert_ids_to_tokens(i)!r}" for i in stop_ids)
+
+
 def cut_at_stop(ids, stop_ids):
     """The response up to and including its first stop token (everything after it is padding)."""
     for position, token in enumerate(ids):
@@ -288,6 +293,9 @@ def main(args: Args):
     prompts = [prompts[i] for i in kept]
     prompt_ids = encode_prompts(prompts, tokenizer, args)
     stop_ids = stop_token_ids(tokenizer, args.model_name_or_path)
+    if rank == 0:  # both backends stop at the same tokens: vLLM gets them as stop_token_ids, generate as eos ids
+        print(f"responses end at the first of: {describe_stop_ids(tokenizer, stop_ids)} (the tokenizer's EOS, the chat "
+              "template's end of turn, generation_config.json's eos_token_id)")
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompt_ids[i]), i))  # longest first: OOM shows early
     num_shards = (len(order) + args.shard_size - 1) // args.shard_size
     lock = lock_output_dir(args.output_dir, rank)  # noqa: F841 (held until the run ends)

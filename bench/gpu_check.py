@@ -530,10 +530,10 @@ class Check:
         queries = torch.randint(10, 1000, (s.ppo_batch, s.ppo_prompt), generator=g).to(device)
         query_mask, rows = torch.ones_like(queries), torch.arange(s.ppo_batch)
 
-        def rollout():  # EOS id -1: never sampled, so every response runs to its full length
+        def rollout():  # no stop token, so every response runs to its full length
             model.eval()
             with torch.no_grad(), autocast(device):
-                return ppo.sample(model.policy, queries, query_mask, rows, 0, -1, ns)
+                return ppo.sample(model.policy, queries, query_mask, rows, 0, [], ns)
 
         rollout()  # warm-up
         seconds, responses = timed(rollout, device)
