@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 import tyro
 from huggingface_hub import try_to_load_from_cache
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig
 
 
 @dataclass
@@ -148,13 +148,20 @@ def end_of_turn_id(tokenizer):
 
 def stop_token_ids(tokenizer, model_name_or_path):
     """The tokenizer's EOS, the chat template's end-of-turn token and the generation config's eos ids (Llama-3-Instruct
-    stops on two; an older config of it names only `<|end_of_text|>`, though its turns end with `<|eot_id|>`)."""
+    stops on two; an older config of it names only `<|end_of_text|>`, though its turns end with `<|eot_id|>`). vLLM
+    stops at the tokenizer's EOS and the generation config's eos ids whatever it is told (`generation_config` "auto" or
+    "vllm" alike; without a generation_config.json, the model config's eos ids): this set holds all of them, so both
+    backends end a response at the same token."""
     ids = {tokenizer.eos_token_id, end_of_turn_id(tokenizer)}
     try:
-        eos = GenerationConfig.from_pretrained(model_name_or_path).eos_token_id
-        ids |= set(eos if isinstance(eos, list) else [eos])
-    except OSError:
-        pass
+        config = GenerationConfig.from_pretrained(model_name_or_path)
+    except OSError:  # no generation_config.json: the model config's eos ids, as vLLM reads them
+        try:
+            config = GenerationConfig.from_model_config(AutoConfig.from_pretrained(model_name_or_path))
+        except (OSError, ValueError):
+            config = None
+    eos = config.eos_token_id if config is not None else None
+    ids |= set(eos if isinstance(eos, list) else [eos])
     return sorted(i for i in ids if i is not None)
 
 
@@ -239,6 +246,13 @@ def generate_hf(model, tokenizer, prompt_ids, shard, stop_ids, args, device):
     return [responses[i * args.num_responses:(i + 1) * args.num_responses] for i in range(len(prompt_ids))]
 
 
+def request_seed(seed, index, n):
+    """The vLLM seed of prompt `index`'s request for n samples. vLLM seeds the request's sample j with seed + j
+    (vllm/v1/engine/parallel_sampling.py), so consecutive seeds per prompt would give prompt i's sample j the noise of
+    prompt i + j's sample 0: the seeds are spread n apart, and the n samples of any two prompts never share a seed."""
+    return (seed * 1_000_003 + index) * n
+
+
 def generate_vllm(llm, prompt_ids, indices, stop_ids, args):
     """Responses for one shard with vLLM: token-id prompts, a seed per prompt (so shards can be redone alike)."""
     from vllm import SamplingParams
@@ -246,7 +260,8 @@ def generate_vllm(llm, prompt_ids, indices, stop_ids, args):
 
     top_p = args.top_p if args.temperature > 0 else 1.0
     params = [SamplingParams(n=args.num_responses, temperature=args.temperature, top_p=top_p, max_tokens=args.maxlen,
-                             seed=args.seed * 1_000_003 + index, stop_token_ids=stop_ids, skip_special_tokens=True)
+                             seed=request_seed(args.seed, index, args.num_responses), stop_token_ids=stop_ids,
+                             skip_special_tokens=True)
               for index in indices]
     outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
     return [[cut_at_stop(list(c.token_ids), stop_ids) for c in out.outputs] for out in outputs]

@@ -710,13 +710,20 @@ def end_of_turn_id(tokenizer):
 
 def stop_token_ids(tokenizer, model_name_or_path):
     """The tokenizer's EOS, the chat template's end-of-turn token and the generation config's eos ids (Llama-3-Instruct
-    stops on two; an older config of it names only `<|end_of_text|>`, though its turns end with `<|eot_id|>`)."""
+    stops on two; an older config of it names only `<|end_of_text|>`, though its turns end with `<|eot_id|>`). vLLM
+    stops at the tokenizer's EOS and the generation config's eos ids whatever it is told (`generation_config` "auto" or
+    "vllm" alike; without a generation_config.json, the model config's eos ids): this set holds all of them, so both
+    backends end a response at the same token."""
     ids = {tokenizer.eos_token_id, end_of_turn_id(tokenizer)}
     try:
-        eos = GenerationConfig.from_pretrained(model_name_or_path).eos_token_id
-        ids |= set(eos if isinstance(eos, list) else [eos])
-    except OSError:
-        pass
+        config = GenerationConfig.from_pretrained(model_name_or_path)
+    except OSError:  # no generation_config.json: the model config's eos ids, as vLLM reads them
+        try:
+            config = GenerationConfig.from_model_config(AutoConfig.from_pretrained(model_name_or_path))
+        except (OSError, ValueError):
+            config = None
+    eos = config.eos_token_id if config is not None else None
+    ids |= set(eos if isinstance(eos, list) else [eos])
     return sorted(i for i in ids if i is not None)
 
 
