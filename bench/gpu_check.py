@@ -674,9 +674,27 @@ def markdown(results):
     return "\n".join(lines) + "\n"
 
 
+def cuda_problem():
+    """Why torch cannot use a CUDA GPU here, in torch's own words (None when it can)."""
+    if torch.cuda.is_available():
+        return None
+    try:
+        torch.cuda.init()
+        reason = "no CUDA device visible"
+    except Exception as e:  # no driver, a driver older than torch's CUDA, a CPU-only build
+        reason = str(e).strip().splitlines()[0]
+    return (f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none: a CPU-only build'}) cannot use a GPU: "
+            f"{reason}")
+
+
 def main(args: Args):
     import transformers
 
+    problem = None if args.dry_run else cuda_problem()
+    if problem:  # before anything is written: the full sizes on a CPU would run for hours, then time out
+        raise SystemExit(f"bench/gpu_check.py checks the GPU paths and needs a CUDA GPU: {problem}. Install the torch "
+                         "build the driver supports (nvidia-smi shows its highest CUDA version), or run "
+                         "`python bench/gpu_check.py --dry_run` for the same code at tiny shapes on the CPU")
     os.environ.update(ENV)
     shutil.rmtree(args.output_dir, ignore_errors=True)
     os.makedirs(args.output_dir)

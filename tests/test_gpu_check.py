@@ -91,3 +91,18 @@ def test_a_failing_stage_is_recorded_and_fails_the_run(tmp_path, monkeypatch):
     assert stages["generate"]["status"] == "failed" and "broken on purpose" in stages["generate"]["error"]
     assert stages["score"]["status"] == "skipped"
     assert "## generate: failed" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_without_a_gpu_the_full_check_stops_at_once_naming_the_problem(tmp_path, monkeypatch):
+    """Outside --dry_run, a machine where torch sees no CUDA GPU (this CPU machine; on a GPU machine, a driver too old
+    for torch's CUDA) stops before writing anything, instead of running the full sizes on the CPU until they time
+    out."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_check
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "check"
+    with pytest.raises(SystemExit, match=r"needs a CUDA GPU: torch .* cannot use a GPU: .*--dry_run"):
+        gpu_check.main(gpu_check.Args(output_dir=str(out)))
+    assert not out.exists()
