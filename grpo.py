@@ -5,10 +5,10 @@ Each update: 1. draw `batch_size / grpo.group_size` prompts and sample a group o
 (`batch_size` responses in all, the same episode budget as ppo.py's), at most `task.response_length` tokens, cut after
 the first EOS; global row r answers prompt r // group_size of the update's prompts, and its sampling noise is keyed by
 r, so the group's answers differ and 1 and N ranks sample the same; 2. score them with the reward model (or
-`--reward_fn`); a response without EOS gets `task.penalty_reward_value` when `task.non_eos_penalty`; 3. group-normalised
-advantages from the scores alone, A_i = (r_i - mean of the group) / (std of the group + 1e-4), the same for every token
-of response i (no KL in the reward: it is in the loss); 4. `grpo.noptepochs` passes of `grpo.nminibatches` minibatches
-of the global batch with the per-token loss
+`--reward_fn`); a response without EOS gets `task.penalty_reward_value` when `task.non_eos_penalty` (off by default, as
+in the papers and TRL); 3. group-normalised advantages from the scores alone, A_i = (r_i - mean of the group) / (std of
+the group + 1e-4), the same for every token of response i (no KL in the reward: it is in the loss); 4. `grpo.noptepochs`
+passes of `grpo.nminibatches` minibatches of the global batch with the per-token loss
 
     -min(rho_t A, clip(rho_t, 1 - cliprange, 1 + cliprange_high) A) + beta * k3_t,   rho_t = pi_theta / pi_old,
     k3_t = pi_ref / pi_theta - log(pi_ref / pi_theta) - 1   (Schulman's unbiased, non-negative KL estimator)
@@ -27,10 +27,11 @@ aggregated over the minibatch by `grpo.loss_type`:
 Every normaliser is a quantity of the global minibatch (its number of responses or of tokens), so 1 and N ranks and any
 micro-batching make the same step. Gradients clipped, AdamW. No value model.
 
-What differs from the papers: beta defaults to the GRPO paper's 0.04 (TRL's GRPOTrainer now defaults to 0.0 and to
-`dapo`); the std is the unbiased one (torch.std, as TRL); DAPO's dynamic sampling and overlong reward shaping are not
-here; the reward is a reward model (or a function), not a rule. `noptepochs 1` and `nminibatches 1` (one step per
-batch, TRL's default) make the ratio 1 and the clipping inert; the paper's mu > 1 is `--grpo.noptepochs mu`.
+What differs from the papers: beta defaults to the GRPO paper's 0.04, and to 0 with `dapo` (DAPO has no KL; TRL's
+GRPOTrainer now defaults to 0.0 and to `dapo`); AdamW's weight decay is torch's default 0.01 (TRL's is 0.0); the std is
+the unbiased one (torch.std, as TRL); DAPO's dynamic sampling and overlong reward shaping are not here; the reward is a
+reward model (or a function), not a rule. `noptepochs 1` and `nminibatches 1` (one step per batch, TRL's default) make
+the ratio 1 and the clipping inert; the paper's mu > 1 is `--grpo.noptepochs mu`.
 
 The rollout machinery (prompts, sampling with `--backend hf|vllm`, chunked logprobs, rewards, held-out evaluation with
 the VADER judge, FSDP2) is ppo.py's, as identical copies; so are checkpoints, exact resume, SIGTERM and the non-finite
@@ -113,8 +114,9 @@ class TaskArgs:
     cut after its first EOS"""
     temperature: float = 0.7
     """sampling temperature; the logprobs of rollout and update use the same logits / temperature"""
-    non_eos_penalty: bool = True
-    """replace the score of a response with no EOS by penalty_reward_value"""
+    non_eos_penalty: bool = False
+    """replace the score of a response with no EOS by penalty_reward_value (off by default: GRPO, Dr. GRPO, DAPO and
+    TRL have no such penalty, and with a 0/1 reward it ranks a truncated answer below a wrong one)"""
     penalty_reward_value: float = -1.0
     """the score a response with no EOS gets when non_eos_penalty"""
 
@@ -128,8 +130,9 @@ class GRPOArgs:
     responses; dr_grpo (arXiv 2503.20783) sum over each response's tokens / task.response_length, then mean over
     responses, and advantages not divided by the group's std; dapo (arXiv 2503.14476) sum over the minibatch's tokens
     / their number"""
-    beta: float = 0.04
-    """weight of the k3 KL to the reference in the loss (the GRPO paper's 0.04; TRL now defaults to 0: no reference)"""
+    beta: float | None = None
+    """weight of the k3 KL to the reference in the loss; None: the GRPO paper's 0.04, or 0 with loss_type dapo (DAPO
+    has no KL term; TRL now defaults to 0: no reference)"""
     cliprange: float = 0.2
     """lower clip range of the per-token ratio: rho >= 1 - cliprange where the advantage is negative"""
     cliprange_high: float | None = None
@@ -308,7 +311,15 @@ def token_weights(mask, loss_type, mb_responses, mb_tokens, response_length):
     return mask / mb_tokens
 
 
+def default_beta(grpo_args):
+    """--grpo.beta when not given: the GRPO paper's 0.04 (grpo, dr_grpo), 0 for dapo (DAPO drops the KL term)."""
+    if grpo_args.beta is not None:
+        return grpo_args.beta
+    return 0.0 if grpo_args.loss_type == "dapo" else 0.04
+
+
 def main(args: Args):
+    args.grpo.beta = default_beta(args.grpo)
     check_numbers(args, positive=["batch_size", "local_micro_batch_size", "local_rollout_forward_batch_size",
                                   "total_episodes", "eval_freq", "keep_checkpoints", "max_bad_updates", "max_grad_norm",
                                   "adam_eps", "logprob_chunk_size", "task.maxlen_prompt", "task.response_length",

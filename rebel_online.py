@@ -12,8 +12,10 @@ k1; kl_coef 0 leaves the score alone); pi_old's logprobs are the rollout's, reco
 4. `rebel.noptepochs` passes of `rebel.nminibatches` minibatches of pairs of the global batch, each pair's loss
     ((log pi(y) - log pi_old(y)) - (log pi(y') - log pi_old(y')) - eta * (r(y) - r(y')))^2
 with sequence logprobs summed over the real response tokens (EOS included), averaged over the pairs of the minibatch,
-gradients accumulated over micro-batches, clipped, AdamW. What differs from the authors' script: the prompts, the
-sampler (ppo.py's: Gumbel-max noise keyed by row, or vLLM), fp32 chunked logprobs, FSDP2 instead of DeepSpeed.
+gradients accumulated over micro-batches, clipped at `max_grad_norm`, AdamW (torch's default weight decay 0.01, as the
+authors' `optim.AdamW(lr, eps)`). What differs from the authors' script: the prompts, the sampler (ppo.py's: Gumbel-max
+noise keyed by row, or vLLM), fp32 chunked logprobs, FSDP2 instead of DeepSpeed, and gradient clipping at 1.0 (their
+script does not clip; `--max_grad_norm inf` matches it).
 
 Everything else is ppo.py's: prompts (text or chat), `--backend hf|vllm` (the trainer recomputes every logprob and
 logs the gap to vLLM's), `--fsdp`, exact resume, SIGTERM, the non-finite guard, and every `eval_freq` updates held-out
@@ -181,7 +183,7 @@ class Args:
     adam_eps: float = 1e-5
     """AdamW epsilon"""
     max_grad_norm: float = 1.0
-    """gradient clipping threshold (inf disables clipping)"""
+    """gradient clipping threshold (inf disables clipping, as the REBEL authors' script has none)"""
     batch_size: int = 64
     """responses (prompt + response) per update, over all ranks: batch_size // 2 prompts with 2 responses each, so
     budgets in episodes compare with ppo.py's; even, and each rank holds whole pairs"""

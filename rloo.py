@@ -13,11 +13,12 @@ exp(sum_t log pi_theta - sum_t log pi_old), clipped PPO-style to [1 - cliprange,
 over the minibatch's responses (normalised by the global minibatch size, so any split over ranks and micro-batches
 makes the same step), gradients clipped, AdamW. No value model.
 
-What differs from the paper: the paper's RLOO is plain REINFORCE, one gradient step per batch (ratio 1, clipping
-inert), which is the default here (`rloo.noptepochs 1`, `rloo.nminibatches 1`); TRL's RLOOTrainer adds the
-sequence-level clipping and defaults to 4 epochs (`--rloo.noptepochs 4` reproduces it; `--rloo.cliprange 1e9`
-switches clipping off). The paper reports k = 2 and k = 4: more samples per prompt give a better baseline at the
-same episode budget but fewer prompts per update.
+What differs from the paper: the paper's RLOO is plain REINFORCE, one gradient step per batch (ratio 1, clipping inert),
+which is the default here (`rloo.noptepochs 1`, `rloo.nminibatches 1`); TRL's RLOOTrainer adds the sequence-level
+clipping and, up to TRL 0.19, defaulted to 4 epochs (`--rloo.noptepochs 4` reproduces those versions; `--rloo.cliprange
+1e9` switches clipping off); later versions take one pass per batch. AdamW's weight decay is torch's default 0.01 (TRL's
+is 0.0). The paper reports k = 2 and k = 4: more samples per prompt give a better baseline at the same episode budget
+but fewer prompts per update.
 
 The rollout machinery (prompts, sampling with `--backend hf|vllm`, chunked logprobs, rewards, held-out evaluation with
 the VADER judge, FSDP2) is ppo.py's, as identical copies; so are checkpoints, exact resume, SIGTERM and the non-finite
@@ -119,7 +120,8 @@ class RLOOArgs:
     """clip range of the sequence-level ratio (inert with noptepochs 1 and nminibatches 1, where it is always 1;
     a large value such as 1e9 switches clipping off)"""
     noptepochs: int = 1
-    """passes over each rollout batch (1: the paper's on-policy REINFORCE; TRL's RLOOTrainer defaults to 4)"""
+    """passes over each rollout batch (1: the paper's on-policy REINFORCE; TRL's RLOOTrainer defaulted to 4 up to TRL
+    0.19)"""
     nminibatches: int = 1
     """minibatches per pass (each one optimizer step)"""
 
