@@ -458,9 +458,10 @@ def test_reward_function_instead_of_a_reward_model(sft_policy, tmp_path, capsys)
         run_in_process(ppo, [*ppo_args(sft_policy, "/no/rm"), "--reward_fn", f"{fn}:nope"], tmp_path / "bad")
 
 
-def test_chat_prompts_go_through_the_chat_template(chat_policy, chat_reward_model, tmp_path):
+def test_chat_prompts_go_through_the_chat_template(chat_policy, chat_reward_model, tmp_path, capsys):
     """--task.prompt_format chat: message lists rendered with the policy's chat template (the tiny chat policy then
-    answers and ends its turn), the reward model reading the conversation through its own template."""
+    answers and ends its turn), the reward model reading the conversation through its own template; the run says at
+    start which tokens end a response."""
     from conftest import chat_prompt
     from transformers import AutoTokenizer
 
@@ -478,6 +479,7 @@ def test_chat_prompts_go_through_the_chat_template(chat_policy, chat_reward_mode
     assert all(s["eos"] and s["response"].strip() for s in samples)  # answered, and ended the assistant turn
     assert not any(token in s["response"] for s in samples for token in tokenizer.all_special_tokens)
     assert metrics(tmp_path / "out")[-1]["update"] == 2
+    assert "responses end at the first of: 1 '<|end_of_text|>', 4 '<|eot_id|>'" in capsys.readouterr().out
 
 
 class FakeEngine:
