@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 import tyro
 from huggingface_hub import try_to_load_from_cache
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig
 
 
 @dataclass
@@ -153,14 +153,26 @@ def end_of_turn_id(tokenizer):
 
 def stop_token_ids(tokenizer, model_name_or_path):
     """The tokenizer's EOS, the chat template's end-of-turn token and the generation config's eos ids (Llama-3-Instruct
-    stops on two; an older config of it names only `<|end_of_text|>`, though its turns end with `<|eot_id|>`)."""
+    stops on two; an older config of it names only `<|end_of_text|>`, though its turns end with `<|eot_id|>`). vLLM
+    stops at the tokenizer's EOS and the generation config's eos ids whatever it is told (`generation_config` "auto" or
+    "vllm" alike; without a generation_config.json, the model config's eos ids): this set holds all of them, so both
+    backends end a response at the same token."""
     ids = {tokenizer.eos_token_id, end_of_turn_id(tokenizer)}
     try:
-        eos = GenerationConfig.from_pretrained(model_name_or_path).eos_token_id
-        ids |= set(eos if isinstance(eos, list) else [eos])
-    except OSError:
-        pass
+        config = GenerationConfig.from_pretrained(model_name_or_path)
+    except OSError:  # no generation_config.json: the model config's eos ids, as vLLM reads them
+        try:
+            config = GenerationConfig.from_model_config(AutoConfig.from_pretrained(model_name_or_path))
+        except (OSError, ValueError):
+            config = None
+    eos = config.eos_token_id if config is not None else None
+    ids |= set(eos if isinstance(eos, list) else [eos])
     return sorted(i for i in ids if i is not None)
+
+
+def describe_stop_ids(tokenizer, stop_ids):
+    """The stop tokens as `id 'token'`, for the start-up message that says which tokens end a response."""
+    return ", ".join(f"{i} {tokenizer.convert_ids_to_tokens(i)!r}" for i in stop_ids)
 
 
 def cut_at_stop(ids, stop_ids):
@@ -239,6 +251,13 @@ def generate_hf(model, tokenizer, prompt_ids, shard, stop_ids, args, device):
     return [responses[i * args.num_responses:(i + 1) * args.num_responses] for i in range(len(prompt_ids))]
 
 
+def request_seed(seed, index, n):
+    """The vLLM seed of prompt `index`'s request for n samples. vLLM seeds the request's sample j with seed + j
+    (vllm/v1/engine/parallel_sampling.py), so consecutive seeds per prompt would give prompt i's sample j the noise of
+    prompt i + j's sample 0: the seeds are spread n apart, and the n samples of any two prompts never share a seed."""
+    return (seed * 1_000_003 + index) * n
+
+
 def generate_vllm(llm, prompt_ids, indices, stop_ids, args):
     """Responses for one shard with vLLM: token-id prompts, a seed per prompt (so shards can be redone alike)."""
     from vllm import SamplingParams
@@ -246,7 +265,8 @@ def generate_vllm(llm, prompt_ids, indices, stop_ids, args):
 
     top_p = args.top_p if args.temperature > 0 else 1.0
     params = [SamplingParams(n=args.num_responses, temperature=args.temperature, top_p=top_p, max_tokens=args.maxlen,
-                             seed=args.seed * 1_000_003 + index, stop_token_ids=stop_ids, skip_special_tokens=True)
+                             seed=request_seed(args.seed, index, args.num_responses), stop_token_ids=stop_ids,
+                             skip_special_tokens=True)
               for index in indices]
     outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
     return [[cut_at_stop(list(c.token_ids), stop_ids) for c in out.outputs] for out in outputs]
@@ -293,6 +313,9 @@ def main(args: Args):
     prompts = [prompts[i] for i in kept]
     prompt_ids = encode_prompts(prompts, tokenizer, args)
     stop_ids = stop_token_ids(tokenizer, args.model_name_or_path)
+    if rank == 0:  # both backends stop at the same tokens: vLLM gets them as stop_token_ids, generate as eos ids
+        print(f"responses end at the first of: {describe_stop_ids(tokenizer, stop_ids)} (the tokenizer's EOS, the chat "
+              "template's end of turn, generation_config.json's eos_token_id)")
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompt_ids[i]), i))  # longest first: OOM shows early
     num_shards = (len(order) + args.shard_size - 1) // args.shard_size
     lock = lock_output_dir(args.output_dir, rank)  # noqa: F841 (held until the run ends)
@@ -364,10 +387,24 @@ def main(args: Args):
 
 def init_distributed():
     """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE and gets a process group, even with one process (FSDP2 needs one); a
-    plain `python script.py` is one process without one. gloo on CPU, nccl on GPU."""
+    plain `python script.py` is one process without one. gloo on CPU, nccl on GPU. The CPU is used where there is no
+    GPU; a machine with an NVIDIA GPU that torch cannot use (a driver older than the CUDA of torch's build, a CPU-only
+    torch) stops here, naming the problem, instead of training on the CPU: CUDA_VISIBLE_DEVICES="" runs it on the CPU
+    on purpose."""
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1")
+    if device.type == "cpu" and os.path.exists("/dev/nvidiactl") and not hidden:
+        try:
+            torch.cuda.init()
+            reason = "no CUDA device visible"
+        except Exception as e:  # torch's own words: no driver, driver too old, not compiled with CUDA
+            reason = str(e).strip().splitlines()[0]
+        raise SystemExit(f"this machine has an NVIDIA GPU (/dev/nvidiactl) but torch {torch.__version__} (CUDA "
+                         f"{torch.version.cuda or 'none: a CPU-only build'}) cannot use it: {reason}. Install a torch "
+                         "build whose CUDA the driver supports (nvidia-smi shows the driver's highest CUDA version) or "
+                         "update the driver; to run on the CPU on purpose, set CUDA_VISIBLE_DEVICES=''")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if "RANK" in os.environ:

@@ -5,10 +5,10 @@ Each update: 1. draw `batch_size / grpo.group_size` prompts and sample a group o
 (`batch_size` responses in all, the same episode budget as ppo.py's), at most `task.response_length` tokens, cut after
 the first EOS; global row r answers prompt r // group_size of the update's prompts, and its sampling noise is keyed by
 r, so the group's answers differ and 1 and N ranks sample the same; 2. score them with the reward model (or
-`--reward_fn`); a response without EOS gets `task.penalty_reward_value` when `task.non_eos_penalty`; 3. group-normalised
-advantages from the scores alone, A_i = (r_i - mean of the group) / (std of the group + 1e-4), the same for every token
-of response i (no KL in the reward: it is in the loss); 4. `grpo.noptepochs` passes of `grpo.nminibatches` minibatches
-of the global batch with the per-token loss
+`--reward_fn`); a response without EOS gets `task.penalty_reward_value` when `task.non_eos_penalty` (off by default, as
+in the papers and TRL); 3. group-normalised advantages from the scores alone, A_i = (r_i - mean of the group) / (std of
+the group + 1e-4), the same for every token of response i (no KL in the reward: it is in the loss); 4. `grpo.noptepochs`
+passes of `grpo.nminibatches` minibatches of the global batch with the per-token loss
 
     -min(rho_t A, clip(rho_t, 1 - cliprange, 1 + cliprange_high) A) + beta * k3_t,   rho_t = pi_theta / pi_old,
     k3_t = pi_ref / pi_theta - log(pi_ref / pi_theta) - 1   (Schulman's unbiased, non-negative KL estimator)
@@ -27,10 +27,11 @@ aggregated over the minibatch by `grpo.loss_type`:
 Every normaliser is a quantity of the global minibatch (its number of responses or of tokens), so 1 and N ranks and any
 micro-batching make the same step. Gradients clipped, AdamW. No value model.
 
-What differs from the papers: beta defaults to the GRPO paper's 0.04 (TRL's GRPOTrainer now defaults to 0.0 and to
-`dapo`); the std is the unbiased one (torch.std, as TRL); DAPO's dynamic sampling and overlong reward shaping are not
-here; the reward is a reward model (or a function), not a rule. `noptepochs 1` and `nminibatches 1` (one step per
-batch, TRL's default) make the ratio 1 and the clipping inert; the paper's mu > 1 is `--grpo.noptepochs mu`.
+What differs from the papers: beta defaults to the GRPO paper's 0.04, and to 0 with `dapo` (DAPO has no KL; TRL's
+GRPOTrainer now defaults to 0.0 and to `dapo`); AdamW's weight decay is torch's default 0.01 (TRL's is 0.0); the std is
+the unbiased one (torch.std, as TRL); DAPO's dynamic sampling and overlong reward shaping are not here; the reward is a
+reward model (or a function), not a rule. `noptepochs 1` and `nminibatches 1` (one step per batch, TRL's default) make
+the ratio 1 and the clipping inert; the paper's mu > 1 is `--grpo.noptepochs mu`.
 
 The rollout machinery (prompts, sampling with `--backend hf|vllm`, chunked logprobs, rewards, held-out evaluation with
 the VADER judge, FSDP2) is ppo.py's, as identical copies; so are checkpoints, exact resume, SIGTERM and the non-finite
@@ -79,7 +80,13 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GenerationConfig,
+)
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 INVALID_LOGPROB = 1.0  # logprob written at padding, for policy and reference alike, so the KL there is exactly 0
@@ -109,8 +116,9 @@ class TaskArgs:
     cut after its first EOS"""
     temperature: float = 0.7
     """sampling temperature; the logprobs of rollout and update use the same logits / temperature"""
-    non_eos_penalty: bool = True
-    """replace the score of a response with no EOS by penalty_reward_value"""
+    non_eos_penalty: bool = False
+    """replace the score of a response with no EOS by penalty_reward_value (off by default: GRPO, Dr. GRPO, DAPO and
+    TRL have no such penalty, and with a 0/1 reward it ranks a truncated answer below a wrong one)"""
     penalty_reward_value: float = -1.0
     """the score a response with no EOS gets when non_eos_penalty"""
 
@@ -124,8 +132,9 @@ class GRPOArgs:
     responses; dr_grpo (arXiv 2503.20783) sum over each response's tokens / task.response_length, then mean over
     responses, and advantages not divided by the group's std; dapo (arXiv 2503.14476) sum over the minibatch's tokens
     / their number"""
-    beta: float = 0.04
-    """weight of the k3 KL to the reference in the loss (the GRPO paper's 0.04; TRL now defaults to 0: no reference)"""
+    beta: float | None = None
+    """weight of the k3 KL to the reference in the loss; None: the GRPO paper's 0.04, or 0 with loss_type dapo (DAPO
+    has no KL term; TRL now defaults to 0: no reference)"""
     cliprange: float = 0.2
     """lower clip range of the per-token ratio: rho >= 1 - cliprange where the advantage is negative"""
     cliprange_high: float | None = None
@@ -308,7 +317,15 @@ def token_weights(mask, loss_type, mb_responses, mb_tokens, response_length):
     return mask / mb_tokens
 
 
+def default_beta(grpo_args):
+    """--grpo.beta when not given: the GRPO paper's 0.04 (grpo, dr_grpo), 0 for dapo (DAPO drops the KL term)."""
+    if grpo_args.beta is not None:
+        return grpo_args.beta
+    return 0.0 if grpo_args.loss_type == "dapo" else 0.04
+
+
 def main(args: Args):
+    args.grpo.beta = default_beta(args.grpo)
     check_numbers(args, positive=["batch_size", "local_micro_batch_size", "local_rollout_forward_batch_size",
                                   "total_episodes", "eval_freq", "keep_checkpoints", "max_bad_updates", "max_grad_norm",
                                   "adam_eps", "logprob_chunk_size", "task.maxlen_prompt", "task.response_length",
@@ -394,6 +411,9 @@ def main(args: Args):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_compute(args, device) and not args.fsdp)
     rewards = Rewards(args, reward_model, reward_fn, tokenizer, rm_tokenizer, device)
     sampler = Sampler(args, policy, tokenizer, world_size, device)
+    if rank == 0:  # the "EOS" of has_eos, val/eos_rate and the non-EOS penalty: any of these, in both backends
+        print(f"responses end at the first of: {describe_stop_ids(tokenizer, sampler.stop_ids)} (the tokenizer's EOS, "
+              "the chat template's end of turn, generation_config.json's eos_token_id)")
     judge = SentimentIntensityAnalyzer()
 
     # 3. resume
@@ -426,7 +446,7 @@ def main(args: Args):
 
     if not resume:
         logger.log({**run_eval(0), "episode": 0}, 0)
-    pad_id, eos_id, k = tokenizer.pad_token_id, tokenizer.eos_token_id, args.grpo.group_size
+    pad_id, stop_ids, k = tokenizer.pad_token_id, sampler.stop_ids, args.grpo.group_size
     noptepochs, nminibatches = args.grpo.noptepochs, args.grpo.nminibatches
     start_time, start_update = time.time(), state["update"]
     while state["update"] < args.num_updates:
@@ -446,7 +466,7 @@ def main(args: Args):
         unwrapped.eval()
         with torch.no_grad(), autocast:
             responses, engine_logprobs = sampler([prompt_ids[i] for i in indices], rows, update, update)
-            responses, response_mask, _, has_eos = truncate_after_eos(responses, eos_id, pad_id)
+            responses, response_mask, _, has_eos = truncate_after_eos(responses, stop_ids, pad_id)
             logprobs, ref_logprobs = [], []
             for i in range(0, len(rows), args.local_micro_batch_size):
                 part = slice(i, i + args.local_micro_batch_size)
@@ -665,15 +685,16 @@ def gumbel_max(logits, noise, temperature):
 
 
 @torch.no_grad()
-def sample(policy, queries, query_mask, rows, stream, eos_id, args, greedy=False):
+def sample(policy, queries, query_mask, rows, stream, stop_ids, args, greedy=False):
     """Up to `task.response_length` tokens per left-padded query at `task.temperature` (KV cache), stopping once every
-    row has produced EOS (what follows a row's EOS is cut anyway, and the noise is keyed by row and step, so stopping
-    early changes no row). `policy` is a CausalLogprobs: called without response_start, it is a sampling step.
-    Returns [rows, steps taken]."""
+    row has produced one of `stop_ids` (what follows a row's stop token is cut anyway, and the noise is keyed by row and
+    step, so stopping early changes no row). `policy` is a CausalLogprobs: called without response_start, it is a
+    sampling step. Returns [rows, steps taken]."""
     position_ids = (query_mask.cumsum(1) - 1).clamp(min=0)
     out = policy(input_ids=queries, attention_mask=query_mask, position_ids=position_ids)
     mask, position, tokens = query_mask, position_ids[:, -1:], []
     ended = torch.zeros(len(queries), dtype=torch.bool, device=queries.device)
+    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=queries.device)
     for step in range(args.task.response_length):
         logits = out.logits[:, -1].float()
         if greedy:
@@ -682,7 +703,7 @@ def sample(policy, queries, query_mask, rows, stream, eos_id, args, greedy=False
             noise = sampling_noise(args.seed, stream, step, rows, logits.shape[-1], logits.device)
             token = gumbel_max(logits, noise, args.task.temperature)
         tokens.append(token)
-        ended |= token == eos_id
+        ended |= torch.isin(token, stop)
         if ended.all() or step + 1 == args.task.response_length:
             break
         mask, position = F.pad(mask, (0, 1), value=1), position + 1
@@ -691,10 +712,51 @@ def sample(policy, queries, query_mask, rows, stream, eos_id, args, greedy=False
     return torch.stack(tokens, 1)
 
 
-def truncate_after_eos(responses, eos_id, pad_id):
-    """Replace every token after the first EOS by pad. Returns the responses, the mask of real tokens (EOS
-    included), the index of the last real token and whether the response has an EOS at all."""
-    is_eos = responses == eos_id
+def end_of_turn_id(tokenizer):
+    """The token that ends an assistant turn in the tokenizer's chat template (Llama-3's `<|eot_id|>`, ChatML's
+    `<|im_end|>`), read from a rendered turn; the tokenizer's EOS when there is no template or nothing follows the
+    turn. Not the EOS alone: older Llama-3-Instruct configs set it to `<|end_of_text|>` though turns end with
+    `<|eot_id|>`."""
+    if not tokenizer.chat_template:
+        return tokenizer.eos_token_id
+    probe = "end-of-turn-probe"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}],
+                                         tokenize=False)
+    after = tokenizer(text[text.rindex(probe) + len(probe):], add_special_tokens=False).input_ids
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return next((i for i in after if i in special), tokenizer.eos_token_id)
+
+
+def stop_token_ids(tokenizer, model_name_or_path):
+    """The tokenizer's EOS, the chat template's end-of-turn token and the generation config's eos ids (Llama-3-Instruct
+    stops on two; an older config of it names only `<|end_of_text|>`, though its turns end with `<|eot_id|>`). vLLM
+    stops at the tokenizer's EOS and the generation config's eos ids whatever it is told (`generation_config` "auto" or
+    "vllm" alike; without a generation_config.json, the model config's eos ids): this set holds all of them, so both
+    backends end a response at the same token."""
+    ids = {tokenizer.eos_token_id, end_of_turn_id(tokenizer)}
+    try:
+        config = GenerationConfig.from_pretrained(model_name_or_path)
+    except OSError:  # no generation_config.json: the model config's eos ids, as vLLM reads them
+        try:
+            config = GenerationConfig.from_model_config(AutoConfig.from_pretrained(model_name_or_path))
+        except (OSError, ValueError):
+            config = None
+    eos = config.eos_token_id if config is not None else None
+    ids |= set(eos if isinstance(eos, list) else [eos])
+    return sorted(i for i in ids if i is not None)
+
+
+def describe_stop_ids(tokenizer, stop_ids):
+    """The stop tokens as `id 'token'`, for the start-up message that says which tokens end a response."""
+    return ", ".join(f"{i} {tokenizer.convert_ids_to_tokens(i)!r}" for i in stop_ids)
+
+
+def truncate_after_eos(responses, stop_ids, pad_id):
+    """Replace every token after the first stop token (any of `stop_ids`: the EOS set of stop_token_ids) by pad.
+    Returns the responses, the mask of real tokens (the stop token included), the index of the last real token and
+    whether the response has a stop token at all ("has EOS"). A pad that is also a stop token (pad = EOS) is never
+    read as one: the samplers pad only after a row's stop token or at full length (Sampler checks vLLM's rows)."""
+    is_eos = torch.isin(responses, torch.as_tensor(stop_ids, dtype=torch.long, device=responses.device))
     has_eos = is_eos.any(1)
     first_eos = torch.where(has_eos, is_eos.int().argmax(1), responses.shape[1] - 1)
     mask = torch.arange(responses.shape[1], device=responses.device)[None] <= first_eos[:, None]
@@ -729,8 +791,9 @@ def unsharded(module):
 def vllm_engine(args, world_size, device):
     """A vLLM engine on this rank, colocated with training: under torchrun the `external_launcher` executor makes
     torchrun's ranks the engine's (tensor parallel 1: each rank samples its own rows). It samples exactly as the hf
-    backend does: temperature only (no top-k/top-p), stop at the tokenizer's EOS only (`generation_config="vllm"`
-    ignores the model's extra stop ids), logprobs after temperature (`processed_logprobs`). main has already checked
+    backend does: temperature only (no top-k/top-p), the same stop tokens (stop_token_ids: vLLM adds the tokenizer's
+    EOS and generation_config.json's eos ids itself, even with `generation_config="vllm"`, and that set includes
+    both), logprobs after temperature (`processed_logprobs`). main has already checked
     that vLLM is installed, before any model loaded."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: weights pushed in place
     if device.type != "cuda" and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
@@ -749,15 +812,16 @@ def vllm_engine(args, world_size, device):
                logprobs_mode="processed_logprobs", trust_remote_code=False, **kwargs)
 
 
-def vllm_sample(llm, prompt_ids, rows, stream, args, greedy=False):
+def vllm_sample(llm, prompt_ids, rows, stream, stop_ids, args, greedy=False):
     """The engine's responses to token-id prompts, one request per global row with a seed keyed by (seed, stream,
-    row): deterministic given the seed, whatever the batching. Returns the response token lists and the engine's
-    logprobs of them (after temperature)."""
+    row): deterministic given the seed, whatever the batching; each ends at the first of `stop_ids` (kept in its
+    tokens). Returns the response token lists and the engine's logprobs of them (after temperature)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     params = [SamplingParams(max_tokens=args.task.response_length, temperature=0.0 if greedy else args.task.temperature,
-                             seed=seed_of(args.seed, stream, row) % 2**31, logprobs=0, detokenize=False)
+                             seed=seed_of(args.seed, stream, row) % 2**31, logprobs=0, detokenize=False,
+                             stop_token_ids=list(stop_ids))
               for row in rows]
     outputs = llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], params, use_tqdm=False)
     tokens = [list(o.outputs[0].token_ids) for o in outputs]
@@ -766,21 +830,28 @@ def vllm_sample(llm, prompt_ids, rows, stream, args, greedy=False):
 
 
 def push_weights(llm, model, dtype):
-    """Load the trained policy's weights into the engine (full tensors, gathered from the FSDP2 shards where sharded,
-    in the engine's dtype) and reset its prefix cache, whose entries were computed with the old weights."""
-    weights = [(name, (t.full_tensor() if isinstance(t, DTensor) else t).detach().to(dtype))
-               for name, t in model.state_dict().items()]
+    """Load the trained policy's weights into the engine and reset its prefix cache, whose entries were computed with
+    the old weights. The weights are streamed: a generator yields one full tensor at a time (gathered from the FSDP2
+    shards where sharded, every rank in the same order, in the engine's dtype) while the engine loads it, so the push
+    holds one tensor beyond the engine's weights, never a copy of the whole model. The generator reaches the engine
+    as it is: the engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set by vllm_engine)."""
+    weights = ((name, (t.full_tensor() if isinstance(t, DTensor) else t).detach().to(dtype))
+               for name, t in model.state_dict().items())
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
     llm.reset_prefix_cache()
 
 
 class Sampler:
     """The rollout and evaluation sampler, either backend: responses [rows, width] right-padded with pad (width: the
-    widest response of all ranks), plus, for vLLM, the engine's logprobs of them (None for hf). With vLLM the engine
-    gets the policy's weights before its first sample after every update, and sleeps during the update on GPU."""
+    widest response of all ranks), plus, for vLLM, the engine's logprobs of them (None for hf). Both backends end a
+    response at the first of the same stop tokens (`stop_ids`: stop_token_ids of the policy). With vLLM the engine
+    gets the policy's weights before its first sample after every update, and sleeps during the update on GPU (level
+    2: weights and KV cache freed; on waking, the weights' memory comes back first, the push fills it, then the KV
+    cache's, so the two are never allocated while a copy of the weights is in flight)."""
 
     def __init__(self, args, policy, tokenizer, world_size, device):
-        self.args, self.policy, self.pad_id, self.eos_id = args, policy, tokenizer.pad_token_id, tokenizer.eos_token_id
+        self.args, self.policy, self.pad_id = args, policy, tokenizer.pad_token_id
+        self.stop_ids = stop_token_ids(tokenizer, args.model_name_or_path)
         self.device, self.llm, self.pushed, self.asleep = device, None, None, False
         if args.backend == "vllm":
             self.llm = vllm_engine(args, world_size, device)
@@ -791,13 +862,20 @@ class Sampler:
         """Responses to the token lists `prompt_ids` (global rows `rows`) from the policy after `version` updates."""
         if self.llm is None:
             return self.hf(prompt_ids, rows, stream, greedy), None
-        if self.asleep:
-            self.llm.wake_up()
-            self.asleep, self.pushed = False, None  # sleep discarded the weights
+        if self.asleep:  # level 2 discarded the weights: wake them, push, then wake the KV cache
+            self.llm.wake_up(tags=["weights"])
+            push_weights(self.llm, self.policy.model, self.dtype)
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep, self.pushed = False, version
         if self.pushed != version:
             push_weights(self.llm, self.policy.model, self.dtype)
             self.pushed = version
-        tokens, logprobs = vllm_sample(self.llm, prompt_ids, rows, stream, self.args, greedy)
+        tokens, logprobs = vllm_sample(self.llm, prompt_ids, rows, stream, self.stop_ids, self.args, greedy)
+        unended = [row for row, ids in zip(rows, tokens)
+                   if len(ids) < self.args.task.response_length and (not ids or ids[-1] not in self.stop_ids)]
+        if unended:  # padding after them would read as a stop token where pad = EOS: a result-changing misreading
+            raise RuntimeError(f"vLLM ended the responses of rows {unended[:8]} before --task.response_length "
+                               f"{self.args.task.response_length} without a stop token {self.stop_ids}")
         if self.sleeps:
             self.llm.sleep(level=2)
             self.asleep = True
@@ -815,7 +893,7 @@ class Sampler:
             for i in range(0, len(prompt_ids), chunk):
                 queries, query_mask = (t.to(self.device) for t in left_pad(prompt_ids[i:i + chunk], self.pad_id, width))
                 pieces.append(sample(self.policy, queries, query_mask, torch.tensor(rows[i:i + chunk]), stream,
-                                     self.eos_id, self.args, greedy))
+                                     self.stop_ids, self.args, greedy))
         return pad_columns(pieces, global_width(max(p.shape[1] for p in pieces), self.device), self.pad_id)
 
 
@@ -1118,7 +1196,7 @@ def evaluate_policy(sampler, policy, ref_policy, rewards, prompts, prompt_ids, c
     tokenizer = rewards.tokenizer
     with autocast:
         responses, _ = sampler([prompt_ids[i] for i in rows], rows, -1, version, greedy=args.eval_greedy)
-    responses, mask, _, has_eos = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    responses, mask, _, has_eos = truncate_after_eos(responses, sampler.stop_ids, tokenizer.pad_token_id)
     queries, query_mask = (t.to(device) for t in left_pad([prompt_ids[i] for i in rows], tokenizer.pad_token_id,
                                                           max(len(x) for x in prompt_ids)))
     kl = torch.zeros(len(rows), device=device)
@@ -1217,10 +1295,24 @@ def shard(model, args, device, units=()):
 
 def init_distributed():
     """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE and gets a process group, even with one process (FSDP2 needs one); a
-    plain `python script.py` is one process without one. gloo on CPU, nccl on GPU."""
+    plain `python script.py` is one process without one. gloo on CPU, nccl on GPU. The CPU is used where there is no
+    GPU; a machine with an NVIDIA GPU that torch cannot use (a driver older than the CUDA of torch's build, a CPU-only
+    torch) stops here, naming the problem, instead of training on the CPU: CUDA_VISIBLE_DEVICES="" runs it on the CPU
+    on purpose."""
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1")
+    if device.type == "cpu" and os.path.exists("/dev/nvidiactl") and not hidden:
+        try:
+            torch.cuda.init()
+            reason = "no CUDA device visible"
+        except Exception as e:  # torch's own words: no driver, driver too old, not compiled with CUDA
+            reason = str(e).strip().splitlines()[0]
+        raise SystemExit(f"this machine has an NVIDIA GPU (/dev/nvidiactl) but torch {torch.__version__} (CUDA "
+                         f"{torch.version.cuda or 'none: a CPU-only build'}) cannot use it: {reason}. Install a torch "
+                         "build whose CUDA the driver supports (nvidia-smi shows the driver's highest CUDA version) or "
+                         "update the driver; to run on the CPU on purpose, set CUDA_VISIBLE_DEVICES=''")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if "RANK" in os.environ:

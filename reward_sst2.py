@@ -363,10 +363,24 @@ def main(args: Args):
 
 def init_distributed():
     """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE and gets a process group, even with one process (FSDP2 needs one); a
-    plain `python script.py` is one process without one. gloo on CPU, nccl on GPU."""
+    plain `python script.py` is one process without one. gloo on CPU, nccl on GPU. The CPU is used where there is no
+    GPU; a machine with an NVIDIA GPU that torch cannot use (a driver older than the CUDA of torch's build, a CPU-only
+    torch) stops here, naming the problem, instead of training on the CPU: CUDA_VISIBLE_DEVICES="" runs it on the CPU
+    on purpose."""
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1")
+    if device.type == "cpu" and os.path.exists("/dev/nvidiactl") and not hidden:
+        try:
+            torch.cuda.init()
+            reason = "no CUDA device visible"
+        except Exception as e:  # torch's own words: no driver, driver too old, not compiled with CUDA
+            reason = str(e).strip().splitlines()[0]
+        raise SystemExit(f"this machine has an NVIDIA GPU (/dev/nvidiactl) but torch {torch.__version__} (CUDA "
+                         f"{torch.version.cuda or 'none: a CPU-only build'}) cannot use it: {reason}. Install a torch "
+                         "build whose CUDA the driver supports (nvidia-smi shows the driver's highest CUDA version) or "
+                         "update the driver; to run on the CPU on purpose, set CUDA_VISIBLE_DEVICES=''")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if "RANK" in os.environ:

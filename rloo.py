@@ -13,11 +13,12 @@ exp(sum_t log pi_theta - sum_t log pi_old), clipped PPO-style to [1 - cliprange,
 over the minibatch's responses (normalised by the global minibatch size, so any split over ranks and micro-batches
 makes the same step), gradients clipped, AdamW. No value model.
 
-What differs from the paper: the paper's RLOO is plain REINFORCE, one gradient step per batch (ratio 1, clipping
-inert), which is the default here (`rloo.noptepochs 1`, `rloo.nminibatches 1`); TRL's RLOOTrainer adds the
-sequence-level clipping and defaults to 4 epochs (`--rloo.noptepochs 4` reproduces it; `--rloo.cliprange 1e9`
-switches clipping off). The paper reports k = 2 and k = 4: more samples per prompt give a better baseline at the
-same episode budget but fewer prompts per update.
+What differs from the paper: the paper's RLOO is plain REINFORCE, one gradient step per batch (ratio 1, clipping inert),
+which is the default here (`rloo.noptepochs 1`, `rloo.nminibatches 1`); TRL's RLOOTrainer adds the sequence-level
+clipping and, up to TRL 0.19, defaulted to 4 epochs (`--rloo.noptepochs 4` reproduces those versions; `--rloo.cliprange
+1e9` switches clipping off); later versions take one pass per batch. AdamW's weight decay is torch's default 0.01 (TRL's
+is 0.0). The paper reports k = 2 and k = 4: more samples per prompt give a better baseline at the same episode budget
+but fewer prompts per update.
 
 The rollout machinery (prompts, sampling with `--backend hf|vllm`, chunked logprobs, rewards, held-out evaluation with
 the VADER judge, FSDP2) is ppo.py's, as identical copies; so are checkpoints, exact resume, SIGTERM and the non-finite
@@ -66,7 +67,13 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GenerationConfig,
+)
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 INVALID_LOGPROB = 1.0  # logprob written at padding, for policy and reference alike, so the KL there is exactly 0
@@ -115,7 +122,8 @@ class RLOOArgs:
     """clip range of the sequence-level ratio (inert with noptepochs 1 and nminibatches 1, where it is always 1;
     a large value such as 1e9 switches clipping off)"""
     noptepochs: int = 1
-    """passes over each rollout batch (1: the paper's on-policy REINFORCE; TRL's RLOOTrainer defaults to 4)"""
+    """passes over each rollout batch (1: the paper's on-policy REINFORCE; TRL's RLOOTrainer defaulted to 4 up to TRL
+    0.19)"""
     nminibatches: int = 1
     """minibatches per pass (each one optimizer step)"""
 
@@ -361,6 +369,9 @@ def main(args: Args):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_compute(args, device) and not args.fsdp)
     rewards = Rewards(args, reward_model, reward_fn, tokenizer, rm_tokenizer, device)
     sampler = Sampler(args, policy, tokenizer, world_size, device)
+    if rank == 0:  # the "EOS" of has_eos, val/eos_rate and the non-EOS penalty: any of these, in both backends
+        print(f"responses end at the first of: {describe_stop_ids(tokenizer, sampler.stop_ids)} (the tokenizer's EOS, "
+              "the chat template's end of turn, generation_config.json's eos_token_id)")
     judge = SentimentIntensityAnalyzer()
 
     # 3. resume
@@ -393,7 +404,7 @@ def main(args: Args):
 
     if not resume:
         logger.log({**run_eval(0), "episode": 0}, 0)
-    pad_id, eos_id, k = tokenizer.pad_token_id, tokenizer.eos_token_id, args.rloo.k
+    pad_id, stop_ids, k = tokenizer.pad_token_id, sampler.stop_ids, args.rloo.k
     noptepochs, nminibatches = args.rloo.noptepochs, args.rloo.nminibatches
     start_time, start_update = time.time(), state["update"]
     while state["update"] < args.num_updates:
@@ -413,7 +424,7 @@ def main(args: Args):
         unwrapped.eval()
         with torch.no_grad(), autocast:
             responses, engine_logprobs = sampler([prompt_ids[i] for i in indices], rows, update, update)
-            responses, response_mask, _, has_eos = truncate_after_eos(responses, eos_id, pad_id)
+            responses, response_mask, _, has_eos = truncate_after_eos(responses, stop_ids, pad_id)
             logprobs, ref_logprobs = [], []
             for i in range(0, len(rows), args.local_micro_batch_size):
                 part = slice(i, i + args.local_micro_batch_size)
@@ -631,15 +642,16 @@ def gumbel_max(logits, noise, temperature):
 
 
 @torch.no_grad()
-def sample(policy, queries, query_mask, rows, stream, eos_id, args, greedy=False):
+def sample(policy, queries, query_mask, rows, stream, stop_ids, args, greedy=False):
     """Up to `task.response_length` tokens per left-padded query at `task.temperature` (KV cache), stopping once every
-    row has produced EOS (what follows a row's EOS is cut anyway, and the noise is keyed by row and step, so stopping
-    early changes no row). `policy` is a CausalLogprobs: called without response_start, it is a sampling step.
-    Returns [rows, steps taken]."""
+    row has produced one of `stop_ids` (what follows a row's stop token is cut anyway, and the noise is keyed by row and
+    step, so stopping early changes no row). `policy` is a CausalLogprobs: called without response_start, it is a
+    sampling step. Returns [rows, steps taken]."""
     position_ids = (query_mask.cumsum(1) - 1).clamp(min=0)
     out = policy(input_ids=queries, attention_mask=query_mask, position_ids=position_ids)
     mask, position, tokens = query_mask, position_ids[:, -1:], []
     ended = torch.zeros(len(queries), dtype=torch.bool, device=queries.device)
+    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=queries.device)
     for step in range(args.task.response_length):
         logits = out.logits[:, -1].float()
         if greedy:
@@ -648,7 +660,7 @@ def sample(policy, queries, query_mask, rows, stream, eos_id, args, greedy=False
             noise = sampling_noise(args.seed, stream, step, rows, logits.shape[-1], logits.device)
             token = gumbel_max(logits, noise, args.task.temperature)
         tokens.append(token)
-        ended |= token == eos_id
+        ended |= torch.isin(token, stop)
         if ended.all() or step + 1 == args.task.response_length:
             break
         mask, position = F.pad(mask, (0, 1), value=1), position + 1
@@ -657,10 +669,51 @@ def sample(policy, queries, query_mask, rows, stream, eos_id, args, greedy=False
     return torch.stack(tokens, 1)
 
 
-def truncate_after_eos(responses, eos_id, pad_id):
-    """Replace every token after the first EOS by pad. Returns the responses, the mask of real tokens (EOS
-    included), the index of the last real token and whether the response has an EOS at all."""
-    is_eos = responses == eos_id
+def end_of_turn_id(tokenizer):
+    """The token that ends an assistant turn in the tokenizer's chat template (Llama-3's `<|eot_id|>`, ChatML's
+    `<|im_end|>`), read from a rendered turn; the tokenizer's EOS when there is no template or nothing follows the
+    turn. Not the EOS alone: older Llama-3-Instruct configs set it to `<|end_of_text|>` though turns end with
+    `<|eot_id|>`."""
+    if not tokenizer.chat_template:
+        return tokenizer.eos_token_id
+    probe = "end-of-turn-probe"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}],
+                                         tokenize=False)
+    after = tokenizer(text[text.rindex(probe) + len(probe):], add_special_tokens=False).input_ids
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return next((i for i in after if i in special), tokenizer.eos_token_id)
+
+
+def stop_token_ids(tokenizer, model_name_or_path):
+    """The tokenizer's EOS, the chat template's end-of-turn token and the generation config's eos ids (Llama-3-Instruct
+    stops on two; an older config of it names only `<|end_of_text|>`, though its turns end with `<|eot_id|>`). vLLM
+    stops at the tokenizer's EOS and the generation config's eos ids whatever it is told (`generation_config` "auto" or
+    "vllm" alike; without a generation_config.json, the model config's eos ids): this set holds all of them, so both
+    backends end a response at the same token."""
+    ids = {tokenizer.eos_token_id, end_of_turn_id(tokenizer)}
+    try:
+        config = GenerationConfig.from_pretrained(model_name_or_path)
+    except OSError:  # no generation_config.json: the model config's eos ids, as vLLM reads them
+        try:
+            config = GenerationConfig.from_model_config(AutoConfig.from_pretrained(model_name_or_path))
+        except (OSError, ValueError):
+            config = None
+    eos = config.eos_token_id if config is not None else None
+    ids |= set(eos if isinstance(eos, list) else [eos])
+    return sorted(i for i in ids if i is not None)
+
+
+def describe_stop_ids(tokenizer, stop_ids):
+    """The stop tokens as `id 'token'`, for the start-up message that says which tokens end a response."""
+    return ", ".join(f"{i} {tokenizer.convert_ids_to_tokens(i)!r}" for i in stop_ids)
+
+
+def truncate_after_eos(responses, stop_ids, pad_id):
+    """Replace every token after the first stop token (any of `stop_ids`: the EOS set of stop_token_ids) by pad.
+    Returns the responses, the mask of real tokens (the stop token included), the index of the last real token and
+    whether the response has a stop token at all ("has EOS"). A pad that is also a stop token (pad = EOS) is never
+    read as one: the samplers pad only after a row's stop token or at full length (Sampler checks vLLM's rows)."""
+    is_eos = torch.isin(responses, torch.as_tensor(stop_ids, dtype=torch.long, device=responses.device))
     has_eos = is_eos.any(1)
     first_eos = torch.where(has_eos, is_eos.int().argmax(1), responses.shape[1] - 1)
     mask = torch.arange(responses.shape[1], device=responses.device)[None] <= first_eos[:, None]
@@ -695,8 +748,9 @@ def unsharded(module):
 def vllm_engine(args, world_size, device):
     """A vLLM engine on this rank, colocated with training: under torchrun the `external_launcher` executor makes
     torchrun's ranks the engine's (tensor parallel 1: each rank samples its own rows). It samples exactly as the hf
-    backend does: temperature only (no top-k/top-p), stop at the tokenizer's EOS only (`generation_config="vllm"`
-    ignores the model's extra stop ids), logprobs after temperature (`processed_logprobs`). main has already checked
+    backend does: temperature only (no top-k/top-p), the same stop tokens (stop_token_ids: vLLM adds the tokenizer's
+    EOS and generation_config.json's eos ids itself, even with `generation_config="vllm"`, and that set includes
+    both), logprobs after temperature (`processed_logprobs`). main has already checked
     that vLLM is installed, before any model loaded."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: weights pushed in place
     if device.type != "cuda" and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
@@ -715,15 +769,16 @@ def vllm_engine(args, world_size, device):
                logprobs_mode="processed_logprobs", trust_remote_code=False, **kwargs)
 
 
-def vllm_sample(llm, prompt_ids, rows, stream, args, greedy=False):
+def vllm_sample(llm, prompt_ids, rows, stream, stop_ids, args, greedy=False):
     """The engine's responses to token-id prompts, one request per global row with a seed keyed by (seed, stream,
-    row): deterministic given the seed, whatever the batching. Returns the response token lists and the engine's
-    logprobs of them (after temperature)."""
+    row): deterministic given the seed, whatever the batching; each ends at the first of `stop_ids` (kept in its
+    tokens). Returns the response token lists and the engine's logprobs of them (after temperature)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     params = [SamplingParams(max_tokens=args.task.response_length, temperature=0.0 if greedy else args.task.temperature,
-                             seed=seed_of(args.seed, stream, row) % 2**31, logprobs=0, detokenize=False)
+                             seed=seed_of(args.seed, stream, row) % 2**31, logprobs=0, detokenize=False,
+                             stop_token_ids=list(stop_ids))
               for row in rows]
     outputs = llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], params, use_tqdm=False)
     tokens = [list(o.outputs[0].token_ids) for o in outputs]
@@ -732,21 +787,28 @@ def vllm_sample(llm, prompt_ids, rows, stream, args, greedy=False):
 
 
 def push_weights(llm, model, dtype):
-    """Load the trained policy's weights into the engine (full tensors, gathered from the FSDP2 shards where sharded,
-    in the engine's dtype) and reset its prefix cache, whose entries were computed with the old weights."""
-    weights = [(name, (t.full_tensor() if isinstance(t, DTensor) else t).detach().to(dtype))
-               for name, t in model.state_dict().items()]
+    """Load the trained policy's weights into the engine and reset its prefix cache, whose entries were computed with
+    the old weights. The weights are streamed: a generator yields one full tensor at a time (gathered from the FSDP2
+    shards where sharded, every rank in the same order, in the engine's dtype) while the engine loads it, so the push
+    holds one tensor beyond the engine's weights, never a copy of the whole model. The generator reaches the engine
+    as it is: the engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set by vllm_engine)."""
+    weights = ((name, (t.full_tensor() if isinstance(t, DTensor) else t).detach().to(dtype))
+               for name, t in model.state_dict().items())
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
     llm.reset_prefix_cache()
 
 
 class Sampler:
     """The rollout and evaluation sampler, either backend: responses [rows, width] right-padded with pad (width: the
-    widest response of all ranks), plus, for vLLM, the engine's logprobs of them (None for hf). With vLLM the engine
-    gets the policy's weights before its first sample after every update, and sleeps during the update on GPU."""
+    widest response of all ranks), plus, for vLLM, the engine's logprobs of them (None for hf). Both backends end a
+    response at the first of the same stop tokens (`stop_ids`: stop_token_ids of the policy). With vLLM the engine
+    gets the policy's weights before its first sample after every update, and sleeps during the update on GPU (level
+    2: weights and KV cache freed; on waking, the weights' memory comes back first, the push fills it, then the KV
+    cache's, so the two are never allocated while a copy of the weights is in flight)."""
 
     def __init__(self, args, policy, tokenizer, world_size, device):
-        self.args, self.policy, self.pad_id, self.eos_id = args, policy, tokenizer.pad_token_id, tokenizer.eos_token_id
+        self.args, self.policy, self.pad_id = args, policy, tokenizer.pad_token_id
+        self.stop_ids = stop_token_ids(tokenizer, args.model_name_or_path)
         self.device, self.llm, self.pushed, self.asleep = device, None, None, False
         if args.backend == "vllm":
             self.llm = vllm_engine(args, world_size, device)
@@ -757,13 +819,20 @@ class Sampler:
         """Responses to the token lists `prompt_ids` (global rows `rows`) from the policy after `version` updates."""
         if self.llm is None:
             return self.hf(prompt_ids, rows, stream, greedy), None
-        if self.asleep:
-            self.llm.wake_up()
-            self.asleep, self.pushed = False, None  # sleep discarded the weights
+        if self.asleep:  # level 2 discarded the weights: wake them, push, then wake the KV cache
+            self.llm.wake_up(tags=["weights"])
+            push_weights(self.llm, self.policy.model, self.dtype)
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep, self.pushed = False, version
         if self.pushed != version:
             push_weights(self.llm, self.policy.model, self.dtype)
             self.pushed = version
-        tokens, logprobs = vllm_sample(self.llm, prompt_ids, rows, stream, self.args, greedy)
+        tokens, logprobs = vllm_sample(self.llm, prompt_ids, rows, stream, self.stop_ids, self.args, greedy)
+        unended = [row for row, ids in zip(rows, tokens)
+                   if len(ids) < self.args.task.response_length and (not ids or ids[-1] not in self.stop_ids)]
+        if unended:  # padding after them would read as a stop token where pad = EOS: a result-changing misreading
+            raise RuntimeError(f"vLLM ended the responses of rows {unended[:8]} before --task.response_length "
+                               f"{self.args.task.response_length} without a stop token {self.stop_ids}")
         if self.sleeps:
             self.llm.sleep(level=2)
             self.asleep = True
@@ -781,7 +850,7 @@ class Sampler:
             for i in range(0, len(prompt_ids), chunk):
                 queries, query_mask = (t.to(self.device) for t in left_pad(prompt_ids[i:i + chunk], self.pad_id, width))
                 pieces.append(sample(self.policy, queries, query_mask, torch.tensor(rows[i:i + chunk]), stream,
-                                     self.eos_id, self.args, greedy))
+                                     self.stop_ids, self.args, greedy))
         return pad_columns(pieces, global_width(max(p.shape[1] for p in pieces), self.device), self.pad_id)
 
 
@@ -1084,7 +1153,7 @@ def evaluate_policy(sampler, policy, ref_policy, rewards, prompts, prompt_ids, c
     tokenizer = rewards.tokenizer
     with autocast:
         responses, _ = sampler([prompt_ids[i] for i in rows], rows, -1, version, greedy=args.eval_greedy)
-    responses, mask, _, has_eos = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    responses, mask, _, has_eos = truncate_after_eos(responses, sampler.stop_ids, tokenizer.pad_token_id)
     queries, query_mask = (t.to(device) for t in left_pad([prompt_ids[i] for i in rows], tokenizer.pad_token_id,
                                                           max(len(x) for x in prompt_ids)))
     kl = torch.zeros(len(rows), device=device)
@@ -1183,10 +1252,24 @@ def shard(model, args, device, units=()):
 
 def init_distributed():
     """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE and gets a process group, even with one process (FSDP2 needs one); a
-    plain `python script.py` is one process without one. gloo on CPU, nccl on GPU."""
+    plain `python script.py` is one process without one. gloo on CPU, nccl on GPU. The CPU is used where there is no
+    GPU; a machine with an NVIDIA GPU that torch cannot use (a driver older than the CUDA of torch's build, a CPU-only
+    torch) stops here, naming the problem, instead of training on the CPU: CUDA_VISIBLE_DEVICES="" runs it on the CPU
+    on purpose."""
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1")
+    if device.type == "cpu" and os.path.exists("/dev/nvidiactl") and not hidden:
+        try:
+            torch.cuda.init()
+            reason = "no CUDA device visible"
+        except Exception as e:  # torch's own words: no driver, driver too old, not compiled with CUDA
+            reason = str(e).strip().splitlines()[0]
+        raise SystemExit(f"this machine has an NVIDIA GPU (/dev/nvidiactl) but torch {torch.__version__} (CUDA "
+                         f"{torch.version.cuda or 'none: a CPU-only build'}) cannot use it: {reason}. Install a torch "
+                         "build whose CUDA the driver supports (nvidia-smi shows the driver's highest CUDA version) or "
+                         "update the driver; to run on the CPU on purpose, set CUDA_VISIBLE_DEVICES=''")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if "RANK" in os.environ:

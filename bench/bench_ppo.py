@@ -115,7 +115,7 @@ def measure_rollout(backend, args, folder, queue):
         start = time.perf_counter()
         responses, _ = sampler(ids, rows, repeat + 1, 0)
         timings.append(time.perf_counter() - start)
-        _, mask, _, _ = ppo.truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        _, mask, _, _ = ppo.truncate_after_eos(responses, sampler.stop_ids, tokenizer.pad_token_id)
         tokens += int(mask.sum())
     queue.put({"backend": backend, "tokens_per_s": tokens / sum(timings), "tokens": tokens})
 

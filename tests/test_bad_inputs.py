@@ -321,3 +321,24 @@ def test_a_data_stage_on_a_folder_in_use_is_refused(tmp_path, no_model_loading):
             module.main(tyro.cli(module.Args, use_underscores=True, args=[*argv, "--output_dir", str(out)]))
         lock.close()
         assert not out.exists() and not (tmp_path / f"out_{name}.partial").exists(), name
+
+
+@pytest.mark.parametrize("script", ["ppo.py", "generate.py", "rebel.py"])
+def test_a_gpu_torch_cannot_use_stops_instead_of_falling_back_to_the_cpu(script, monkeypatch):
+    """init_distributed (the same copy in every script): an NVIDIA GPU present (/dev/nvidiactl) that torch cannot use
+    stops with torch's reason and what to do; CUDA_VISIBLE_DEVICES='' runs on the CPU on purpose; no GPU: the CPU."""
+    import importlib
+    import os
+
+    module = importlib.import_module(script[:-3])
+    real_exists = os.path.exists
+    monkeypatch.setattr(module.torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert module.init_distributed()[2].type == "cpu"  # no GPU on this machine: the CPU, by design
+    monkeypatch.setattr(os.path, "exists", lambda p: p == "/dev/nvidiactl" or real_exists(p))
+    with pytest.raises(SystemExit, match=r"has an NVIDIA GPU \(/dev/nvidiactl\) but torch .* cannot use it: .*"
+                                         r"CUDA_VISIBLE_DEVICES=''"):
+        module.init_distributed()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert module.init_distributed()[2].type == "cpu"

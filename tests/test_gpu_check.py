@@ -103,3 +103,39 @@ def test_a_failing_stage_is_recorded_and_fails_the_run(tmp_path, monkeypatch):
     assert stages["generate"]["status"] == "failed" and "broken on purpose" in stages["generate"]["error"]
     assert stages["score"]["status"] == "skipped"
     assert "## generate: failed" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_without_a_gpu_the_full_check_stops_at_once_naming_the_problem(tmp_path, monkeypatch):
+    """Outside --dry_run, a machine where torch sees no CUDA GPU (this CPU machine; on a GPU machine, a driver too old
+    for torch's CUDA) stops before writing anything, instead of running the full sizes on the CPU until they time
+    out."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_check
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "check"
+    with pytest.raises(SystemExit, match=r"needs a CUDA GPU: torch .* cannot use a GPU: .*--dry_run"):
+        gpu_check.main(gpu_check.Args(output_dir=str(out)))
+    assert not out.exists()
+
+
+def test_ppo_runs_the_output_layer_at_response_positions_only():
+    """The premise of the GPU check's PPO FLOP count (6 * N_head * response tokens, not every position): ppo.py's
+    forward pass feeds the output layer the hidden states of the response positions alone."""
+    import torch
+    from conftest import TINY_LLAMA
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import ppo
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_LLAMA))
+    policy = ppo.CausalLogprobs(model, 1.0, 3)
+    positions = []
+    model.get_output_embeddings().register_forward_hook(lambda m, inputs, out: positions.append(
+        inputs[0].numel() // inputs[0].shape[-1]))
+    queries, query_mask = ppo.left_pad([[5, 6, 7, 8, 9], [5, 6]], pad_id=0)
+    responses = torch.randint(10, 100, (2, 4))
+    with torch.no_grad():
+        ppo.forward_response(policy, queries, query_mask, responses)
+    assert sum(positions) == responses.numel()  # 8 positions, not 2 x (5 + 4)

@@ -87,7 +87,8 @@ def test_local_batch_must_hold_whole_groups(sft_policy, reward_model, tmp_path, 
 
 def short_grpo(sft_policy, reward_model, *extra):
     return online_args(sft_policy, reward_model, "--total_episodes", "48", "--save_freq", "1", "--keep_checkpoints",
-                       "100", "--grpo.loss_type", "dapo", "--grpo.cliprange_high", "0.28", *extra)
+                       "100", "--grpo.loss_type", "dapo", "--grpo.cliprange_high", "0.28", "--grpo.beta", "0.04",
+                       *extra)  # beta given: dapo's default is 0, and these tests check the KL term too
 
 
 @pytest.fixture(scope="session")
@@ -133,3 +134,12 @@ def test_short_run_raises_the_held_out_reward_above_the_sft_policy(session_dir, 
                        "--total_episodes", "480", "--eval_size", "64", "--grpo.noptepochs", "2")
     evals = check_short_run_learns("grpo.py", args, session_dir / "grpo_learns", 15)
     assert all(math.isfinite(e["eval/judge"]) for e in evals)
+
+
+def test_defaults_follow_the_papers():
+    """No non-EOS penalty (none in GRPO, Dr. GRPO, DAPO or TRL); beta 0.04 (GRPO paper) but 0 for dapo (no KL in
+    DAPO); a beta given on the command line wins."""
+    args = grpo.Args()
+    assert args.task.non_eos_penalty is False
+    assert [grpo.default_beta(grpo.GRPOArgs(loss_type=t)) for t in ("grpo", "dr_grpo", "dapo")] == [0.04, 0.04, 0.0]
+    assert grpo.default_beta(grpo.GRPOArgs(loss_type="dapo", beta=0.1)) == 0.1

@@ -435,3 +435,28 @@ def test_a_reward_model_that_mishandles_padding_is_refused():
     model.dummy = torch.nn.Parameter(torch.zeros(1))
     with pytest.raises(SystemExit, match="counts-padding: rewards change with right padding"):
         score.check_padding(model, [[5, 6, 7], [5], [8, 9], [4, 4, 4, 4, 4]], 0, "cpu")
+
+
+def test_vllm_seeds_give_no_two_prompts_the_same_sample_noise():
+    """vLLM seeds sample j of a request with seed + j (vllm/v1/engine/parallel_sampling.py). generate.py's per-prompt
+    seeds are spread n apart, so the n samples of all prompts get distinct seeds, whatever the seed; consecutive
+    per-prompt seeds (the old `seed * 1000003 + index`) gave prompt i's sample j the seed of prompt i + j's sample 0."""
+    for seed, n in ((1, 4), (7, 1), (3, 16)):
+        seeds = [generate.request_seed(seed, index, n) + j for index in range(300) for j in range(n)]
+        assert len(set(seeds)) == len(seeds)
+        assert generate.request_seed(seed, 5, n) != generate.request_seed(seed + 1, 5, n)
+    old = [1 * 1_000_003 + index + j for index in range(300) for j in range(4)]
+    assert len(set(old)) == 303  # the collision this replaces
+
+
+def test_stop_tokens_fall_back_to_the_model_config_like_vllm(tmp_path):
+    """Without a generation_config.json, vLLM reads the eos ids of config.json: so does stop_token_ids."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(TINY_LLAMA)
+    tokenizer.save_pretrained(tmp_path)
+    config = AutoConfig.from_pretrained(TINY_LLAMA)
+    config.eos_token_id = [4, 5]
+    config.save_pretrained(tmp_path)
+    assert not (tmp_path / "generation_config.json").exists()
+    assert generate.stop_token_ids(tokenizer, str(tmp_path)) == [4, 5]

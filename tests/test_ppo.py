@@ -92,10 +92,41 @@ def test_kl_estimators():
 def test_truncate_after_first_eos():
     eos, pad = 2, 0
     responses = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 9, 9, 9]])
-    out, mask, last, has_eos = ppo.truncate_after_eos(responses, eos, pad)
+    out, mask, last, has_eos = ppo.truncate_after_eos(responses, [eos], pad)
     assert out.tolist() == [[5, 2, 0, 0], [5, 6, 7, 8], [2, 0, 0, 0]]
     assert mask.int().tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
     assert last.tolist() == [1, 3, 0] and has_eos.tolist() == [True, False, True]
+
+
+def test_truncate_after_any_stop_token_with_pad_equal_to_eos():
+    """Llama-3-style: stop tokens {1 <|end_of_text|>, 4 <|eot_id|>}, pad = tokenizer EOS = 4. A response that ended on
+    1 and was padded with 4 ends at its 1 (one real token more would be a pad read as a sampled EOS)."""
+    stop, pad = [1, 4], 4
+    responses = torch.tensor([[7, 1, 4, 4], [7, 8, 4, 4], [7, 8, 9, 6], [1, 4, 4, 4]])
+    out, mask, last, has_eos = ppo.truncate_after_eos(responses, stop, pad)
+    assert mask.int().tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert last.tolist() == [1, 2, 3, 0] and has_eos.tolist() == [True, True, False, True]
+    assert out.tolist() == [[7, 1, 4, 4], [7, 8, 4, 4], [7, 8, 9, 6], [1, 4, 4, 4]]
+    _, old_mask, _, _ = ppo.truncate_after_eos(responses, [4], pad)  # the tokenizer's EOS alone: the bug of issue 20
+    assert old_mask[0].int().tolist() == [1, 1, 1, 0]
+
+
+def test_stop_tokens_are_eos_end_of_turn_and_generation_config_eos(tmp_path):
+    """tiny-llama3-chat (and data/llama3-1b): tokenizer EOS 4 <|eot_id|>, generation_config.json eos [1, 4]. A
+    tokenizer whose EOS is <|end_of_text|> still ends turns with <|eot_id|> (read from the chat template); a model
+    without a generation config or chat template ends at the tokenizer's EOS alone."""
+    from transformers import AutoTokenizer
+
+    for path in (TINY_LLAMA, TINY_LLAMA.parent / "llama3-1b"):
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        assert tokenizer.eos_token_id == 4 and ppo.stop_token_ids(tokenizer, path) == [1, 4]
+        assert ppo.describe_stop_ids(tokenizer, [1, 4]) == "1 '<|end_of_text|>', 4 '<|eot_id|>'"
+    tokenizer = AutoTokenizer.from_pretrained(TINY_LLAMA)
+    tokenizer.eos_token = "<|end_of_text|>"
+    tokenizer.save_pretrained(tmp_path)  # no generation_config.json there
+    assert ppo.end_of_turn_id(tokenizer) == 4 and ppo.stop_token_ids(tokenizer, tmp_path) == [1, 4]
+    gpt2 = AutoTokenizer.from_pretrained(TINY_GPT2)
+    assert ppo.stop_token_ids(gpt2, TINY_GPT2) == [gpt2.eos_token_id]
 
 
 def test_gumbel_max_samples_the_softmax():
@@ -127,10 +158,11 @@ def test_sampling_noise_is_uniform_and_independent():
 
 
 class ScriptedPolicy:
-    """A stand-in for CausalLogprobs' sampling step: row i emits EOS (id 2) at step ends[i], token 5 otherwise."""
+    """A stand-in for CausalLogprobs' sampling step: row i emits its stop token (stops[i], default EOS id 2) at step
+    ends[i], token 5 otherwise."""
 
-    def __init__(self, ends, vocab=8):
-        self.ends, self.vocab, self.calls = ends, vocab, 0
+    def __init__(self, ends, vocab=8, stops=None):
+        self.ends, self.vocab, self.calls, self.stops = ends, vocab, 0, stops or [2] * len(ends)
 
     def __call__(self, input_ids, attention_mask, position_ids, past_key_values=None):
         from types import SimpleNamespace
@@ -139,7 +171,7 @@ class ScriptedPolicy:
         logits[:, :, 5] = 100.0
         for i, end in enumerate(self.ends):
             if end == self.calls:
-                logits[i, :, 2] = 1000.0
+                logits[i, :, self.stops[i]] = 1000.0
         self.calls += 1
         return SimpleNamespace(logits=logits, past_key_values=None)
 
@@ -149,10 +181,15 @@ def test_sampling_stops_once_every_row_has_ended():
     args.task.response_length = 10
     queries, query_mask = ppo.left_pad([[7, 7], [7]], pad_id=0)
     policy = ScriptedPolicy(ends=[1, 3])
-    responses = ppo.sample(policy, queries, query_mask, torch.arange(2), 0, 2, args)
+    responses = ppo.sample(policy, queries, query_mask, torch.arange(2), 0, [2], args)
     assert responses.tolist() == [[5, 2, 5, 5], [5, 5, 5, 2]] and policy.calls == 4  # 4 steps, not 10
-    never = ppo.sample(ScriptedPolicy(ends=[1, 99]), queries, query_mask, torch.arange(2), 0, 2, args)
+    never = ppo.sample(ScriptedPolicy(ends=[1, 99]), queries, query_mask, torch.arange(2), 0, [2], args)
     assert never.shape == (2, 10)
+    # any of the stop tokens ends a row: row 0 ends on 1, row 1 on 2
+    both = ppo.sample(ScriptedPolicy(ends=[1, 2], stops=[1, 2]), queries, query_mask, torch.arange(2), 0, [1, 2], args)
+    assert both.tolist() == [[5, 1, 5], [5, 5, 2]]
+    only_eos = ppo.sample(ScriptedPolicy(ends=[1, 2], stops=[1, 2]), queries, query_mask, torch.arange(2), 0, [2], args)
+    assert only_eos.shape == (2, 10)  # row 0's token 1 is not a stop token there: it runs to the full length
 
 
 def tiny_policy_and_value(path=TINY_GPT2, chunk_size=5):
@@ -221,7 +258,7 @@ def test_reward_model_with_another_tokenizer_gets_retokenized_text():
     eos = policy_tok.eos_token_id
     prompt, response = policy_tok("the film is").input_ids, policy_tok(" a delight .").input_ids + [eos]
     responses = torch.tensor([response + [eos]])
-    responses, mask, _, has_eos = ppo.truncate_after_eos(responses, eos, eos)
+    responses, mask, _, has_eos = ppo.truncate_after_eos(responses, [eos], eos)
     same = ppo.reward_inputs(["the film is"], [prompt], responses, mask, has_eos, policy_tok, policy_tok, True, False)
     assert same == [prompt + response[:-1]]  # the real tokens, without pads and without the EOS
     other = ppo.reward_inputs(["the film is"], [prompt], responses, mask, has_eos, policy_tok, rm_tok, False, False)
@@ -424,9 +461,10 @@ def test_reward_function_instead_of_a_reward_model(sft_policy, tmp_path, capsys)
         run_in_process(ppo, [*ppo_args(sft_policy, "/no/rm"), "--reward_fn", f"{fn}:nope"], tmp_path / "bad")
 
 
-def test_chat_prompts_go_through_the_chat_template(chat_policy, chat_reward_model, tmp_path):
+def test_chat_prompts_go_through_the_chat_template(chat_policy, chat_reward_model, tmp_path, capsys):
     """--task.prompt_format chat: message lists rendered with the policy's chat template (the tiny chat policy then
-    answers and ends its turn), the reward model reading the conversation through its own template."""
+    answers and ends its turn), the reward model reading the conversation through its own template; the run says at
+    start which tokens end a response."""
     from conftest import chat_prompt
     from transformers import AutoTokenizer
 
@@ -444,3 +482,74 @@ def test_chat_prompts_go_through_the_chat_template(chat_policy, chat_reward_mode
     assert all(s["eos"] and s["response"].strip() for s in samples)  # answered, and ended the assistant turn
     assert not any(token in s["response"] for s in samples for token in tokenizer.all_special_tokens)
     assert metrics(tmp_path / "out")[-1]["update"] == 2
+    assert "responses end at the first of: 1 '<|end_of_text|>', 4 '<|eot_id|>'" in capsys.readouterr().out
+
+
+class FakeEngine:
+    """Records what the Sampler asks of a vLLM engine (vLLM is not needed): the order of wake-ups and weight pushes,
+    and whether the weights arrive as a stream (one tensor at a time) or as a list of the whole model."""
+
+    def __init__(self, responses):
+        self.calls, self.responses = [], responses
+
+    def wake_up(self, tags=None):
+        self.calls.append(("wake_up", tuple(tags or ())))
+
+    def sleep(self, level):
+        self.calls.append(("sleep", level))
+
+    def collective_rpc(self, method, kwargs):
+        weights = kwargs["weights_iterator"]
+        assert not isinstance(weights, (list, tuple, dict)), "the whole model was materialised before the push"
+        first = next(weights)
+        self.calls.append((method, first[0], first[1].dtype, 1 + sum(1 for _ in weights)))
+
+    def reset_prefix_cache(self):
+        self.calls.append(("reset_prefix_cache",))
+
+
+def fake_vllm_sampler(monkeypatch, responses, sleeps):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(TINY_LLAMA)
+    tokenizer.pad_token = tokenizer.eos_token
+    args = ppo.Args(model_name_or_path=str(TINY_LLAMA))
+    args.task.response_length = 4
+    policy = ppo.CausalLogprobs(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY_LLAMA)), 1.0, 64)
+    sampler = ppo.Sampler(args, policy, tokenizer, 1, torch.device("cpu"))
+    sampler.llm, sampler.dtype, sampler.sleeps = FakeEngine(responses), torch.bfloat16, sleeps
+    seen = {}
+
+    def fake_sample(llm, prompt_ids, rows, stream, stop_ids, args, greedy=False):
+        seen["stop_ids"] = stop_ids
+        llm.calls.append(("generate",))
+        return responses, [[0.0] * len(r) for r in responses]
+
+    monkeypatch.setattr(ppo, "vllm_sample", fake_sample)
+    monkeypatch.setattr(ppo, "global_width", lambda width, device: width)
+    return sampler, seen
+
+
+def test_vllm_sampler_streams_weights_and_wakes_them_before_the_kv_cache(monkeypatch):
+    """Sleep mode (level 2 frees weights and KV cache): waking, the weights' memory comes back first, the weights are
+    pushed as a stream in the engine's dtype, and only then the KV cache; the engine stops at the same tokens as the
+    hf backend."""
+    sampler, seen = fake_vllm_sampler(monkeypatch, [[7, 1], [7, 8, 9, 6]], sleeps=True)
+    n = len(sampler.policy.model.state_dict())
+    responses, _ = sampler([[5, 6], [5]], [0, 1], 0, 0)
+    assert seen["stop_ids"] == [1, 4]
+    assert responses.tolist() == [[7, 1, 4, 4], [7, 8, 9, 6]]
+    first_push = ("reload_weights", "model.embed_tokens.weight", torch.bfloat16, n)
+    assert sampler.llm.calls == [first_push, ("reset_prefix_cache",), ("generate",), ("sleep", 2)]
+    sampler.llm.calls.clear()
+    sampler([[5, 6], [5]], [0, 1], 1, 0)  # asleep: same version, but level 2 discarded the weights
+    assert sampler.llm.calls == [("wake_up", ("weights",)), first_push, ("reset_prefix_cache",),
+                                 ("wake_up", ("kv_cache",)), ("generate",), ("sleep", 2)]
+
+
+def test_vllm_sampler_refuses_a_response_cut_without_a_stop_token(monkeypatch):
+    """A vLLM response shorter than --task.response_length that does not end on a stop token would be padded with
+    pad = EOS and read as ending with an EOS it never sampled: refused, naming the rows."""
+    sampler, _ = fake_vllm_sampler(monkeypatch, [[7, 1], [7, 8]], sleeps=False)
+    with pytest.raises(RuntimeError, match=r"rows \[1\].*without a stop token \[1, 4\]"):
+        sampler([[5, 6], [5]], [0, 1], 0, 0)

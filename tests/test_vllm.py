@@ -84,3 +84,81 @@ def test_ppo_with_vllm_rollouts_pushes_the_trained_weights(tmp_path, chat_policy
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     gaps = [r["rollout/vllm_logprob_gap"] for r in rows if "rollout/vllm_logprob_gap" in r]
     assert len(gaps) == 2 and max(gaps) < 1e-3, gaps
+
+
+@pytest.fixture(scope="module")
+def end_of_text_policy(chat_policy, tmp_path_factory):
+    """The chat policy with tokens 1 (<|end_of_text|>) and 4 (<|eot_id|>) swapped in its embeddings and output layer:
+    it ends its turns with <|end_of_text|>, which is not the tokenizer's EOS (4) but one of generation_config.json's
+    eos ids [1, 4], as a Llama-3 chat model may."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("end_of_text_policy")
+    model = AutoModelForCausalLM.from_pretrained(chat_policy)
+    weights = {id(w): w for w in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}
+    with torch.no_grad():
+        for w in weights.values():
+            w[[1, 4]] = w[[4, 1]].clone()
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        if (chat_policy / name).exists():
+            shutil.copy(chat_policy / name, out / name)
+    return out
+
+
+def test_both_backends_end_responses_on_the_same_tokens(tmp_path, end_of_text_policy, chat_prompts, monkeypatch):
+    """tokenizer EOS 4, generation_config eos ids [1, 4], a policy that ends its turns with 1: generate.py and the
+    online scripts' Sampler end every response at the same token with either backend (greedy, fp32)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import ppo
+
+    greedy = ["--temperature", "0", "--num_responses", "1", "--dtype", "float32", "--end_idx", "12"]
+    hf = generate(end_of_text_policy, chat_prompts, tmp_path / "hf", *greedy, "--backend", "hf")
+    vllm = generate(end_of_text_policy, chat_prompts, tmp_path / "vllm", *greedy, "--backend", "vllm")
+    assert [r["response_0_token_ids"] for r in vllm] == [r["response_0_token_ids"] for r in hf]
+    ends = [r["response_0_token_ids"][-1] for r in hf]
+    assert ends.count(1) >= 8, ends  # the policy ends its turns with <|end_of_text|>, not the tokenizer's EOS
+
+    for key, value in VLLM_ENV.items():
+        monkeypatch.setenv(key, value)
+    tokenizer = AutoTokenizer.from_pretrained(end_of_text_policy)
+    tokenizer.pad_token = tokenizer.eos_token  # as the online scripts do: pad = EOS = 4
+    prompt_ids = [r["prompt_token_ids"] for r in hf]
+    rows = list(range(len(prompt_ids)))
+    results = {}
+    for backend in ("hf", "vllm"):
+        args = ppo.Args(model_name_or_path=str(end_of_text_policy), backend=backend, vllm_dtype="float32", bf16=False)
+        args.task.response_length, args.task.maxlen_prompt = 24, 64
+        policy = ppo.freeze(ppo.CausalLogprobs(AutoModelForCausalLM.from_pretrained(end_of_text_policy), 1.0, 64),
+                            torch.device("cpu"))
+        sampler = ppo.Sampler(args, policy, tokenizer, 1, torch.device("cpu"))
+        assert sampler.stop_ids == [1, 4]
+        responses, _ = sampler(prompt_ids, rows, -1, 0, greedy=True)
+        responses, mask, last, has_eos = ppo.truncate_after_eos(responses, sampler.stop_ids, tokenizer.pad_token_id)
+        results[backend] = [r[m].tolist() for r, m in zip(responses, mask)], has_eos.tolist()
+        del sampler
+    assert results["vllm"] == results["hf"]
+    assert results["hf"][0] == [r["response_0_token_ids"] for r in hf]  # the online scripts stop where generate.py does
+    assert sum(results["hf"][1]) >= 8  # ended on 1: counted as having an EOS, not penalised as unfinished
+
+
+def test_samples_of_different_prompts_do_not_share_noise(tmp_path, chat_policy):
+    """One prompt repeated 6 times, 4 samples each at temperature 1: vLLM seeds sample j with the request's seed + j,
+    so per-prompt seeds 1 apart made prompt i's sample j a copy of prompt i + j's sample 0 (at most 9 distinct
+    responses of 24). Spread n apart, the 24 samples have 24 seeds."""
+    import json
+
+    prompts = tmp_path / "same.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt_id": f"p{i}", "prompt": "Write a sentence about a film."}) + "\n"
+                               for i in range(6)))
+    rows = generate(chat_policy, prompts, tmp_path / "out", "--backend", "vllm", "--num_responses", "4",
+                    "--temperature", "1.0", "--top_p", "1.0", "--dtype", "float32")
+    samples = [[tuple(r[f"response_{j}_token_ids"]) for j in range(4)] for r in rows]
+    copies = sum(samples[i][j] == samples[i + j][0] for i in range(6) for j in range(1, 4) if i + j < 6)
+    assert copies <= 2, samples  # the old seeds made all 12 of these pairs copies
+    assert len({s for row in samples for s in row}) > 16

@@ -72,7 +72,9 @@ ALGORITHMS = {
     "ppo": Algorithm("PPO", "ppo.py", "online", "--ppo.kl_coef", ONLINE),
     "rebel_online": Algorithm("online REBEL", "rebel_online.py", "online", "--rebel.eta", ONLINE),
     "rloo": Algorithm("RLOO", "rloo.py", "online", "--rloo.kl_coef", (*ONLINE, "--rloo.k", "4")),
-    "grpo": Algorithm("GRPO", "grpo.py", "online", "--grpo.beta", (*ONLINE, "--grpo.group_size", "4")),
+    # the same reward shaping for every online algorithm: grpo.py's non-EOS penalty is off by default (as in GRPO)
+    "grpo": Algorithm("GRPO", "grpo.py", "online", "--grpo.beta", (*ONLINE, "--grpo.group_size", "4",
+                                                                   "--task.non_eos_penalty")),
     "rebel": Algorithm("REBEL (offline)", "rebel.py", "iterative", "--rebel.eta", PAIRS),
     "iterative_dpo": Algorithm("iterative DPO", "dpo.py", "iterative", "--dpo.beta", PAIRS),
     "dpo": Algorithm("DPO", "dpo.py", "offline", "--dpo.beta", PAIRS),
