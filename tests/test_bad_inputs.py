@@ -342,3 +342,26 @@ def test_a_gpu_torch_cannot_use_stops_instead_of_falling_back_to_the_cpu(script,
         module.init_distributed()
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert module.init_distributed()[2].type == "cpu"
+
+
+def test_eval_policy_stops_on_a_gpu_torch_cannot_use(monkeypatch, tmp_path):
+    """tools/eval_policy.py picks its device with ppo.py's init_distributed, so it stops as the training scripts do
+    (with torch's reason) instead of evaluating on the CPU, before any model loads or anything is written."""
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import eval_policy
+
+    real_exists = os.path.exists
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(os.path, "exists", lambda p: p == "/dev/nvidiactl" or real_exists(p))
+    monkeypatch.setattr(ppo, "load_tokenizer", lambda *a, **k: pytest.fail("loaded a tokenizer before the check"))
+    argv = ["--policies", "/no/policy", "--episodes", "1", "--reference", "/no/ref", "--reward_model", "/no/rm",
+            "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match=r"has an NVIDIA GPU \(/dev/nvidiactl\) but torch .* cannot use it"):
+        eval_policy.main(tyro.cli(eval_policy.Args, use_underscores=True, args=argv))
+    assert not (tmp_path / "out").exists()

@@ -17,7 +17,6 @@ import os
 import sys
 from dataclasses import dataclass
 
-import torch
 import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -65,7 +64,7 @@ def main(args: Args):
                         temperature=args.temperature)
     config = ppo.Args(model_name_or_path=args.reference, reward_model_name_or_path=args.reward_model,
                       eval_size=args.eval_size, seed=args.seed, task=task)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _, _, device = ppo.init_distributed()  # as in training: a GPU that torch cannot use stops here, no CPU fallback
     tokenizer = ppo.load_tokenizer(args.reference, "--reference")
     rm_tokenizer = ppo.load_tokenizer(args.reward_model, "--reward_model", needs_eos=False)
     for tok in (tokenizer, rm_tokenizer):
