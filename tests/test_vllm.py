@@ -134,8 +134,7 @@ def test_both_backends_end_responses_on_the_same_tokens(tmp_path, end_of_text_po
     for backend in ("hf", "vllm"):
         args = ppo.Args(model_name_or_path=str(end_of_text_policy), backend=backend, vllm_dtype="float32", bf16=False)
         args.task.response_length, args.task.maxlen_prompt = 24, 64
-        policy = ppo.freeze(ppo.CausalLogprobs(AutoModelForCausalLM.from_pretrained(end_of_text_policy), 1.0, 64),
-                            torch.device("cpu"))
+        policy = ppo.freeze(ppo.CausalLogprobs(AutoModelForCausalLM.from_pretrained(end_of_text_policy), 1.0, 64))
         sampler = ppo.Sampler(args, policy, tokenizer, 1, torch.device("cpu"))
         assert sampler.stop_ids == [1, 4]
         responses, _ = sampler(prompt_ids, rows, -1, 0, greedy=True)
