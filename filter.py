@@ -106,17 +106,32 @@ def end_of_turn_id(tokenizer):
     return next((i for i in after if i in special), tokenizer.eos_token_id)
 
 
+def stop_token_ids(tokenizer, model_name_or_path):
+    """The tokenizer's EOS, the chat template's end-of-turn token and the generation config's eos ids (Llama-3-Instruct
+    stops on two; an older config of it names only `<|end_of_text|>`, though its turns end with `<|eot_id|>`). vLLM
+    stops at the tokenizer's EOS and the generation config's eos ids whatever it is told (`generation_config` "auto" or
+    "vllm" alike; without a generation_config.json, the model config's eos ids): this set holds all of them, so both
+    backends end a response at the same token."""
+    ids = {tokenizer.eos_token_id, end_of_turn_id(tokenizer)}
+    try:
+        config = GenerationConfig.from_pretrained(model_name_or_path)
+    except OSError:  # no generation_config.json: the model config's eos ids, as vLLM reads them
+        try:
+            config = GenerationConfig.from_model_config(AutoConfig.from_pretrained(model_name_or_path))
+        except (OSError, ValueError):
+            config = None
+    eos = config.eos_token_id if config is not None else None
+    ids |= set(eos if isinstance(eos, list) else [eos])
+    return sorted(i for i in ids if i is not None)
+
+
 def special_ids(tokenizer, args):
     """(end-of-turn id, every stop id, pad id), the pad id checked to lie inside the embedding table. The end-of-turn
-    id comes from the chat template (for chat prompts); the stop ids add the tokenizer's EOS and the generation
-    config's, as generate.py stops on them."""
+    id comes from the chat template (for chat prompts); the stop ids are generate.py's (stop_token_ids: the
+    tokenizer's EOS, the chat template's end of turn, the generation config's eos ids, else config.json's), so every
+    response generate.py ended counts as finished."""
     end_of_turn = end_of_turn_id(tokenizer) if args.prompt_format == "chat" else tokenizer.eos_token_id
-    stops = {end_of_turn, tokenizer.eos_token_id}
-    try:
-        eos = GenerationConfig.from_pretrained(args.model_name_or_path).eos_token_id
-        stops |= set(eos if isinstance(eos, list) else [eos])
-    except OSError:
-        pass
+    stops = {end_of_turn, *stop_token_ids(tokenizer, args.model_name_or_path)}
     vocab = AutoConfig.from_pretrained(args.model_name_or_path).get_text_config().vocab_size
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn
     if not 0 <= pad < vocab:

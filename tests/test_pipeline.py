@@ -450,7 +450,8 @@ def test_vllm_seeds_give_no_two_prompts_the_same_sample_noise():
 
 
 def test_stop_tokens_fall_back_to_the_model_config_like_vllm(tmp_path):
-    """Without a generation_config.json, vLLM reads the eos ids of config.json: so does stop_token_ids."""
+    """Without a generation_config.json, vLLM reads the eos ids of config.json: so does stop_token_ids, and filter.py
+    counts a response that ended on any of them as finished (its stop set is generate.py's)."""
     from transformers import AutoConfig, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(TINY_LLAMA)
@@ -460,3 +461,5 @@ def test_stop_tokens_fall_back_to_the_model_config_like_vllm(tmp_path):
     config.save_pretrained(tmp_path)
     assert not (tmp_path / "generation_config.json").exists()
     assert generate.stop_token_ids(tokenizer, str(tmp_path)) == [4, 5]
+    args = filter_stage.Args(model_name_or_path=str(tmp_path), dataset="crafted")
+    assert filter_stage.special_ids(tokenizer, args)[1] == {4, 5}

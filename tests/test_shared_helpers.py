@@ -18,7 +18,8 @@ CORE = {"init_distributed", "all_reduce", "load_split", "require_columns", "chec
 COPIED = [(("trimmed_batch", "chunk_logprobs", "SequenceLogprobs", "check_logprob_path", "build_model", "fingerprint",
             "sharded_pass", "reference_logprobs"), ("rebel.py", "dpo.py")),
           (("without_dropout",), ("sft_sst2.py", "reward_sst2.py", "ppo.py", "rebel.py", "dpo.py")),
-          (("end_of_turn_id",), ("filter.py", "generate.py", "dpo.py")),
+          (("end_of_turn_id",), ("filter.py", "generate.py", "dpo.py", "ppo.py")),
+          (("stop_token_ids",), ("filter.py", "generate.py", "ppo.py")),  # one stop set for every stage
           (("pad_to",), ("filter.py", "dpo.py"))]
 
 
