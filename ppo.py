@@ -406,7 +406,7 @@ def main(args: Args):
     if not hasattr(value_model, "score"):
         raise SystemExit(f"value model {value_path}: no `score` head (decoder sequence classifiers have one)")
     if not is_sequence_classifier(value_path, args):
-        zero_head(value_model.score)  # a new head predicts 0, not noise (README: "PPO with a reward function")
+        zero_head(value_model.score)  # a new head predicts 0, not noise (docs/reward-functions.md)
     probe = left_pad(eval_prompt_ids[:args.local_micro_batch_size], tokenizer.pad_token_id)
     probe = (probe[0].to(device), probe[1].to(device), probe[0][:, -8:].to(device))  # responses: real prompt tokens
     if args.gradient_checkpointing:
