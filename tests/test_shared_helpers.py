@@ -20,6 +20,8 @@ COPIED = [(("trimmed_batch", "chunk_logprobs", "SequenceLogprobs", "check_logpro
           (("without_dropout",), ("sft_sst2.py", "reward_sst2.py", "ppo.py", "rebel.py", "dpo.py")),
           (("end_of_turn_id",), ("filter.py", "generate.py", "dpo.py", "ppo.py")),
           (("stop_token_ids",), ("filter.py", "generate.py", "ppo.py")),  # one stop set for every stage
+          (("describe_stop_ids",), ("generate.py", "ppo.py")),
+          (("probe_attention", "probe_tolerance"), ("rebel.py", "dpo.py", "ppo.py")),  # one probe rule everywhere
           (("pad_to",), ("filter.py", "dpo.py"))]
 
 
