@@ -347,11 +347,9 @@ def test_a_gpu_torch_cannot_use_stops_instead_of_falling_back_to_the_cpu(script,
 def test_eval_policy_stops_on_a_gpu_torch_cannot_use(monkeypatch, tmp_path):
     """tools/eval_policy.py picks its device with ppo.py's init_distributed, so it stops as the training scripts do
     (with torch's reason) instead of evaluating on the CPU, before any model loads or anything is written."""
-    import sys
-
     from conftest import ROOT
 
-    sys.path.insert(0, str(ROOT / "tools"))
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
     import eval_policy
 
     real_exists = os.path.exists
