@@ -213,9 +213,10 @@ def test_sst2_chain_raises_held_out_sign_agreement(session_dir, sft_policy, sst2
     evals = [m for m in metrics(out) if "val/sign_align" in m]
     assert len(datasets.load_from_disk(str(sst2_pairs))["test"]) == 128
     assert evals[0]["val/sign_align"] == 0.5  # chance: before training every log-ratio difference is exactly 0
-    # about 0.63 after one epoch; chance would stay within 0.5 +- 0.044 (one standard deviation over 128 pairs)
+    # about 0.63 after one epoch; chance would stay within 0.5 +- 0.044 (one standard deviation over 128 pairs). The
+    # held-out loss is not checked: with eta 1 its targets (eta * reward gap, about 4 nats) dwarf what one epoch
+    # reaches, so it moves by less than the spread between CPUs (19.160 -> 19.165 on one machine, down on another)
     assert evals[-1]["val/sign_align"] > 0.58, evals
-    assert evals[-1]["val/loss"] < evals[0]["val/loss"]
     from transformers import AutoModelForCausalLM
 
     policy = AutoModelForCausalLM.from_pretrained(out)  # a full save_pretrained folder, tokenizer and args.json too
