@@ -53,12 +53,15 @@ def sfd_tokenizer(folder, pad):
     else:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.save_pretrained(folder)
-    if pad == "[PAD]":
+    if pad == "[PAD]":  # as transformers 4.33 (sfd's) writes it: the pad token only in special_tokens_map.json
         path = os.path.join(folder, "tokenizer_config.json")
         with open(path) as f:
-            config = json.load(f)
+            config = {k: v for k, v in json.load(f).items() if k != "pad_token"}
         with open(path, "w") as f:
             json.dump({**config, "tokenizer_class": "GPTNeoXTokenizer"}, f)  # what sfd's Pythia folders name
+        with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
+            json.dump({"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "[PAD]",
+                       "unk_token": "<|endoftext|>"}, f)
     return AutoTokenizer.from_pretrained(folder)
 
 
