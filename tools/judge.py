@@ -375,6 +375,9 @@ def local_judge(args, backend, questions_for_check):
                          f"--max_new_tokens {args.max_new_tokens} it exceeds the model's context of {context}")
     stop_ids = generate.stop_token_ids(tokenizer, args.judge_model)
     if backend == "vllm":
+        if not torch.cuda.is_available() and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:  # vLLM's CPU default fails
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = "4"
+            print("vLLM on CPU: VLLM_CPU_KVCACHE_SPACE is not set, using 4 (GiB of KV cache); set it to change")
         from vllm import LLM, SamplingParams
         from vllm.inputs import TokensPrompt
 
