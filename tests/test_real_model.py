@@ -54,3 +54,45 @@ def test_shortened_real_model_example_runs_and_reports(tmp_path):
     assert stats["train"] >= 2
     timings = json.loads((out / "timings.json").read_text())
     assert {"eval0/generate", "iter0/generate", "iter0/train", "eval1/score"} <= set(timings)
+
+
+# TL;DR-shaped pairs where the first summary is plainly right and the second is about something else entirely
+JUDGE_POSTS = [
+    ("relationships", "My girlfriend wants to move to another city for her job",
+     "My girlfriend (25F) got a job offer in Seattle. I (26M) have a stable job here in Austin and my family lives "
+     "nearby. She wants me to come with her, but I am not sure I want to leave everything behind.",
+     "Girlfriend got a job in another city and wants me to move with her; I don't want to leave my job and family.",
+     "I bought a new bike and it already has a flat tire."),
+    ("dogs", "My dog barks all night since we moved",
+     "We moved to an apartment two weeks ago and since then our dog barks from midnight to 3am. The neighbours have "
+     "complained twice. He never did this in our old house.",
+     "Since we moved, my dog barks every night and the neighbours complain; how do I make him stop?",
+     "My sister is getting married next month and I have to give a speech."),
+    ("personalfinance", "Lent my friend $500 and he won't pay me back",
+     "Six months ago I lent my best friend $500 for rent. He promised to pay it back in a month. Now he ignores my "
+     "messages about it but posts photos from concerts.",
+     "Friend borrowed $500 six months ago, won't repay it and ignores me while spending on concerts.",
+     "I like cooking pasta on the weekends with fresh tomatoes."),
+    ("jobs", "My boss presents my work as his own",
+     "For the third time this quarter my manager presented a report I wrote to the directors without mentioning "
+     "me. I found out from a colleague. I am up for promotion next month.",
+     "My manager keeps presenting my reports as his own work, and my promotion is coming up.",
+     "The weather in my town has been rainy all week."),
+]
+
+
+def test_smollm2_judges_tldr_pairs_with_one_plainly_right_summary(tmp_path):
+    """SmolLM2-135M-Instruct as the judge of tools/judge.py (transformers, greedy) on the pairs above, A the right
+    summary, B the unrelated one: it runs end to end, every answer is read and counted."""
+    rows_a = [{"prompt_id": f"t{i}", "prompt": f"SUBREDDIT: r/{sub}\nTITLE: {title}\nPOST: {body}\nTL;DR:",
+               "response_0": good} for i, (sub, title, body, good, _) in enumerate(JUDGE_POSTS)]
+    rows_b = [{"id": f"t{i}", "completion": " " + bad} for i, (*_, bad) in enumerate(JUDGE_POSTS)]
+    for name, rows in (("a.jsonl", rows_a), ("b.jsonl", rows_b)):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "judge"
+    proc = run("tools/judge.py", "--a", tmp_path / "a.jsonl", "--b", tmp_path / "b.jsonl", "--judge_model", MODEL,
+               "--backend", "hf", "--max_new_tokens", "64", "--output_dir", out)
+    print(proc.stdout[-1500:])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["prompts"] == len(JUDGE_POSTS) and summary["answers"] == 2 * len(JUDGE_POSTS)
+    assert summary["n"] + summary["excluded_prompts"] == len(JUDGE_POSTS)
