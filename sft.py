@@ -19,7 +19,7 @@ few printed and all written to samples.jsonl.
     torchrun --nproc_per_node 8 sft.py --model_name_or_path EleutherAI/pythia-1b-deduped \\
         --task.dataset vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144 \\
         --task.prompt_column query --task.response_column reference_response --task.loss_on_prompt \\
-        --lr 3e-6 --warmup_ratio 0 --batch_size 128 --local_micro_batch_size 16 --output_dir runs/sft_tldr
+        --max_grad_norm inf --batch_size 128 --local_micro_batch_size 16 --output_dir runs/sft_tldr
     # chat messages, loss on the assistant turns
     torchrun --nproc_per_node 8 sft.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct \\
         --task.dataset HuggingFaceH4/ultrachat_200k --task.train_split train_sft --task.eval_split test_sft \\
