@@ -1,0 +1,1186 @@
+"""Supervised fine-tuning on prompt -> response data: text pairs (a prompt and a response column) or chat messages.
+
+Each example is a token sequence and a loss mask. Text pairs: `tokens(prompt) + tokens(response) + [EOS]` (EOS only
+when the response does not already end with it; the two texts are tokenized apart, so the prompt's tokens are the ones
+a policy is later given). Chat: the conversation rendered with the tokenizer's chat template; each assistant turn is
+cut out by rendering the conversation prefix by prefix (the turns before it with the generation prompt, then with the
+turn), up to and including the template's end-of-turn token (appended when the template writes none). The loss is
+next-token cross-entropy summed over the response tokens (every assistant turn; EOS / end-of-turn included) and divided
+by their number in the global batch, so gradient accumulation and the number of ranks do not change the update;
+`--task.loss_on_prompt` puts every token after the first in the loss. Masks come from positions, never from pad ids
+(a pad that is the EOS must stay in the loss: trl#976). Rows whose prompt is longer than --task.maxlen_prompt or whose
+response is longer than --task.maxlen tokens are dropped and counted, as filter.py and dpo.py do.
+
+Evaluation: `val/loss` (the token-weighted mean over the response tokens of the validation split), `val/perplexity`,
+and --num_samples responses sampled to held-out prompts (`val/eos_rate`: how many end with a stop token), the first
+few printed and all written to samples.jsonl.
+
+    # TL;DR at summarize_from_feedback_details' SFT settings (docs/sft-and-reward.md)
+    torchrun --nproc_per_node 8 sft.py --model_name_or_path EleutherAI/pythia-1b-deduped \\
+        --task.dataset vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144 \\
+        --task.prompt_column query --task.response_column reference_response --task.loss_on_prompt \\
+        --max_grad_norm inf --batch_size 128 --local_micro_batch_size 16 --output_dir runs/sft_tldr
+    # chat messages, loss on the assistant turns
+    torchrun --nproc_per_node 8 sft.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct \\
+        --task.dataset HuggingFaceH4/ultrachat_200k --task.train_split train_sft --task.eval_split test_sft \\
+        --task.messages_column messages --task.maxlen_prompt 1024 --task.maxlen 1024 --output_dir runs/sft_chat
+
+Documentation: docs/sft-and-reward.md
+"""
+
+import contextlib
+import errno
+import fcntl
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import socket
+import sys
+import time
+import warnings
+import zlib
+from dataclasses import asdict, dataclass, field
+
+import datasets
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+import tyro
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+
+@dataclass
+class TaskArgs:
+    dataset: str = "trl-lib/tldr"
+    """hub id, `save_to_disk` folder, folder of data files (splits from file names), or a .jsonl/.json/.csv/.parquet
+    file"""
+    train_split: str = "train"
+    """split to train on"""
+    eval_dataset: str | None = None
+    """where the validation split lives; None: the same place as --task.dataset"""
+    eval_split: str | None = "validation"
+    """split for val/loss and the sampled responses; None disables evaluation"""
+    prompt_column: str = "prompt"
+    """text pairs: the column holding the prompt (text, used as is: no chat template)"""
+    response_column: str = "completion"
+    """text pairs: the column holding the response (EOS is appended unless its last token already is EOS)"""
+    messages_column: str | None = None
+    """chat: the column holding the conversation ([{"role": ..., "content": ...}, ...] with at least one assistant
+    turn), rendered with the tokenizer's chat template; when set, prompt_column and response_column are not read"""
+    loss_on_prompt: bool = False
+    """put every token after the first in the loss (prompt and user turns too), as summarize_from_feedback_details'
+    SFT does; by default only the response tokens (the assistant turns) are"""
+    maxlen_prompt: int = 512
+    """most prompt tokens (chat: the tokens before the first assistant turn's content); longer rows are dropped and
+    counted"""
+    maxlen: int = 53
+    """most response tokens, EOS / end-of-turn included (chat: from the first assistant turn's content to the end of
+    the last assistant turn); longer rows are dropped and counted"""
+
+
+@dataclass
+class Args:
+    # experiment
+    exp_name: str = "sft"
+    """name of this experiment (wandb run name prefix)"""
+    seed: int = 1
+    """seed of model init and data order (shared by all ranks) and of sampling (per held-out prompt)"""
+    track: bool = False
+    """log to Weights & Biases"""
+    progress: bool = True
+    """show progress on rank 0 (update or shard k of N, rate, time left): a bar on a terminal, a line every minute in
+    a log file; --no_progress turns it off"""
+    wandb_project_name: str = "rlhf"
+    """wandb project"""
+    wandb_entity: str | None = None
+    """wandb entity (team); None uses your default"""
+    output_dir: str = "runs/sft"
+    """run folder: args.json, metrics.jsonl, samples.jsonl, checkpoints/ and, at the end, the model and tokenizer"""
+    overwrite: bool = False
+    """delete whatever output_dir holds and start over"""
+    resume: str | None = None
+    """a checkpoint folder to continue from, or "auto" for the latest in output_dir (a fresh start if none)"""
+    save_freq: int = 200
+    """write a resumable checkpoint every this many updates (0: only on preemption or a stop)"""
+    keep_checkpoints: int = 2
+    """how many of the newest checkpoints to keep"""
+    max_bad_updates: int = 5
+    """stop after this many updates in a row with a non-finite loss or gradient norm (each one is skipped)"""
+
+    # model
+    model_name_or_path: str = "EleutherAI/pythia-1b-deduped"
+    """hub id or local folder of the model and tokenizer (chat data: with a chat template)"""
+    from_scratch: bool = False
+    """random weights from the model's config instead of its pretrained weights"""
+    disable_dropout: bool = False
+    """set every dropout probability to 0"""
+    attn_implementation: str = "sdpa"
+    """attention kernel: sdpa, eager, or flash_attention_2 (GPU)"""
+    bf16: bool = True
+    """bf16 compute on GPU (fp32 weights and optimizer; autocast with DDP, a mixed-precision policy with FSDP2);
+    ignored on CPU, which runs fp32, unless RLHF_BF16_ON_CPU=1 (for tests)"""
+    fsdp: bool = False
+    """shard parameters, gradients and optimizer state with FSDP2 (fully_shard each decoder layer, then the root)
+    instead of replicating the model with DDP"""
+    gradient_checkpointing: bool = False
+    """recompute decoder-layer activations in the backward pass"""
+
+    # optimisation (defaults: summarize_from_feedback_details' TL;DR SFT, except gradient clipping, which it has not)
+    lr: float = 3e-6
+    """peak learning rate"""
+    warmup_ratio: float = 0.0
+    """fraction of the updates with linear warmup; then cosine decay to 0"""
+    weight_decay: float = 0.01
+    """AdamW weight decay (0.01: torch's default, which summarize_from_feedback_details keeps)"""
+    adam_eps: float = 1e-5
+    """AdamW epsilon"""
+    max_grad_norm: float = 1.0
+    """gradient clipping threshold (inf disables clipping)"""
+    batch_size: int = 128
+    """examples per update, over all ranks (the global batch; it does not change with the number of ranks)"""
+    local_micro_batch_size: int = 1
+    """examples per forward/backward pass on one rank"""
+    total_episodes: int | None = None
+    """examples to train on; None: num_train_epochs passes over the train split"""
+    num_train_epochs: int = 1
+    """passes over the train split when total_episodes is None"""
+    eval_freq: int = 100
+    """evaluate every this many updates (and before the first and after the last)"""
+    num_samples: int = 64
+    """held-out prompts answered (sampled at temperature 1) at each evaluation, for val/eos_rate and samples.jsonl"""
+    num_printed: int = 2
+    """of those, how many to print (prompt tail, sampled response, reference)"""
+
+    task: TaskArgs = field(default_factory=TaskArgs)
+    """the data: where, which columns and format, the length limits and where the loss goes"""
+
+    # computed at run time
+    world_size: tyro.conf.Suppress[int | None] = None
+    """computed at run time: number of processes"""
+    local_batch_size: tyro.conf.Suppress[int | None] = None
+    """computed at run time: batch_size // world_size, examples per update on one rank"""
+    gradient_accumulation_steps: tyro.conf.Suppress[int | None] = None
+    """computed at run time: local_batch_size // local_micro_batch_size"""
+    num_updates: tyro.conf.Suppress[int | None] = None
+    """computed at run time: total_episodes // batch_size"""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SFT
+
+
+def end_of_turn_id(tokenizer):
+    """The token that ends an assistant turn in the tokenizer's chat template (Llama-3's `<|eot_id|>`, ChatML's
+    `<|im_end|>`), read from a rendered turn; the tokenizer's EOS when there is no template or nothing follows the
+    turn. Not the EOS alone: older Llama-3-Instruct configs set it to `<|end_of_text|>` though turns end with
+    `<|eot_id|>`."""
+    if not tokenizer.chat_template:
+        return tokenizer.eos_token_id
+    probe = "end-of-turn-probe"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}],
+                                         tokenize=False)
+    after = tokenizer(text[text.rindex(probe) + len(probe):], add_special_tokens=False).input_ids
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return next((i for i in after if i in special), tokenizer.eos_token_id)
+
+
+def stop_token_ids(tokenizer, model_name_or_path):
+    """The tokenizer's EOS, the chat template's end-of-turn token and the generation config's eos ids (Llama-3-Instruct
+    stops on two; an older config of it names only `<|end_of_text|>`, though its turns end with `<|eot_id|>`). vLLM
+    stops at the tokenizer's EOS and the generation config's eos ids whatever it is told (`generation_config` "auto" or
+    "vllm" alike; without a generation_config.json, the model config's eos ids): this set holds all of them, so both
+    backends end a response at the same token."""
+    ids = {tokenizer.eos_token_id, end_of_turn_id(tokenizer)}
+    try:
+        config = GenerationConfig.from_pretrained(model_name_or_path)
+    except OSError:  # no generation_config.json: the model config's eos ids, as vLLM reads them
+        try:
+            config = GenerationConfig.from_model_config(AutoConfig.from_pretrained(model_name_or_path))
+        except (OSError, ValueError):
+            config = None
+    eos = config.eos_token_id if config is not None else None
+    ids |= set(eos if isinstance(eos, list) else [eos])
+    return sorted(i for i in ids if i is not None)
+
+
+def text_pair_example(prompt_ids, response_ids, eos):
+    """(ids, loss mask, prompt length, end of the first response) of a text pair: the prompt's tokens, then the
+    response's with EOS appended unless it already ends with it."""
+    response_ids = response_ids if response_ids[-1:] == [eos] else [*response_ids, eos]
+    ids = [*prompt_ids, *response_ids]
+    return ids, [0] * len(prompt_ids) + [1] * len(response_ids), len(prompt_ids), len(ids)
+
+
+def chat_example(messages, tokenizer, end_of_turn, where):
+    """(ids, loss mask, prompt length, end of the first response) of a conversation. The template renders the
+    conversation prefix by prefix: the turns before each assistant turn with the generation prompt (context: no loss),
+    then with the turn, whose added text up to and including the end-of-turn token is the response (loss; the
+    end-of-turn token is appended when the template writes none). Each render must extend the previous one, or the
+    turns cannot be cut out: an error. Turns after the last assistant turn are not used. The prompt: the tokens
+    before the first response."""
+    if not (isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages)):
+        raise ValueError(f"{where}: expected chat messages [{{'role': ..., 'content': ...}}, ...], got "
+                         f"{str(messages)[:120]!r}")
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not turns:
+        raise ValueError(f"{where}: the conversation has no assistant turn, so nothing to train on (roles: "
+                         f"{[m['role'] for m in messages]})")
+    end_text = tokenizer.convert_ids_to_tokens(end_of_turn)
+    ids, mask, done, first = [], [], "", None
+    for i in turns:
+        if not messages[i]["content"].strip():
+            raise ValueError(f"{where}: assistant turn {i} (message {i}) is empty")
+        context = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=False)
+        full = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False)
+        if not (context.startswith(done) and full.startswith(context)):
+            raise ValueError(f"{where}: the chat template does not render message {i} as an extension of the turns "
+                             "before it (it rewrites earlier turns, or puts the generation prompt elsewhere), so the "
+                             "assistant turns cannot be cut out of the conversation")
+        context_ids = tokenizer(context[len(done):], add_special_tokens=False).input_ids
+        response = full[len(context):]
+        cut = response.find(end_text)
+        if cut >= 0:  # the turn's text up to and including its end-of-turn token; what follows is context
+            response = response[:cut + len(end_text)]
+            response_ids = tokenizer(response, add_special_tokens=False).input_ids
+            done = context + response
+        else:
+            response_ids = [*tokenizer(response, add_special_tokens=False).input_ids, end_of_turn]
+            done = full
+        ids += [*context_ids, *response_ids]
+        mask += [0] * len(context_ids) + [1] * len(response_ids)
+        first = (len(ids) - len(response_ids), len(ids)) if first is None else first
+    if first[0] == 0:
+        raise ValueError(f"{where}: the chat template renders nothing before the first assistant turn, so its first "
+                         "token cannot be predicted")
+    return ids, mask, *first
+
+
+def build_examples(data, tokenizer, args, what):
+    """Every row of a split as (ids, loss mask, prompt length, end of the first response), checked: columns present,
+    responses not empty, chat rows with an assistant turn. Rows over --task.maxlen_prompt / --task.maxlen are dropped
+    (and counted); returns the kept examples."""
+    task = args.task
+    columns = [task.messages_column] if task.messages_column else [task.prompt_column, task.response_column]
+    require_columns(data, columns, what)
+    examples, stats = [], {"rows": len(data), "prompt_too_long": 0, "response_too_long": 0}
+    if task.messages_column:
+        end_of_turn = end_of_turn_id(tokenizer)
+        made = (chat_example(m, tokenizer, end_of_turn, f"{what}, row {i}, column {task.messages_column}")
+                for i, m in enumerate(data[task.messages_column]))
+    else:
+        made = []
+        for start in range(0, len(data), 1024):
+            rows = data[start:start + 1024]
+            for column in columns:
+                bad = next((i for i, v in enumerate(rows[column]) if not isinstance(v, str) or not v.strip()), None)
+                if bad is not None:
+                    raise ValueError(f"{what}, row {start + bad}, column {column}: expected non-empty text, got "
+                                     f"{rows[column][bad]!r}")
+            prompts = tokenizer(rows[task.prompt_column]).input_ids
+            responses = tokenizer(rows[task.response_column], add_special_tokens=False).input_ids
+            made += [text_pair_example(p, r, tokenizer.eos_token_id) for p, r in zip(prompts, responses)]
+    for ids, mask, prompt_len, response_end in made:
+        if prompt_len > task.maxlen_prompt:
+            stats["prompt_too_long"] += 1
+        elif len(ids) - prompt_len > task.maxlen:
+            stats["response_too_long"] += 1
+        else:
+            if task.loss_on_prompt:
+                mask = [1] * len(ids)
+            examples.append((np.array(ids, dtype=np.int64), np.array(mask, dtype=np.int8), prompt_len, response_end))
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"{what}: kept {len(examples)} of {stats['rows']} rows; dropped {stats['prompt_too_long']} with a prompt "
+              f"over --task.maxlen_prompt {task.maxlen_prompt} tokens, {stats['response_too_long']} with a response "
+              f"over --task.maxlen {task.maxlen}")
+    if not examples:
+        raise ValueError(f"{what}: no rows left ({stats}): raise --task.maxlen_prompt or --task.maxlen")
+    return examples
+
+
+def collate(examples, pad_id):
+    """Right-padded input ids, attention mask and loss mask (1 on the tokens the loss predicts). The masks come from
+    lengths, so an EOS that is also the pad token stays in the loss."""
+    width = max(len(ids) for ids, *_ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, (ids, mask, *_) in enumerate(examples):
+        input_ids[i, :len(ids)] = torch.from_numpy(ids)
+        attention_mask[i, :len(ids)] = 1
+        loss_mask[i, :len(ids)] = torch.from_numpy(mask.astype(np.int64))
+    return input_ids, attention_mask, loss_mask
+
+
+def token_nll(model, input_ids, attention_mask, loss_mask):
+    """Per-token negative log-likelihood [batch, T-1] of tokens 1..T-1, computed (fp32) only where loss_mask is set
+    (0 elsewhere), and that mask as floats. Position t's logits predict token t+1."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    targets = loss_mask[:, 1:].bool()
+    nll = torch.zeros(targets.shape, dtype=torch.float32, device=input_ids.device)
+    nll[targets] = F.cross_entropy(logits[targets].float(), input_ids[:, 1:][targets], reduction="none")
+    return nll, targets.float()
+
+
+def gather_objects(items):
+    """Every rank's list, concatenated in rank order (one process: the list itself)."""
+    if not dist.is_initialized():
+        return items
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
+@torch.no_grad()
+def evaluate(model, examples, references, tokenizer, stop_ids, args, rank, world_size, device, autocast):
+    """val/loss and val/perplexity (token-weighted over the response tokens of the whole split) and the responses
+    sampled to the held-out prompts `references` ((prompt ids, reference response ids) pairs), one prompt at a time
+    and seeded per prompt, so the same for any number of ranks. Every rank runs the same number of passes (a rank with
+    nothing left repeats a pass and discards it; under FSDP2 generation runs in step with synced_gpus), so `model` is
+    the unwrapped model under DDP and the sharded one under FSDP2. Returns the metrics and, on every rank, the
+    samples."""
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    step = args.local_micro_batch_size * world_size
+    for start in range(0, len(examples), step):
+        batch = examples[start + rank * args.local_micro_batch_size:start + (rank + 1) * args.local_micro_batch_size]
+        input_ids, attention_mask, loss_mask = (t.to(device) for t in collate(batch or examples[:1],
+                                                                                tokenizer.pad_token_id))
+        with autocast:
+            nll, mask = token_nll(model, input_ids, attention_mask, loss_mask)
+        if batch:
+            totals += torch.stack([nll.sum(), mask.sum()]).double()
+    mine = []
+    for index in range(rank, math.ceil(len(references) / world_size) * world_size, world_size):
+        prompt, reference = references[min(index, len(references) - 1)]
+        ids = torch.tensor([prompt], device=device)
+        with autocast, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(args.seed * 100_003 + index)  # per prompt: the same samples for any world size
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0,
+                                 top_p=1.0, max_new_tokens=args.task.maxlen, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=stop_ids, synced_gpus=args.fsdp)
+        if index < len(references):
+            response = out[0, len(prompt):].tolist()
+            ended = any(t in stop_ids for t in response)
+            mine.append({"index": index, "ended": ended, "prompt": tokenizer.decode(prompt),
+                         "response": tokenizer.decode(response), "reference": tokenizer.decode(reference)})
+    samples = sorted(gather_objects(mine), key=lambda s: s["index"])
+    all_reduce(totals)
+    model.train()
+    loss = (totals[0] / totals[1]).item()
+    metrics = {"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0))}
+    if samples:
+        metrics["val/eos_rate"] = sum(s["ended"] for s in samples) / len(samples)
+    return metrics, samples
+
+
+def log_samples(samples, update, args, logger, rank):
+    """Append the samples to samples.jsonl, print the first --num_printed, and add a table to wandb (--track)."""
+    if rank != 0 or not samples:
+        return
+    with open(os.path.join(args.output_dir, "samples.jsonl"), "a") as f:
+        for s in samples:
+            f.write(json.dumps({"update": update, **s}) + "\n")
+    for s in samples[:args.num_printed]:
+        logger.progress.write(f"sample {s['index']} at update {update}:\n  prompt: ...{s['prompt'][-200:]!r}\n  "
+                              f"response: {s['response']!r}\n  reference: {s['reference']!r}")
+    if logger.wandb is not None:
+        import wandb
+
+        logger.wandb.log({"val/samples": wandb.Table(columns=["prompt", "response", "reference"], data=[
+            [s["prompt"], s["response"], s["reference"]] for s in samples])}, step=update)
+
+
+def without_dropout(config):
+    """`config` with every dropout probability set to 0, for use before the model is built. Zeroing nn.Dropout
+    modules is not enough: many models read a float from the config instead (Llama's `attention_dropout`, Falcon's
+    `hidden_dropout`), some copy it into the layers at construction, and any of them left non-zero makes train mode
+    stochastic (a PPO ratio that is not 1 before the first step)."""
+    for sub in {id(c): c for c in (config, config.get_text_config())}.values():
+        for key, value in list(vars(sub).items()):
+            if (any(word in key for word in ("dropout", "pdrop", "layerdrop")) and isinstance(value, (int, float))
+                    and not isinstance(value, bool)):
+                setattr(sub, key, 0.0)
+    return config
+
+
+def load_model(args, device, world_size):
+    """The policy in fp32 (master weights), dropout off if asked, then sharded with FSDP2 (each decoder layer, then the
+    root; bf16 compute through its mixed-precision policy) or on the device, under DDP when there are several ranks.
+    Returns (model to train, the underlying transformers model)."""
+    try:
+        config = AutoConfig.from_pretrained(args.model_name_or_path)
+        config = without_dropout(config) if args.disable_dropout else config
+        if args.from_scratch:
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=args.attn_implementation,
+                                                     dtype=torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, config=config,
+                                                         attn_implementation=args.attn_implementation,
+                                                         dtype=torch.float32)
+    except OSError as e:
+        raise SystemExit(f"--model_name_or_path {args.model_name_or_path}: cannot load a model ({e})") from None
+    if args.disable_dropout:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    if args.fsdp:  # sharded while still on the CPU: fully_shard moves each unit to the device as it shards it
+        bf16 = bf16_compute(args, device)
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+        for module in model.modules():
+            if type(module).__name__ in (model._no_split_modules or ()):
+                fully_shard(module, mp_policy=policy or MixedPrecisionPolicy())
+        fully_shard(model, mp_policy=policy or MixedPrecisionPolicy())
+        return model, model
+    model.to(device)
+    if world_size > 1:
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None), model
+    return model, model
+
+
+def main(args: Args):
+    check_numbers(args, positive=["task.maxlen_prompt", "task.maxlen", "batch_size", "local_micro_batch_size",
+                                  "total_episodes", "num_train_epochs", "eval_freq", "keep_checkpoints",
+                                  "max_bad_updates", "max_grad_norm", "adam_eps"],
+                  non_negative=["lr", "weight_decay", "save_freq", "num_samples", "num_printed"],
+                  fraction=["warmup_ratio"])
+    rank, world_size, device = init_distributed()
+    derive_batch_sizes(args, world_size)
+    resume = check_output_dir(args)
+    if args.fsdp and not dist.is_initialized():
+        raise SystemExit("--fsdp shards over a process group: launch with torchrun (--nproc_per_node 1 for one GPU)")
+    tokenizer = load_tokenizer(args.model_name_or_path)
+    if args.task.messages_column and not tokenizer.chat_template:
+        raise ValueError(f"--task.messages_column {args.task.messages_column}: the tokenizer of --model_name_or_path "
+                         f"{args.model_name_or_path} has no chat template to render the conversations with; train on "
+                         "text pairs (--task.prompt_column / --task.response_column) or use a model with one")
+    if tokenizer.pad_token is None:  # pad with EOS for batching; loss masks never look at pad ids
+        tokenizer.pad_token = tokenizer.eos_token
+    stop_ids = stop_token_ids(tokenizer, args.model_name_or_path)
+
+    # 1. data: validated and tokenized before any model is loaded
+    task = args.task
+    train = load_split(task.dataset, task.train_split, "--task.dataset")
+    train_examples = build_examples(train, tokenizer, args, f"--task.dataset {task.dataset} split {task.train_split}")
+    eval_examples, references = [], []
+    if task.eval_split is not None:
+        where = task.eval_dataset or task.dataset
+        valid = load_split(where, task.eval_split, "--task.eval_dataset")
+        eval_examples = build_examples(valid, tokenizer, args, f"--task.eval_dataset {where} split {task.eval_split}")
+        references = [(ids[:prompt_len].tolist(), ids[prompt_len:end].tolist())
+                      for ids, _, prompt_len, end in eval_examples[:args.num_samples]]
+    if args.total_episodes is None:
+        args.total_episodes = args.num_train_epochs * len(train_examples)
+    args.num_updates = args.total_episodes // args.batch_size
+    if args.num_updates == 0 or len(train_examples) < args.batch_size:
+        raise ValueError(f"--batch_size {args.batch_size} is larger than the data ({len(train_examples)} examples) "
+                         f"or total_episodes ({args.total_episodes})")
+    lock = create_output_dir(args, rank, resume)  # noqa: F841 (held until the run ends)
+
+    # 2. model
+    torch.manual_seed(args.seed)  # the same init on every rank
+    model, unwrapped = load_model(args, device, world_size)
+    unwrapped.generation_config.pad_token_id = tokenizer.pad_token_id
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.adam_eps, weight_decay=args.weight_decay)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_compute(args, device) and not args.fsdp)
+
+    # 3. resume
+    state = {"update": 0, "world_size": world_size, "skipped_updates": 0, "bad_in_a_row": 0,
+             "run_id": f"{int(time.time())}{random.Random().randrange(16**6):06x}"}
+    if resume:
+        state = load_checkpoint(resume, model, optimizer, rank, world_size)
+        if rank == 0:
+            print(f"resumed from {resume} at update {state['update']}")
+    logger = Logger(args, rank, state["run_id"], state["update"] if resume else None)
+    if rank == 0:  # a resumed run drops the samples written after its checkpoint
+        rewrite_log(os.path.join(args.output_dir, "samples.jsonl"), state["update"] if resume else None)
+    preemption = Preemption()
+
+    # 4. train (evaluating first, so curves start from the initial model)
+    if eval_examples and not resume:
+        metrics, samples = evaluate(unwrapped, eval_examples, references, tokenizer, stop_ids, args, rank, world_size,
+                                    device, autocast)
+        log_samples(samples, 0, args, logger, rank)
+        logger.log({**metrics, "episode": 0}, 0)
+    start_time, start_update = time.time(), state["update"]
+    while state["update"] < args.num_updates:
+        update = state["update"]
+        lr = lr_at(update, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = [train_examples[i] for i in batch_indices(len(train_examples), args.batch_size, update, args.seed)]
+        global_tokens = sum(int(mask[1:].sum()) for _, mask, *_ in batch)  # predicted tokens in the global batch
+        local = batch[rank * args.local_batch_size:(rank + 1) * args.local_batch_size]
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(args.gradient_accumulation_steps):
+            examples = local[micro * args.local_micro_batch_size:(micro + 1) * args.local_micro_batch_size]
+            input_ids, attention_mask, loss_mask = (t.to(device) for t in collate(examples, tokenizer.pad_token_id))
+            sync = micro == args.gradient_accumulation_steps - 1 or not isinstance(model, DDP)
+            with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
+                nll, mask = token_nll(model, input_ids, attention_mask, loss_mask)
+                loss = nll.sum() / global_tokens
+                (loss * world_size).backward()  # DDP and FSDP2 average gradients over ranks; undo it
+            loss_sum += loss.detach()
+        stepped, grad_norm = step_if_finite(model, optimizer, loss_sum, args, device)
+        count_update(state, stepped)
+        metrics = {"loss/sft_avg": all_reduce(loss_sum.clone()).item(), "loss/grad_norm": grad_norm,
+                   "loss/skipped_updates": state["skipped_updates"], "lr": lr,
+                   "objective/response_tokens": global_tokens / args.batch_size,
+                   "episode": state["update"] * args.batch_size,
+                   "eps": (state["update"] - start_update) * args.batch_size / (time.time() - start_time)}
+        if eval_examples and (state["update"] % args.eval_freq == 0 or state["update"] == args.num_updates):
+            val, samples = evaluate(unwrapped, eval_examples, references, tokenizer, stop_ids, args, rank,
+                                    world_size, device, autocast)
+            metrics.update(val)
+            log_samples(samples, state["update"], args, logger, rank)
+        logger.log(metrics, state["update"])
+        checkpoint_or_stop(args, model, optimizer, state, rank, device, preemption, logger)
+
+    # 5. save (full weights gathered from the shards under FSDP2)
+    full = None
+    if args.fsdp:
+        tied = getattr(unwrapped, "all_tied_weights_keys", None) or {}  # saved once, as save_pretrained does
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = {name: t for name, t in full.items() if name not in tied}
+    save_model_atomically(unwrapped, tokenizer, args, rank, state_dict=full)
+    if rank == 0:
+        print(f"saved the model and tokenizer to {args.output_dir}")
+    end_run(logger, rank)
+
+# ----------------------------------------------------------------------------------------------------------------
+# infrastructure shared, as identical copies, by the training scripts: TRY NOT TO MODIFY in one script alone
+# (tests/test_shared_helpers.py checks that the copies agree: change every copy, or none)
+
+
+def init_distributed():
+    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE and gets a process group, even with one process (FSDP2 needs one); a
+    plain `python script.py` is one process without one. gloo on CPU, nccl on GPU. The CPU is used where there is no
+    GPU; a machine with an NVIDIA GPU that torch cannot use (a driver older than the CUDA of torch's build, a CPU-only
+    torch) stops here, naming the problem, instead of training on the CPU: CUDA_VISIBLE_DEVICES="" runs it on the CPU
+    on purpose."""
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1")
+    if device.type == "cpu" and os.path.exists("/dev/nvidiactl") and not hidden:
+        try:
+            torch.cuda.init()
+            reason = "no CUDA device visible"
+        except Exception as e:  # torch's own words: no driver, driver too old, not compiled with CUDA
+            reason = str(e).strip().splitlines()[0]
+        raise SystemExit(f"this machine has an NVIDIA GPU (/dev/nvidiactl) but torch {torch.__version__} (CUDA "
+                         f"{torch.version.cuda or 'none: a CPU-only build'}) cannot use it: {reason}. Install a torch "
+                         "build whose CUDA the driver supports (nvidia-smi shows the driver's highest CUDA version) or "
+                         "update the driver; to run on the CPU on purpose, set CUDA_VISIBLE_DEVICES=''")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")  # dcp in one process
+    return rank, world_size, device
+
+
+def bf16_compute(args, device):
+    """--bf16 applies on GPU. On CPU the scripts run fp32 unless RLHF_BF16_ON_CPU=1, which is for tests: it makes CPU
+    runs take the bf16 code paths (CPU autocast, FSDP2 bf16 mixed precision) that otherwise run on GPU only."""
+    return args.bf16 and (device.type == "cuda" or os.environ.get("RLHF_BF16_ON_CPU") == "1")
+
+
+def all_reduce(tensor, op=dist.ReduceOp.SUM):
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_split(path, split, arg):
+    """One split of a hub dataset, a `save_to_disk` folder, a folder of data files (split from file names), or a
+    single .jsonl/.json/.csv/.parquet file (which holds only the split "train"). `arg` names the argument in errors,
+    with the file and line of a local text file that is not UTF-8 or not JSON (datasets would show a traceback)."""
+    builders = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+    if not os.path.exists(path) and (path.startswith((".", "/", "~")) or os.path.splitext(path)[1] in builders):
+        raise FileNotFoundError(f"{arg} {path}: no such file or folder")
+    if os.path.isfile(path) and os.path.splitext(path)[1] not in builders:
+        raise ValueError(f"{arg} {path}: expected a .jsonl, .json, .csv or .parquet file")
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise ValueError(f"{arg} {path}: the file is empty")
+    saved = any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "state.json"))
+    files = [path] if os.path.isfile(path) else [] if saved or not os.path.isdir(path) else sorted(
+        os.path.join(folder, name) for folder, _, names in os.walk(path) for name in names)
+    text_files = [f for f in files if os.path.splitext(f)[1] in (".jsonl", ".json", ".csv")]
+    for file in text_files:
+        check_text_file(file, arg)
+    try:
+        if os.path.isfile(path):
+            builder = builders[os.path.splitext(path)[1]]
+            splits = {"train": datasets.load_dataset(builder, data_files=path, split="train")}
+        elif saved:
+            loaded = datasets.load_from_disk(path)
+            splits = loaded if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+        else:
+            splits = datasets.load_dataset(path)
+    except (IndexError, StopIteration) as e:  # how datasets fails on a saved dataset without rows
+        raise ValueError(f"{arg} {path}: no rows (datasets cannot read it: {type(e).__name__})") from None
+    except datasets.exceptions.DatasetGenerationError as e:
+        for file in text_files:
+            check_text_file(file, arg, parse_json=True)
+        cause = e.__cause__ or e
+        raise ValueError(f"{arg} {path}: datasets cannot read it ({type(cause).__name__}: {cause})") from None
+    if split not in splits:
+        raise ValueError(f"{arg} {path}: no split {split!r}; it has {sorted(splits)}")
+    return splits[split]
+
+
+def check_text_file(path, arg, parse_json=False):
+    """A .jsonl/.json/.csv data file must be UTF-8 and, with parse_json (after datasets failed on it), a .jsonl or
+    .json file valid JSON Lines or one JSON document: the first offence is an error naming the file and line."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{arg} {path} line {number}: not UTF-8 text (byte {line[e.start]:#04x} at column "
+                                 f"{e.start + 1})") from None
+    if not parse_json or path.endswith(".csv"):
+        return
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    lines = text.splitlines()
+    try:  # JSON Lines when the first line is a JSON value of its own, else one document (e.g. a list of rows)
+        json.loads(next((line for line in lines if line.strip()), ""))
+    except json.JSONDecodeError:
+        lines = [text]
+    for number, line in enumerate(lines, start=1):
+        try:
+            if line.strip():
+                json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{arg} {path} line {e.lineno if len(lines) == 1 else number}: not valid JSON ({e.msg} "
+                             f"at column {e.colno})") from None
+
+
+def require_columns(dataset, columns, what):
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{what}: missing column(s) {missing}; it has {dataset.column_names}")
+    if len(dataset) == 0:
+        raise ValueError(f"{what}: no rows")
+
+
+def load_tokenizer(path, arg="--model_name_or_path", needs_eos=True):
+    """The tokenizer at `path`, checked before any model is loaded: it must have an EOS token where the script ends
+    sequences with it (needs_eos), else at least a pad or EOS token to pad batches with."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{arg} {path}: cannot load a tokenizer from it ({type(e).__name__}: {e})") from None
+    if needs_eos and tokenizer.eos_token_id is None:
+        raise SystemExit(f"{arg} {path}: its tokenizer has no EOS token (eos_token is None), which ends every sequence "
+                         "here; set one (tokenizer.eos_token = ...; tokenizer.save_pretrained(...))")
+    if tokenizer.eos_token_id is None and tokenizer.pad_token_id is None:
+        raise SystemExit(f"{arg} {path}: its tokenizer has neither a pad nor an EOS token to pad batches with; set "
+                         "one (tokenizer.pad_token = ...; tokenizer.save_pretrained(...))")
+    return tokenizer
+
+
+def derive_batch_sizes(args, world_size):
+    """Fill in the computed fields; the global batch is fixed, so 1 or N ranks make the same updates."""
+    args.world_size = world_size
+    if args.batch_size % world_size:
+        raise ValueError(f"--batch_size {args.batch_size} does not divide across {world_size} ranks")
+    args.local_batch_size = args.batch_size // world_size
+    if args.local_batch_size % args.local_micro_batch_size:
+        raise ValueError(f"--batch_size {args.batch_size} over {world_size} ranks is {args.local_batch_size} per rank, "
+                         f"not a multiple of --local_micro_batch_size {args.local_micro_batch_size}")
+    args.gradient_accumulation_steps = args.local_batch_size // args.local_micro_batch_size
+
+
+def lr_at(update, args):
+    """Linear warmup then cosine decay to 0, a function of the update number only (no dependence on ranks)."""
+    warmup = int(args.warmup_ratio * args.num_updates)
+    if update < warmup:
+        return args.lr * (update + 1) / warmup
+    progress = (update - warmup) / max(1, args.num_updates - warmup)
+    return args.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def batch_indices(num_examples, batch_size, update, seed):
+    """Example indices of global batch `update`. Each epoch is a seeded permutation, so the order depends on the
+    update number alone: the same for every world size, and restored exactly on resume."""
+    epoch, step = divmod(update, num_examples // batch_size)
+    order = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return order[step * batch_size:(step + 1) * batch_size].tolist()
+
+
+def check_numbers(args, positive=(), non_negative=(), fraction=()):
+    """Numeric arguments in their valid range, checked before anything is written: `positive` > 0, `non_negative` >= 0,
+    `fraction` in [0, 1]. Names may be dotted (task.maxlen); a field left at None (computed later) is not checked."""
+    rules = [(positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
+             (fraction, lambda v: 0 <= v <= 1, "in [0, 1]")]
+    for names, ok, expected in rules:
+        for name in names:
+            value = args
+            for part in name.split("."):
+                value = getattr(value, part)
+            if value is not None and not (ok(value) and not math.isnan(value)):
+                raise ValueError(f"--{name} must be {expected}, got {value}")
+
+
+def lock_output_dir(output_dir, rank):
+    """One run per output folder: rank 0 holds an exclusive lock on `.<name>.lock` beside the folder for the life of the
+    process (the OS releases it however the process ends, SIGKILL included). A second run on the same folder is
+    refused, naming the holder. Returns the open lock file, to be kept referenced until the run ends."""
+    output_dir = os.path.normpath(output_dir)
+    path = os.path.join(os.path.dirname(output_dir), f".{os.path.basename(output_dir)}.lock")
+    handle, holder = None, None
+    if rank == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                         f"{' '.join(sys.argv)}\n")
+            handle.flush()
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "a process that has not written its name yet"
+            handle.close()
+    if dist.is_initialized():
+        box = [holder]
+        dist.broadcast_object_list(box, src=0)
+        holder = box[0]
+    if holder is not None:
+        raise SystemExit(f"--output_dir {output_dir} is in use by another run ({holder}; lock file {path}). Wait for "
+                         "it to end or stop it, or pass another --output_dir")
+    return handle
+
+
+def check_output_dir(args):
+    """Refuse to clobber a finished run or to restart an unfinished one silently; return the checkpoint to resume
+    (`--resume auto`: the newest one that passes verification). Writes nothing: the folder is made by
+    create_output_dir once the inputs have been checked."""
+    if args.overwrite and args.resume:
+        raise ValueError("--overwrite and --resume contradict each other")
+    if args.overwrite:
+        return None
+    if os.path.exists(os.path.join(args.output_dir, "config.json")):
+        raise FileExistsError(f"--output_dir {args.output_dir} already holds a finished run (config.json); "
+                              "pass another --output_dir or --overwrite")
+    if checkpoint_names(args.output_dir) and args.resume is None:
+        raise FileExistsError(f"--output_dir {args.output_dir} holds checkpoints of an unfinished run; "
+                              "pass --resume auto to continue it or --overwrite to start over")
+    if args.resume == "auto":
+        return latest_checkpoint(args.output_dir)
+    if args.resume:
+        if not os.path.exists(os.path.join(args.resume, "state.json")):
+            raise FileNotFoundError(f"--resume {args.resume}: not a checkpoint folder (no state.json)")
+        problem = verify_checkpoint(args.resume)
+        if problem:
+            raise ValueError(f"--resume {args.resume}: the checkpoint fails verification: {problem}")
+    return args.resume
+
+
+def changed_settings(args, recorded):
+    """`--name old -> new` for every argument that differs from those a run was started with, except the ones that
+    cannot change its results (where it writes, how often it checkpoints, how it logs)."""
+    neutral = {"output_dir", "overwrite", "resume", "save_freq", "keep_checkpoints", "max_bad_updates", "track",
+               "wandb_project_name", "wandb_entity", "exp_name", "progress"}
+
+    def flat(d, prefix=""):
+        return {k: v for key, value in d.items() for k, v in (flat(value, f"{prefix}{key}.").items()
+                                                            if isinstance(value, dict) else [(prefix + key, value)])}
+
+    now, then = flat(json.loads(json.dumps(asdict(args)))), flat(recorded)
+    return [f"--{name} {then.get(name, '(absent)')} -> {now.get(name, '(absent)')}"
+            for name in sorted(set(now) | set(then)) if name not in neutral and now.get(name) != then.get(name)]
+
+
+def create_output_dir(args, rank, resume):
+    """Take the folder's lock, then: a fresh start (re)creates it and writes args.json; a resume first checks that
+    every argument that changes results equals the checkpoint's and never rewrites args.json. Returns the lock."""
+    if resume:
+        recorded = os.path.join(resume, "args.json")
+        if not os.path.exists(recorded):  # checkpoints of older versions: the run's own args.json
+            recorded = os.path.join(os.path.dirname(os.path.dirname(os.path.normpath(resume))), "args.json")
+        if not os.path.exists(recorded):
+            raise FileNotFoundError(f"--resume {resume}: neither the checkpoint nor its run folder holds the args.json "
+                                    "the run was started with, so the settings cannot be checked")
+        with open(recorded) as f:
+            changed = changed_settings(args, json.load(f))
+        if changed:
+            raise ValueError(f"--resume {resume}: the run was started with other settings, and a resumed run must "
+                             f"train as the original would: {'; '.join(changed)}. Resume with the original arguments "
+                             f"({recorded}), or start a new run in another --output_dir")
+    lock = lock_output_dir(args.output_dir, rank)
+    barrier()
+    if rank == 0:
+        if args.overwrite:
+            shutil.rmtree(args.output_dir, ignore_errors=True)
+        os.makedirs(args.output_dir, exist_ok=True)
+        path = os.path.join(args.output_dir, "args.json")
+        if not (resume and os.path.exists(path)):
+            with open(path + ".tmp", "w") as f:
+                json.dump(asdict(args), f, indent=2)
+            os.replace(path + ".tmp", path)
+    barrier()
+    return lock
+
+
+def checkpoint_names(output_dir):
+    """Names of the finished checkpoints in output_dir, oldest first (temporary folders have a dot in their name)."""
+    root = os.path.join(output_dir, "checkpoints")
+    names = os.listdir(root) if os.path.isdir(root) else []
+    return sorted(n for n in names if n.startswith("update_") and "." not in n)
+
+
+def latest_checkpoint(output_dir):
+    """The newest checkpoint in output_dir that passes verification; newer ones that fail are reported and skipped."""
+    for name in reversed(checkpoint_names(output_dir)):
+        path = os.path.join(output_dir, "checkpoints", name)
+        problem = verify_checkpoint(path)
+        if not problem:
+            return path
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"skipping checkpoint {path}: it fails verification ({problem})", file=sys.stderr, flush=True)
+    return None
+
+
+def file_checksums(folder, names):
+    """{name: [size, crc32]} of files in `folder`, each rank reading its share (checkpoints can be hundreds of GB)."""
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = {}
+    for name in names[rank::world_size]:
+        crc = 0
+        with open(os.path.join(folder, name), "rb") as f:
+            while block := f.read(1 << 24):
+                crc = zlib.crc32(block, crc)
+        mine[name] = [os.path.getsize(os.path.join(folder, name)), crc]
+    parts = [mine]
+    if dist.is_initialized():
+        parts = [None] * world_size
+        dist.all_gather_object(parts, mine)
+    return {name: value for part in parts for name, value in part.items()}
+
+
+def verify_checkpoint(path):
+    """None if every file listed in the checkpoint's manifest.json (written last) is there with its size and
+    checksum; otherwise what is wrong, naming the file."""
+    manifest = os.path.join(path, "manifest.json")
+    if not os.path.exists(manifest):
+        return f"no {manifest} (written last: the checkpoint is incomplete or from an older version)"
+    with open(manifest) as f:
+        expected = json.load(f)
+    missing = [name for name in expected if not os.path.isfile(os.path.join(path, name))]
+    if missing:
+        return f"missing file {os.path.join(path, missing[0])}"
+    for name, (size, crc) in file_checksums(path, sorted(expected)).items():
+        if [size, crc] != expected[name]:
+            what = "size" if size != expected[name][0] else "checksum"
+            return f"{os.path.join(path, name)} has another {what} than when it was written (corrupt)"
+    return None
+
+
+@contextlib.contextmanager
+def disk_errors(path):
+    """A write that fails for lack of space says so, with the path, instead of torch's C++ messages ("file write
+    failed", "enforce fail"); what was half-written at `path` is removed."""
+    try:
+        yield
+    except (OSError, RuntimeError, dcp.CheckpointException) as e:  # dcp wraps what its writers raise
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        shutil.rmtree(path, ignore_errors=True)
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e) or free < 64 * 2**20:
+            raise SystemExit(f"no space left on device while writing {path} ({free / 2**20:.0f} MiB free there): free "
+                             "some space or lower --keep_checkpoints, then continue with --resume auto") from e
+        raise
+
+
+def save_checkpoint(args, model, optimizer, state, rank, generators=None):
+    """Write a resumable checkpoint atomically (a temporary folder renamed when complete): model and optimizer through
+    torch.distributed.checkpoint (FSDP2 shards are written by their owners), `state` (counters, wandb run id), each
+    rank's RNG states, the run's args.json, and last manifest.json (size and checksum of every file), which resume
+    verifies. Keeps the newest `keep_checkpoints` (this one, verified, always among them)."""
+    root = os.path.join(args.output_dir, "checkpoints")
+    path = os.path.join(root, f"update_{state['update']:07d}")
+    tmp = path + ".tmp"
+    with disk_errors(tmp):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        barrier()
+        model_state, optim_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=os.path.join(tmp, "dcp"))
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+               "generators": {name: g.get_state() for name, g in (generators or {}).items()}}
+        torch.save(rng, os.path.join(tmp, f"rng_rank{rank}.pt"))
+        barrier()
+        if rank == 0:
+            with open(os.path.join(tmp, "state.json"), "w") as f:
+                json.dump(state, f)
+            shutil.copyfile(os.path.join(args.output_dir, "args.json"), os.path.join(tmp, "args.json"))
+        barrier()
+        names = sorted(os.path.relpath(os.path.join(d, n), tmp) for d, _, files in os.walk(tmp) for n in files)
+        checksums = file_checksums(tmp, names)
+        if rank == 0:
+            with open(os.path.join(tmp, "manifest.json"), "w") as f:
+                json.dump(checksums, f)
+    if rank == 0:
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+        old = checkpoint_names(args.output_dir)
+        for name in old[:max(0, len(old) - max(1, args.keep_checkpoints))]:
+            if name != os.path.basename(path):
+                shutil.rmtree(os.path.join(root, name))
+    barrier()
+    return path
+
+
+def load_checkpoint(path, model, optimizer, rank, world_size, generators=None):
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    if state["world_size"] != world_size:
+        raise ValueError(f"--resume {path}: written by {state['world_size']} ranks, resumed with {world_size}; "
+                         "exact resume needs the same number of ranks")
+    model_state, optim_state = get_state_dict(model, optimizer)
+    loaded = {"model": model_state, "optimizer": optim_state}
+    dcp.load(loaded, checkpoint_id=os.path.join(path, "dcp"))
+    set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
+    rng = torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    for name, g in (generators or {}).items():
+        g.set_state(rng["generators"][name])
+    return state
+
+
+def rewrite_log(path, resumed_update):
+    """A fresh start (resumed_update None) begins `path` (a jsonl log with an "update" key) anew; a resumed run keeps
+    the lines logged up to its checkpoint. An incomplete last line (a kill or a full disk mid-write) is dropped with a
+    warning; a malformed line elsewhere is an error naming the file and line. Rewritten atomically (temporary file,
+    rename), so a kill here loses nothing."""
+    kept = []
+    if resumed_update is not None and os.path.exists(path):
+        with open(path, "rb") as f:
+            lines = f.read().decode("utf-8", errors="replace").splitlines(keepends=True)
+        for i, line in enumerate(lines):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:
+                    print(f"warning: dropping the incomplete last line of {path}: {line[:80]!r}", file=sys.stderr)
+                    break
+                raise ValueError(f"{path} line {i + 1} is not valid JSON: {line[:80]!r}") from None
+            if row["update"] <= resumed_update:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+class Preemption:
+    """SIGTERM, what cluster schedulers send before killing a job, only raises a flag: the training loop finishes the
+    update, all ranks agree to stop, a checkpoint is written and the run exits 143. (torchrun forwards SIGTERM to its
+    workers and kills them --shutdown-timeout seconds later, 30 by default: an update plus a checkpoint must fit.)"""
+
+    def __init__(self):
+        self.flag = False
+        signal.signal(signal.SIGTERM, self.handler)
+
+    def handler(self, signum, frame):
+        self.flag = True
+
+    def requested(self, device):
+        return bool(all_reduce(torch.tensor(float(self.flag), device=device), op=dist.ReduceOp.MAX).item())
+
+
+def step_if_finite(model, optimizer, loss, args, device):
+    """Clip gradients and step, unless the loss or the gradient norm is non-finite on any rank: then the gradients
+    are dropped and the weights are not touched. Returns (stepped, grad_norm)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+        grad_norm = grad_norm.full_tensor()
+    bad = torch.logical_not(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)).float().to(device)
+    finite = all_reduce(bad, op=dist.ReduceOp.MAX).item() == 0
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return finite, grad_norm.item()
+
+
+def count_update(state, stepped):
+    state["update"] += 1
+    state["bad_in_a_row"] = 0 if stepped else state["bad_in_a_row"] + 1
+    state["skipped_updates"] += 0 if stepped else 1
+
+
+def checkpoint_or_stop(args, model, optimizer, state, rank, device, preemption, logger, generators=None):
+    """After an update: stop with a checkpoint after max_bad_updates skipped updates in a row or on SIGTERM;
+    otherwise write the periodic checkpoint."""
+    if state["bad_in_a_row"] >= args.max_bad_updates:  # the weights are the last good ones: none of these stepped
+        path = save_checkpoint(args, model, optimizer, {**state, "bad_in_a_row": 0}, rank, generators)
+        end_run(logger, rank, 1, f"stopping: {state['bad_in_a_row']} updates in a row had a non-finite loss or "
+                                 f"gradient norm and were skipped; the last good weights are in {path}. Lower --lr or "
+                                 f"check the data, then continue with --resume {path}")
+    if preemption.requested(device):
+        path = save_checkpoint(args, model, optimizer, state, rank, generators)
+        end_run(logger, rank, 143, f"preempted: checkpoint written to {path}; continue with the same command plus "
+                                   "--resume auto")
+    if args.save_freq and state["update"] % args.save_freq == 0 and state["update"] < args.num_updates:
+        save_checkpoint(args, model, optimizer, state, rank, generators)
+
+
+def end_run(logger, rank, code=0, message=None):
+    """Close the logger (wandb), print the message and leave with `code`. Under torchrun the process ends with
+    os._exit, skipping Python's own teardown, where gloo's worker threads and the DDP reducer can deadlock over the
+    GIL (pytorch#56297); every file has been written and closed by then."""
+    logger.close()
+    if message and rank == 0:
+        print(message, file=sys.stderr if code == 1 else sys.stdout, flush=True)
+    if dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        raise SystemExit(code)
+
+
+class Progress:
+    """k of N (updates, or shards), the rate and the time left, on the ranks it is enabled on (rank 0): a tqdm bar
+    when stderr is a terminal, otherwise (a log file, CI, a cluster's output) a plain line on stderr at most every
+    `every` seconds and at the end; nothing when disabled (--no_progress). Lines printed through `write` keep the
+    bar intact."""
+
+    every = 60.0
+
+    def __init__(self, total, done, unit, enabled, stream=None):
+        self.total, self.unit, self.enabled = total, unit, enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self.start, self.start_done, self.last, self.bar = time.time(), done, time.time(), None
+        if enabled and self.stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=done, unit=unit, file=self.stream, dynamic_ncols=True)
+
+    @staticmethod
+    def clock(seconds):
+        if not math.isfinite(seconds):
+            return "?"
+        minutes, seconds = divmod(int(seconds), 60)
+        return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
+
+    def line(self, done, now):
+        elapsed = now - self.start
+        rate = (done - self.start_done) / elapsed if elapsed > 0 else 0.0
+        speed = f"{rate:.3g} {self.unit}s/s" if rate >= 1 else f"{1 / rate:.3g} s/{self.unit}" if rate else "-"
+        left = (self.total - done) / rate if rate else math.inf
+        return (f"{self.unit} {done}/{self.total} ({100 * done / max(self.total, 1):.0f}%), {speed}, "
+                f"elapsed {self.clock(elapsed)}, left {self.clock(left)}")
+
+    def update(self, done):
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+            return
+        now = time.time()
+        if done >= self.total or now - self.last >= self.every:
+            self.last = now
+            print(f"progress: {self.line(done, now)}", file=self.stream, flush=True)
+
+    def write(self, text):
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stdout)
+        else:
+            print(text, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Logger:
+    """Every logged scalar goes to the console and `<output_dir>/metrics.jsonl`, and to wandb with --track (a resumed
+    run continues the same wandb run), plus `elapsed`: seconds since logging began (after the models loaded), which a
+    resumed run continues from its checkpoint's line. Only rank 0 writes, and shows update k of num_updates, the rate
+    and the time left (Progress) unless --no_progress."""
+
+    def __init__(self, args, rank, run_id, resumed_update):
+        self.rank, self.wandb, self.start, self.before = rank, None, time.time(), 0.0
+        self.path = os.path.join(args.output_dir, "metrics.jsonl")
+        self.progress = Progress(args.num_updates, resumed_update or 0, "update", rank == 0 and args.progress)
+        if rank != 0:
+            return
+        rewrite_log(self.path, resumed_update)  # a resumed run drops what was logged after its checkpoint
+        if resumed_update is not None and os.path.exists(self.path):
+            with open(self.path) as f:
+                last = f.read().splitlines()[-1:]
+            self.before = json.loads(last[0]).get("elapsed", 0.0) if last else 0.0
+        if args.track:
+            import wandb
+
+            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args),
+                                    name=f"{args.exp_name}__{args.seed}__{run_id}", id=run_id, resume="allow")
+
+    def log(self, metrics, update):
+        if self.rank != 0:
+            return
+        metrics = {**metrics, "elapsed": self.before + time.time() - self.start}
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"update": update, **metrics}) + "\n")
+        self.progress.write(f"update {update}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=update)
+        self.progress.update(update)
+
+    def close(self):
+        self.progress.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def save_model_atomically(model, tokenizer, args, rank, state_dict=None):
+    """`save_pretrained` (safetensors) plus the tokenizer into output_dir; config.json, the file that marks a finished
+    run, is moved in last, so an interrupted save never looks finished. `state_dict`: full weights gathered from a
+    sharded (FSDP2) model."""
+    tmp = os.path.join(args.output_dir, "final.tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        with disk_errors(tmp):
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+            tokenizer.save_pretrained(tmp)
+        names = sorted(os.listdir(tmp), key=lambda name: name == "config.json")
+        for name in names:
+            os.replace(os.path.join(tmp, name), os.path.join(args.output_dir, name))
+        os.rmdir(tmp)
+    barrier()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args, use_underscores=True))
