@@ -11,6 +11,7 @@ from conftest import (
     check_preempt_and_resume,
     check_resume_from_checkpoint,
     check_short_run_learns,
+    learning_args,
     metrics,
     run_in_process,
     run_into,
@@ -160,13 +161,8 @@ def test_nonfinite_updates_are_skipped_then_stop_the_run(rebel_1p, sft_policy, r
 
 @pytest.mark.slow
 def test_short_run_raises_the_held_out_reward_above_the_sft_policy(session_dir, sft_policy, reward_model):
-    """lr 3e-4, 4 epochs and 256 held-out prompts: with lr 1e-4, 2 epochs and 64 prompts (the earlier settings) one
-    2-core machine measured +0.43 against the 0.5 margin with a paired standard error near 0.3 (within noise); on 256
-    prompts lr 1e-4 gave -0.05 (2 epochs) and +0.38 +- 0.15 (4 epochs), lr 3e-4 with 4 epochs +0.71 +- 0.17."""
-    args = ["--model_name_or_path", sft_policy, "--reward_model_name_or_path", reward_model, "--task.dataset", SST2,
-            "--lr", "3e-4", "--batch_size", "32", "--local_micro_batch_size", "32", "--total_episodes", "480",
-            "--eval_size", "256", "--rebel.noptepochs", "4"]
     out = session_dir / "rebel_online_learns"
-    check_short_run_learns("rebel_online.py", args, out, 15)
+    check_short_run_learns("rebel_online.py", learning_args(sft_policy, reward_model, "--rebel.noptepochs", "4"), out,
+                           0.5)
     samples = (out / "eval_samples.jsonl").read_text().splitlines()
     assert len(samples) == 2 * 256  # every held-out answer, before and after, with its scores

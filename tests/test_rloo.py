@@ -12,6 +12,7 @@ from conftest import (
     check_preempt_and_resume,
     check_resume_from_checkpoint,
     check_short_run_learns,
+    learning_args,
     metrics,
     online_args,
     run_in_process,
@@ -111,9 +112,8 @@ def test_nonfinite_updates_are_skipped_then_stop_the_run(rloo_1p, sft_policy, re
 
 @pytest.mark.slow
 def test_short_run_raises_the_held_out_reward_above_the_sft_policy(session_dir, sft_policy, reward_model):
-    """RLOO with k = 2 (16 prompts per update) is noisier than PPO at this budget: with these settings the held-out
-    score rose by 0.57 (seed 1) and 0.27 (seed 2); with 2 epochs, or lr 2e-4, by 0.39-0.49. Hence a margin of 0.25."""
-    args = online_args(sft_policy, reward_model, "--batch_size", "32", "--local_micro_batch_size", "32",
-                       "--total_episodes", "480", "--eval_size", "64", "--rloo.k", "2", "--rloo.noptepochs", "4")
-    evals = check_short_run_learns("rloo.py", args, session_dir / "rloo_learns", 15, margin=0.25)
+    """RLOO with k = 2 (16 prompts per update) gains least at this budget, hence a margin of 0.3 (`learning_args`)."""
+    args = learning_args(sft_policy, reward_model, "--local_rollout_forward_batch_size", "8", "--rloo.k", "2",
+                         "--rloo.noptepochs", "4")
+    evals = check_short_run_learns("rloo.py", args, session_dir / "rloo_learns", 0.3)
     assert all(math.isfinite(e["eval/judge"]) for e in evals)
