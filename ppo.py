@@ -2,8 +2,9 @@
 
 Each update: 1. sample `batch_size` responses of at most `task.response_length` tokens from the policy (prompts
 left-padded, `position_ids = cumsum(attention_mask) - 1`) and cut each after its first EOS; 2. score them with the
-reward model, or a Python function given by `--reward_fn file.py:function` (then the value model starts from the policy
-with a new scalar head set to 0, so its first values are 0, not noise); a response without EOS gets
+reward model (prompt + response without its EOS; with `task.reward_with_eos`, text prompts, followed by the reward
+tokenizer's EOS), or a Python function given by `--reward_fn file.py:function` (then the value model starts from the
+policy with a new scalar head set to 0, so its first values are 0, not noise); a response without EOS gets
 `task.penalty_reward_value` instead of its score when `task.non_eos_penalty`; a NaN or inf score stops the run, naming
 the reward model; 3. per-token reward = -kl_coef * KL(policy || reference) (k1, or k3), plus the score at the last real
 token (the EOS); GAE (gamma, lam) on a value model initialised from the reward model; advantages whitened over all real

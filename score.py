@@ -3,7 +3,8 @@
 Any reward model that loads with `AutoModelForSequenceClassification` works: ArmoRM (`--trust_remote_code`; its
 output carries `.score`), ordinary ones (the reward is `logits[:, 0]`), and the model from reward_sst2.py. Chat reward
 models read `[user prompt, assistant response]` through their own chat template (BOS written by the template, not
-added a second time); `--prompt_format text` scores prompt + response as plain text (the SST-2 example).
+added a second time); `--prompt_format text` scores prompt + response as plain text (the SST-2 example), with
+`--reward_with_eos` followed by the reward tokenizer's EOS (the REBEL paper's TL;DR reward models read rewards there).
 
 `--reward_fn path/to/file.py:function` replaces the reward model with a Python function (verifiable answers, rules, a
 remote judge): `function(prompts, responses, **columns) -> list[float]`, called once per shard on every (prompt,
