@@ -200,7 +200,7 @@ def score_sequences(model, sequences, pad_id, batch_size, device):
     return rewards
 
 
-def check_reward_with_eos(args, reward_fn, tokenizer=None, config=None, pad_id=None):
+def check_reward_with_eos_setting(args, reward_fn, tokenizer=None, config=None, pad_id=None):
     """--reward_with_eos, checked before the model is loaded: text prompts, a reward model (not --reward_fn), and, once
     its tokenizer and config are read, an EOS that is not the pad token the model's pooling skips (its
     config.pad_token_id, else the tokenizer's pad, `pad_id`): transformers' sequence classifiers read the last token
@@ -251,7 +251,7 @@ def main(args: Args):
     rank, world_size, device = init_distributed()
     check_data_output_dir(args)
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
-    check_reward_with_eos(args, reward_fn)
+    check_reward_with_eos_setting(args, reward_fn)
     tokenizer = None if reward_fn else load_tokenizer(args.reward_model, "--reward_model", needs_eos=False)
     if rank == 0:
         print(f"rewards from {f'the function --reward_fn {args.reward_fn}' if reward_fn else args.reward_model}")
@@ -273,7 +273,7 @@ def main(args: Args):
     if not reward_fn:
         config = AutoConfig.from_pretrained(args.reward_model, trust_remote_code=args.trust_remote_code)
         limit = getattr(config.get_text_config(), "max_position_embeddings", None)
-        check_reward_with_eos(args, reward_fn, tokenizer, config, pad_id)
+        check_reward_with_eos_setting(args, reward_fn, tokenizer, config, pad_id)
     for shard in range(0 if reward_fn else num_shards):  # lengths only: the ids are made again when scoring
         rows, sequences = shard_sequences(dataset, shard, columns, tokenizer, args)
         too_long = [i for i, x in enumerate(sequences) if limit and len(x) > limit]
