@@ -107,6 +107,13 @@ class TaskArgs:
     """replace the score of a response with no EOS by penalty_reward_value"""
     penalty_reward_value: float = -1.0
     """the score a response with no EOS gets when non_eos_penalty"""
+    reward_with_eos: bool = False
+    """text prompts: the reward model reads the prompt, the response and its own tokenizer's EOS (in place of the
+    response's stop token), so the reward is read at that EOS, as summarize_from_feedback_details' and REBEL's TL;DR
+    reward models were trained and are read (docs/tldr.md); off: the response up to, not including, its stop token,
+    as reward_sst2.py trains. A response without EOS is scored as before either way. Refused with prompt_format
+    chat (the chat template ends the turn itself), with --reward_fn, and with a reward tokenizer whose pad token is
+    its EOS (the classifier reads the last token that is not the pad token: it would skip the EOS)"""
 
 
 @dataclass
@@ -311,6 +318,7 @@ def main(args: Args):
     for tok in (tokenizer, rm_tokenizer):
         if tok.pad_token is None:  # GPT-2: pad with EOS; masks are explicit, never inferred from pad ids
             tok.pad_token = tok.eos_token
+    check_reward_with_eos(args, reward_fn, rm_tokenizer)
     if rank == 0 and not tokenizers_match(tokenizer, rm_tokenizer):
         print("the reward model's tokenizer differs from the policy's: responses reach it as text, re-tokenized")
 
@@ -989,22 +997,53 @@ def tokenizers_match(a, b):
     return a.get_vocab() == b.get_vocab() and a("a b").input_ids == b("a b").input_ids
 
 
-def reward_inputs(prompts, prompt_ids, responses, response_mask, has_eos, tokenizer, rm_tokenizer, same, chat):
+def check_reward_with_eos(args, reward_fn, rm_tokenizer, flag="--task.reward_with_eos",
+                          model_arg="--reward_model_name_or_path"):
+    """--task.reward_with_eos, checked before any model is loaded: it needs text prompts (with chat prompts the reward
+    model's chat template already ends the assistant's turn with its end-of-turn token), a reward model (a --reward_fn
+    gets text), and a reward tokenizer with an EOS that is not its pad token: the reward model's config.pad_token_id
+    is set to the tokenizer's, and transformers' sequence classifiers read the last token that is not the pad token,
+    so a final EOS equal to it would be skipped silently and the reward read one token early."""
+    if not args.task.reward_with_eos:
+        return
+    if args.task.prompt_format == "chat":
+        raise SystemExit(f"{flag} is for text prompts: with --task.prompt_format chat the reward model's chat template "
+                         "already ends the response with its end-of-turn token; leave it off")
+    if reward_fn is not None:
+        raise SystemExit(f"{flag} gives a reward model the response's EOS; --reward_fn {args.reward_fn} gets the "
+                         "response as text: leave it off")
+    what = f"{flag}: the tokenizer of {model_arg} {args.reward_model_name_or_path}"
+    if rm_tokenizer.eos_token_id is None:
+        raise SystemExit(f"{what} has no EOS token to end the response with")
+    if rm_tokenizer.pad_token_id == rm_tokenizer.eos_token_id:
+        raise SystemExit(f"{what} pads with its EOS {rm_tokenizer.eos_token!r} (id {rm_tokenizer.eos_token_id}; a "
+                         "tokenizer without a pad token pads with EOS here), so the reward model, which reads the last "
+                         "token that is not the pad token, would skip the EOS. Give it a pad token of its own inside "
+                         "the model's embeddings (tools/convert_sfd_reward.py adds [PAD]), or leave the flag off")
+
+
+def reward_inputs(prompts, prompt_ids, responses, response_mask, has_eos, tokenizer, rm_tokenizer, same, chat,
+                  with_eos=False):
     """Token lists for the reward model. Chat prompts: the conversation [prompt messages, assistant response] through
     the reward model's own chat template (which writes BOS itself), as score.py gives it. Text prompts: the prompt's
     tokens plus the response up to (not including) its EOS, or, with a different reward-model tokenizer, their text
-    re-tokenized with the reward model's."""
+    re-tokenized with the reward model's; with `with_eos` (--task.reward_with_eos), a response that has an EOS (any
+    stop token) is followed by the reward tokenizer's EOS id (after the re-tokenized text, unless that already ends
+    with it), so the reward model reads the reward there; a response without one is given as without the flag."""
     real = [[t for t, m in zip(r, rm) if m][:-1 if eos else None]
             for r, rm, eos in zip(responses.tolist(), response_mask.tolist(), has_eos.tolist())]
+    ended = [with_eos and not chat and eos for eos in has_eos.tolist()]
     if same and not chat:
-        return [list(p) + r for p, r in zip(prompt_ids, real)]
+        return [list(p) + r + [rm_tokenizer.eos_token_id] * e for p, r, e in zip(prompt_ids, real, ended)]
     texts = tokenizer.batch_decode(real, skip_special_tokens=True)
     if chat:
         conversations = [p + [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts)]
         return rm_tokenizer(rm_tokenizer.apply_chat_template(conversations, tokenize=False),
                             add_special_tokens=False).input_ids
-    return rm_tokenizer([tokenizer.decode(p, skip_special_tokens=True) + t for p, t in zip(prompt_ids, texts)]
-                        ).input_ids
+    encoded = rm_tokenizer([tokenizer.decode(p, skip_special_tokens=True) + t for p, t in zip(prompt_ids, texts)]
+                           ).input_ids
+    return [ids + [rm_tokenizer.eos_token_id] if e and ids[-1:] != [rm_tokenizer.eos_token_id] else ids
+            for ids, e in zip(encoded, ended)]
 
 
 @torch.no_grad()
@@ -1106,7 +1145,7 @@ class Rewards:
                                    self.tokenizer, self.args, self.device)
         inputs = reward_inputs([prompts[i] for i in indices], [prompt_ids[i] for i in indices], responses,
                                response_mask, has_eos, self.tokenizer, self.rm_tokenizer, self.same,
-                               self.args.task.prompt_format == "chat")
+                               self.args.task.prompt_format == "chat", self.args.task.reward_with_eos)
         return score(self.reward_model, inputs, self.rm_tokenizer.pad_token_id,
                      self.args.local_rollout_forward_batch_size, self.device)
 

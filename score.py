@@ -3,7 +3,8 @@
 Any reward model that loads with `AutoModelForSequenceClassification` works: ArmoRM (`--trust_remote_code`; its
 output carries `.score`), ordinary ones (the reward is `logits[:, 0]`), and the model from reward_sst2.py. Chat reward
 models read `[user prompt, assistant response]` through their own chat template (BOS written by the template, not
-added a second time); `--prompt_format text` scores prompt + response as plain text (the SST-2 example).
+added a second time); `--prompt_format text` scores prompt + response as plain text (the SST-2 example), with
+`--reward_with_eos` followed by the reward tokenizer's EOS (the REBEL paper's TL;DR reward models read rewards there).
 
 `--reward_fn path/to/file.py:function` replaces the reward model with a Python function (verifiable answers, rules, a
 remote judge): `function(prompts, responses, **columns) -> list[float]`, called once per shard on every (prompt,
@@ -65,6 +66,13 @@ class Args:
     """column holding the prompt (a string or chat messages)"""
     prompt_format: Literal["chat", "text"] = "chat"
     """chat: [user prompt, assistant response] through the reward model's chat template; text: prompt + response"""
+    reward_with_eos: bool = False
+    """text: the reward model reads prompt + response + its tokenizer's EOS, so the reward is read at that EOS, as
+    summarize_from_feedback_details' and REBEL's TL;DR reward models were trained and are read (docs/tldr.md); off:
+    prompt + response text (generate.py's response_i columns hold the text without the stop token). The text does
+    not say whether a response ended, so every response gets the EOS; filter.py never uses the reward of one that
+    did not end. Refused with --prompt_format chat, with --reward_fn, and with a reward model whose pad token (its
+    config.pad_token_id, else its tokenizer's) is that EOS (its classifier would skip the EOS)"""
     output_dir: str = "runs/score"
     """the output dataset folder (written atomically; `<output_dir>.partial` holds the shards meanwhile)"""
     overwrite: bool = False
@@ -148,7 +156,11 @@ def encode_pairs(prompts, responses, tokenizer, args):
     """Token ids of every (prompt, response) as the reward model reads it. A chat template writes BOS itself, so its
     output is tokenized without special tokens (no second BOS)."""
     if args.prompt_format == "text":
-        return tokenizer([str(p) + str(r) for p, r in zip(prompts, responses)]).input_ids
+        encoded = tokenizer([str(p) + str(r) for p, r in zip(prompts, responses)]).input_ids
+        if not args.reward_with_eos:
+            return encoded
+        eos = tokenizer.eos_token_id  # appended unless the tokenizer already ends its encodings with it
+        return [ids if ids[-1:] == [eos] else ids + [eos] for ids in encoded]
     if not tokenizer.chat_template:
         raise ValueError(f"--reward_model {args.reward_model}: its tokenizer has no chat template; pass "
                          "--prompt_format text to score plain prompt + response text")
@@ -188,6 +200,36 @@ def score_sequences(model, sequences, pad_id, batch_size, device):
     return rewards
 
 
+def check_reward_with_eos_setting(args, reward_fn, tokenizer=None, config=None, pad_id=None):
+    """--reward_with_eos, checked before the model is loaded: text prompts, a reward model (not --reward_fn), and, once
+    its tokenizer and config are read, an EOS that is not the pad token the model's pooling skips (its
+    config.pad_token_id, else the tokenizer's pad, `pad_id`): transformers' sequence classifiers read the last token
+    that is not the pad token, so a final EOS equal to it would be skipped silently and the reward read one token
+    early."""
+    if not args.reward_with_eos:
+        return
+    if args.prompt_format == "chat":
+        raise SystemExit("--reward_with_eos is for --prompt_format text: a chat template already ends the assistant's "
+                         "turn with its end-of-turn token; leave it off")
+    if reward_fn is not None:
+        raise SystemExit(f"--reward_with_eos gives a reward model the response's EOS; --reward_fn {args.reward_fn} "
+                         "gets the response as text: leave it off")
+    if tokenizer is None:
+        return
+    what = f"--reward_with_eos: --reward_model {args.reward_model}"
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise SystemExit(f"{what}: its tokenizer has no EOS token to end the response with")
+    configured = getattr(config, "pad_token_id", None)
+    if (configured if configured is not None else pad_id) == eos:
+        where = f"its config.pad_token_id is {configured}" if configured is not None else \
+            "its tokenizer has no pad token of its own (it pads with EOS)"
+        raise SystemExit(f"{what}: {where}, the EOS {tokenizer.eos_token!r} (id {eos}), so the model, which reads the "
+                         "last token that is not the pad token, would skip the EOS. Give it a pad token of its own "
+                         "inside the model's embeddings, in the tokenizer and config.pad_token_id "
+                         "(tools/convert_sfd_reward.py adds [PAD]), or leave the flag off")
+
+
 def check_padding(model, sequences, pad_id, device):
     """Batched rewards must equal one-at-a-time rewards, or the model's pooling reads the wrong token: checked on the
     two shortest and two longest of the first 64 sequences, scored together."""
@@ -209,6 +251,7 @@ def main(args: Args):
     rank, world_size, device = init_distributed()
     check_data_output_dir(args)
     reward_fn = load_reward_fn(args.reward_fn) if args.reward_fn else None
+    check_reward_with_eos_setting(args, reward_fn)
     tokenizer = None if reward_fn else load_tokenizer(args.reward_model, "--reward_model", needs_eos=False)
     if rank == 0:
         print(f"rewards from {f'the function --reward_fn {args.reward_fn}' if reward_fn else args.reward_model}")
@@ -224,9 +267,13 @@ def main(args: Args):
                          f"empty prompt ({len(empty)} such rows); generate.py drops empty prompts: regenerate, or "
                          "remove those rows")
     n, num_shards = len(columns), (len(dataset) + args.shard_size - 1) // args.shard_size
+    pad_id = None
+    if tokenizer is not None:
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if not reward_fn:
         config = AutoConfig.from_pretrained(args.reward_model, trust_remote_code=args.trust_remote_code)
         limit = getattr(config.get_text_config(), "max_position_embeddings", None)
+        check_reward_with_eos_setting(args, reward_fn, tokenizer, config, pad_id)
     for shard in range(0 if reward_fn else num_shards):  # lengths only: the ids are made again when scoring
         rows, sequences = shard_sequences(dataset, shard, columns, tokenizer, args)
         too_long = [i for i, x in enumerate(sequences) if limit and len(x) > limit]
@@ -235,9 +282,6 @@ def main(args: Args):
             raise ValueError(f"--dataset {args.dataset}: row {rows[0] + row} response_{k} is "
                              f"{len(sequences[too_long[0]])} tokens with the prompt, more than the reward model's "
                              f"{limit} ({len(too_long)} such sequences in rows {rows[0]}-{rows[-1]})")
-    pad_id = None
-    if tokenizer is not None:
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     lock = lock_output_dir(args.output_dir, rank)  # noqa: F841 (held until the run ends)
     check_data_output_dir(args)  # again: a run on the same folder may have finished meanwhile
     if reward_fn:  # the function's source file identifies it

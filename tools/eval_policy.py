@@ -53,6 +53,10 @@ class Args:
     """sampling temperature (ppo.py's default)"""
     seed: int = 1
     """seed of the sampling noise (use the PPO run's to share its noise)"""
+    reward_with_eos: bool = False
+    """the reward model reads each answer that ended with its tokenizer's EOS appended (as ppo.py's
+    --task.reward_with_eos: for reward models trained to read the reward at the EOS, e.g. the REBEL paper's TL;DR
+    ones)"""
 
 
 def main(args: Args):
@@ -61,7 +65,7 @@ def main(args: Args):
     task = ppo.TaskArgs(dataset=args.dataset, eval_split=args.eval_split, prompt_column=args.prompt_column,
                         prompt_words=args.prompt_words, maxlen_prompt=args.maxlen_prompt,
                         response_length=args.response_length,
-                        temperature=args.temperature)
+                        temperature=args.temperature, reward_with_eos=args.reward_with_eos)
     config = ppo.Args(model_name_or_path=args.reference, reward_model_name_or_path=args.reward_model,
                       eval_size=args.eval_size, seed=args.seed, task=task)
     _, _, device = ppo.init_distributed()  # as in training: a GPU that torch cannot use stops here, no CPU fallback
@@ -70,6 +74,7 @@ def main(args: Args):
     for tok in (tokenizer, rm_tokenizer):
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
+    ppo.check_reward_with_eos(config, None, rm_tokenizer, "--reward_with_eos", "--reward_model")
     columns = {}
     prompts, prompt_ids, _ = ppo.load_prompts(tokenizer, args.eval_split, config, columns)
     prompts, prompt_ids = prompts[:args.eval_size], prompt_ids[:args.eval_size]
