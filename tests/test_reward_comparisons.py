@@ -277,3 +277,72 @@ def test_two_ranks_match_one_rank(rm_runs, session_dir, fsdp):
     for key in ("loss/reward_avg", "val/accuracy", "val/reward_mean"):
         assert [m[key] for m in other if key in m] == pytest.approx([m[key] for m in one if key in m], rel=1e-4,
                                                                      abs=1e-5), key
+
+
+def bad_cases(tmp_path):
+    """(arguments, expected error) of comparison data that is wrong, each refused before any model loads."""
+    pairs, chats, ranked = text_pairs("train", 20), chat_pairs("train", 20), rankings("train", 20)
+    other = [{"role": "user", "content": "something else"}]
+
+    def edit(rows, i, **changes):
+        rows = [dict(row) for row in rows]
+        rows[i].update(changes)
+        return rows
+
+    def data(rows, name):
+        return ["--model_name_or_path", TINY_GPT2, "--task.dataset", write_jsonl(rows, tmp_path / name / "train.jsonl"),
+                "--task.eval_split", "None", "--batch_size", "4", "--local_micro_batch_size", "4"]
+
+    chat = ["--model_name_or_path", TINY_LLAMA]
+    return {
+        "missing rejected": (data([{k: v for k, v in r.items() if k != "rejected"} for r in pairs], "a"),
+                             r"--task.dataset \S+/a/train.jsonl split train: missing column\(s\) \['rejected'\]"),
+        "missing prompt": (data([{k: v for k, v in r.items() if k != "prompt"} for r in pairs], "b"),
+                           r"missing column\(s\) \['prompt'\] \(pass --task.prompt_column None"),
+        "ranking of one": ([*data(edit(ranked, 7, ranked=["only one"]), "c"), "--task.dataset_format", "ranked"],
+                           r"row 7, column ranked: a ranking needs at least 2 responses"),
+        "repeated in ranking": ([*data(edit(ranked, 4, ranked=["a b", "c", "a b"]), "d"), "--task.dataset_format",
+                                 "ranked"], r"row 4, column ranked: responses 0 and 2 are the same"),
+        "prompt disagrees": ([*data(edit(chats, 5, prompt=other), "e"), *chat],
+                             r"row 5: column prompt disagrees with the leading messages of column chosen"),
+        "different conversations": ([*data(edit(chats, 3, rejected=other + chats[3]["rejected"][1:]), "f"),
+                                     "--task.prompt_column", "None", *chat],
+                                    r"row 3: columns chosen and rejected continue different conversations"),
+        "all identical": (data([{**r, "rejected": r["chosen"]} for r in pairs], "g"),
+                          r"no comparisons left of 20 rows \(20 with chosen equal to rejected"),
+        "chat data as text": ([*data(chats, "h"), *chat, "--task.prompt_format", "text"],
+                              r"row 0, column prompt: expected text, got .*need --task.prompt_format auto or chat"),
+        "not a response": (data(edit(pairs, 2, chosen=""), "i"), r"row 2, column chosen: expected a non-empty text"),
+        "no response columns to normalise": ([*data(pairs, "j"), "--normalize_dataset", write_jsonl(pairs, tmp_path /
+                                              "n.jsonl")], r"--normalize_dataset \S+n.jsonl split train: no "
+                                                           r"response_0, response_1, ... columns"),
+        "longer than the model": ([*data(edit(pairs, 1, chosen=" good" * 200), "k"), "--task.maxlen", "5000"],
+                                  r"sequences of up to \d+ tokens, more than the 128 positions"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing rejected", "missing prompt", "ranking of one", "repeated in ranking",
+                                  "prompt disagrees", "different conversations", "all identical", "chat data as text",
+                                  "not a response", "no response columns to normalise", "longer than the model"])
+def test_bad_comparisons_are_refused_before_any_model_loads(case, tmp_path, no_model_loading):
+    args, message = bad_cases(tmp_path)[case]
+    with pytest.raises(ValueError, match=message):
+        run_in_process(reward, args, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_identical_pairs_are_skipped_counted_and_reported(tmp_path):
+    """A pair whose chosen equals its rejected says nothing about preference: where only some rows are so, they are
+    skipped, and the count and the first rows are reported."""
+    rows = text_pairs("train", 12)
+    for i in (3, 8):
+        rows[i]["rejected"] = rows[i]["chosen"]
+    args = reward.Args()
+    tokenizer = reward.load_tokenizer(str(TINY_GPT2), needs_eos=False)
+    data, chat, report = reward.load_comparisons(str(write_jsonl(rows, tmp_path / "d.jsonl")), "train", args,
+                                                 tokenizer, "--task.dataset")
+    assert len(data) == 10 and not chat and report["identical"] == [3, 8]
+    line = reward.describe("train", data, report, args)
+    assert "10 of 12 rows (K=2: 10)" in line and "skipped 2 whose chosen equals rejected (rows [3, 8])" in line
+    assert data.row(3) == tokenizer([rows[4]["prompt"] + rows[4]["chosen"], rows[4]["prompt"] + rows[4]["rejected"]]
+                                    ).input_ids
