@@ -77,7 +77,7 @@ def write_jsonl(rows, path):
 KINDS = {  # data, model, extra arguments, train rows
     "text": (text_pairs, TINY_GPT2, []),
     "chat": (chat_pairs, TINY_LLAMA, []),
-    "ranked": (rankings, TINY_GPT2, ["--task.dataset_format", "ranked"]),
+    "ranked": (rankings, TINY_GPT2, ["--task.dataset_format", "ranked", "--center_coef", "0.01"]),
 }
 
 
