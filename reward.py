@@ -327,11 +327,15 @@ def load_comparisons(path, split, args, tokenizer, arg, limit=None, chat=None):
     task = args.task
     ranked = task.dataset_format == "ranked"
     response_columns = [task.ranked_column] if ranked else [task.chosen_column, task.rejected_column]
-    columns = ([task.prompt_column] if task.prompt_column else []) + response_columns
+    prompt_column = task.prompt_column
+    if prompt_column not in data.column_names and not set(response_columns) - set(data.column_names) and len(data) \
+            and all(holds_messages(data[0][c], ranked) for c in response_columns):
+        prompt_column = None  # whole conversations carry their prompt: the prompt column is optional
+    columns = ([prompt_column] if prompt_column else []) + response_columns
     missing = [c for c in columns if c not in data.column_names]
     if missing:
         hint = " (pass --task.prompt_column None if the responses hold the whole text)" if (
-            task.prompt_column in missing) else ""
+            prompt_column in missing) else ""
         raise ValueError(f"{what}: missing column(s) {missing}{hint}; {expected(args)}; it has {data.column_names}")
     if len(data) == 0:
         raise ValueError(f"{what}: no rows")
@@ -340,7 +344,7 @@ def load_comparisons(path, split, args, tokenizer, arg, limit=None, chat=None):
         index = sorted(random.Random(args.seed).sample(index, limit))
         data = data.select(index)
     data = data.select_columns(columns)
-    is_chat = detect_chat(data[0], task.prompt_column, response_columns, ranked, args)
+    is_chat = detect_chat(data[0], prompt_column, response_columns, ranked, args)
     if chat is not None and is_chat != chat:
         raise ValueError(f"{what}: holds {'chat' if is_chat else 'text'} data, but the training data is "
                          f"{'chat' if chat else 'text'}: a reward model reads one format")
@@ -351,7 +355,7 @@ def load_comparisons(path, split, args, tokenizer, arg, limit=None, chat=None):
         rendered, sizes = [], []
         for i in range(len(batch[columns[-1]])):
             where = f"{what}: row {index[start + i]}"
-            prompt = batch[task.prompt_column][i] if task.prompt_column else None
+            prompt = batch[prompt_column][i] if prompt_column else None
             if ranked:
                 value = batch[task.ranked_column][i]
                 if not isinstance(value, list) or len(value) < 2:
@@ -360,7 +364,7 @@ def load_comparisons(path, split, args, tokenizer, arg, limit=None, chat=None):
                 responses, names = value, [f"{task.ranked_column}[{k}]" for k in range(len(value))]
             else:
                 responses, names = [batch[c][i] for c in response_columns], response_columns
-            texts = render(prompt, responses, is_chat, where, [task.prompt_column, *names])
+            texts = render(prompt, responses, is_chat, where, [prompt_column, *names])
             rendered += texts
             sizes.append(len(texts))
         ids = tokenize(rendered, is_chat, tokenizer)

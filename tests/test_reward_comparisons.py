@@ -346,3 +346,23 @@ def test_identical_pairs_are_skipped_counted_and_reported(tmp_path):
     assert "10 of 12 rows (K=2: 10)" in line and "skipped 2 whose chosen equals rejected (rows [3, 8])" in line
     assert data.row(3) == tokenizer([rows[4]["prompt"] + rows[4]["chosen"], rows[4]["prompt"] + rows[4]["rejected"]]
                                     ).input_ids
+
+
+def test_chat_prompt_column_is_optional_and_explicit_prompts_are_continued(tmp_path):
+    """Whole conversations in chosen/rejected need no prompt column; TRL's explicit-prompt form (prompt messages,
+    responses holding only the assistant's turn) and a text prompt (one user turn) render the same sequences."""
+    rows = chat_pairs("train", 6)
+    tokenizer = reward.load_tokenizer(str(TINY_LLAMA), needs_eos=False)
+    forms = {"whole": [{k: r[k] for k in ("chosen", "rejected")} for r in rows], "with prompt": rows,
+             "explicit": [{"prompt": r["prompt"], "chosen": r["chosen"][1:], "rejected": r["rejected"][1:]}
+                          for r in rows],
+             "text prompt": [{**r, "prompt": r["prompt"][0]["content"]} for r in rows]}
+    loaded = {}
+    for name, form in forms.items():
+        data, chat, _ = reward.load_comparisons(str(write_jsonl(form, tmp_path / f"{name}.jsonl")), "train",
+                                                reward.Args(), tokenizer, "--task.dataset")
+        assert chat
+        loaded[name] = [data.row(i) for i in range(len(data))]
+    expected = [tokenizer(tokenizer.apply_chat_template([r["chosen"], r["rejected"]], tokenize=False),
+                          add_special_tokens=False).input_ids for r in rows]
+    assert all(value == expected for value in loaded.values())
