@@ -773,8 +773,9 @@ def main(args: Args):
     if normalize is not None:
         mean, std = mean_reward(wrapped, normalize, pad_id, args, rank, world_size, device, autocast)
         if full is None:
-            full = {name: t.detach().cpu() for name, t in model.state_dict().items()}
-        full = fold_offset(full, target, mean)
+            full = {name: t.detach().cpu() for name, t in model.state_dict().items()} if rank == 0 else {}
+        if rank == 0:  # the only rank that holds (FSDP2: gathers) the full weights, and saves them
+            full = fold_offset(full, target, mean)
         logger.log({"normalize/reward_mean": mean, "normalize/reward_std": std, "normalize/responses": len(normalize)},
                    state["update"])
         if rank == 0:
