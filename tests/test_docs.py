@@ -16,8 +16,8 @@ import tyro
 from conftest import ROOT
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-SCRIPTS = ["sft_sst2.py", "sft.py", "reward_sst2.py", "ppo.py", "rebel_online.py", "rloo.py", "grpo.py", "generate.py",
-           "score.py", "filter.py", "rebel.py", "dpo.py"]
+SCRIPTS = ["sft_sst2.py", "sft.py", "reward_sst2.py", "reward.py", "ppo.py", "rebel_online.py", "rloo.py", "grpo.py",
+           "generate.py", "score.py", "filter.py", "rebel.py", "dpo.py"]
 TORCHRUN_OPTIONS = {"--nproc_per_node", "--nnodes", "--rdzv_backend", "--rdzv_endpoint", "--rdzv_id",
                     "--shutdown-timeout", "--master_port"}
 LOCAL_ONLY = re.compile(r"--(\w+\.)?(\w*model\w*|dataset|reward_fn)$")  # arguments that name a model or data

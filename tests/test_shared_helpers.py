@@ -6,11 +6,11 @@ import ast
 import pytest
 from conftest import ROOT
 
-SCRIPTS = sorted(p for p in ("sft_sst2.py", "sft.py", "reward_sst2.py", "ppo.py", "rebel.py", "dpo.py",
+SCRIPTS = sorted(p for p in ("sft_sst2.py", "sft.py", "reward_sst2.py", "reward.py", "ppo.py", "rebel.py", "dpo.py",
                              "rebel_online.py", "rloo.py", "grpo.py", "generate.py", "score.py", "filter.py")
                  if (ROOT / p).exists())
-TRAINING = [p for p in ("sft_sst2.py", "sft.py", "reward_sst2.py", "ppo.py", "rebel.py", "dpo.py", "rebel_online.py",
-                        "rloo.py", "grpo.py") if p in SCRIPTS]
+TRAINING = [p for p in ("sft_sst2.py", "sft.py", "reward_sst2.py", "reward.py", "ppo.py", "rebel.py", "dpo.py",
+                        "rebel_online.py", "rloo.py", "grpo.py") if p in SCRIPTS]
 ONLINE = [p for p in ("ppo.py", "rebel_online.py", "rloo.py", "grpo.py") if p in SCRIPTS]  # ppo.py's rollout block
 CORE = {"init_distributed", "all_reduce", "load_split", "require_columns", "check_output_dir", "create_output_dir",
         "save_checkpoint", "load_checkpoint", "Preemption", "step_if_finite", "checkpoint_or_stop", "Logger",
@@ -18,7 +18,8 @@ CORE = {"init_distributed", "all_reduce", "load_split", "require_columns", "chec
 # helpers above main that a script copied from another (same name, same code), outside the shared blocks
 COPIED = [(("trimmed_batch", "chunk_logprobs", "SequenceLogprobs", "check_logprob_path", "build_model", "fingerprint",
             "sharded_pass", "reference_logprobs"), ("rebel.py", "dpo.py")),
-          (("without_dropout",), ("sft_sst2.py", "sft.py", "reward_sst2.py", "ppo.py", "rebel.py", "dpo.py")),
+          (("without_dropout",), ("sft_sst2.py", "sft.py", "reward_sst2.py", "reward.py", "ppo.py", "rebel.py",
+                                  "dpo.py")),
           (("end_of_turn_id",), ("filter.py", "generate.py", "dpo.py", "ppo.py", "sft.py")),
           (("stop_token_ids",), ("filter.py", "generate.py", "ppo.py", "sft.py")),  # one stop set for every stage
           (("describe_stop_ids",), ("generate.py", "ppo.py")),
