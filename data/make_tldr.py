@@ -151,6 +151,12 @@ def quality(prompt, summary):
     return correct - wrong - (not summary.rstrip().endswith((".", "?", "!")))
 
 
+def gold(prompts, responses, **columns):
+    """`quality` as a reward function in the form score.py's `--reward_fn` takes (the true reward of the miniature,
+    for scoring policies trained against a learned reward model): `--reward_fn data/make_tldr.py:gold`."""
+    return [float(quality(p, r)) for p, r in zip(prompts, responses)]
+
+
 def draw_facts(rng):
     return {"who": f"i ({rng.choice(AGES)}{rng.choice(SEXES)})", "other": rng.choice(list(OTHERS)),
             "problem": rng.choice(PROBLEMS), "question": rng.choice(QUESTIONS)}
