@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATA = ROOT / "data"
 SST2 = DATA / "sst2"
+TLDR = DATA / "tldr"
 TINY_GPT2 = DATA / "tiny-gpt2"
 TINY_LLAMA = DATA / "tiny-llama3-chat"
 

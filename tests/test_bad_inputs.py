@@ -20,8 +20,10 @@ import filter as filter_stage
 import generate
 import ppo
 import rebel
+import reward
 import reward_sst2
 import score
+import sft
 import sft_sst2
 
 ERRORS = (ValueError, FileExistsError, FileNotFoundError, SystemExit)
@@ -266,7 +268,7 @@ def test_empty_responses_are_kept_as_real_samples():
     assert kept[0]["reject_attention_mask"] == [1, 0, 0, 0]  # the empty response is its end-of-turn token
 
 
-MODULES = [sft_sst2, reward_sst2, ppo, rebel, dpo, generate, score, filter_stage]
+MODULES = [sft_sst2, reward_sst2, sft, reward, ppo, rebel, dpo, generate, score, filter_stage]
 UNBOUNDED = {"seed", "task.penalty_reward_value"}  # numeric arguments where every value means something
 
 

@@ -12,12 +12,14 @@ import sys
 import datasets
 import pytest
 import torch
-from conftest import ROOT, SST2, TINY_GPT2, TINY_LLAMA, metrics, online_args, pair_rows, weights
+from conftest import ROOT, SST2, TINY_GPT2, TINY_LLAMA, TLDR, metrics, online_args, pair_rows, weights
 
 import ppo
 import rebel
 
-TRAINING = ["sft_sst2.py", "reward_sst2.py", "ppo.py", "rloo.py", "grpo.py", "rebel_online.py", "rebel.py", "dpo.py"]
+TRAINING = ["sft_sst2.py", "reward_sst2.py", "sft.py", "reward.py", "ppo.py", "rloo.py", "grpo.py", "rebel_online.py",
+            "rebel.py", "dpo.py"]
+SUPERVISED = ("sft_sst2.py", "reward_sst2.py", "sft.py", "reward.py")
 FSDP_SCRIPTS = ["ppo.py", "rloo.py", "grpo.py", "rebel_online.py", "rebel.py", "dpo.py"]
 
 
@@ -52,12 +54,18 @@ def short_args(script, m):
     """Two updates of `script` on the bf16 checkpoints (one for the online scripts' 16-prompt batch)."""
     sst2 = ["--dataset", SST2, "--eval_split", "None", "--batch_size", "8", "--local_micro_batch_size", "4",
             "--total_episodes", "16", "--save_freq", "0"]
+    tldr = ["--task.eval_split", "None", "--batch_size", "8", "--local_micro_batch_size", "4", "--total_episodes", "16",
+            "--save_freq", "0"]
     pairs = ["--model_name_or_path", m["chat"], "--task.dataset", m["pairs"], "--task.maxlen_prompt", "7",
              "--task.maxlen", "6", "--batch_size", "4", "--local_micro_batch_size", "2", "--total_episodes", "8",
              "--eval_freq", "1000", "--save_freq", "0"]
     return {"sft_sst2.py": ["--model_name_or_path", m["policy"], *sst2],
             "reward_sst2.py": ["--model_name_or_path", m["policy"], *sst2],
             "rebel.py": pairs, "dpo.py": pairs,
+            "sft.py": ["--model_name_or_path", m["policy"], "--task.dataset", TLDR / "sft",
+                       "--task.maxlen_prompt", "96", "--task.maxlen", "32", *tldr],
+            "reward.py": ["--model_name_or_path", m["policy"], "--task.dataset", TLDR / "preference", "--task.maxlen",
+                          "128", *tldr],
             }.get(script) or online_args(m["policy"], m["rm"], "--total_episodes", "32", "--eval_freq", "1000",
                                          "--save_freq", "0", "--eval_size", "4")
 
@@ -90,7 +98,7 @@ def test_bf16_checkpoint_trains_fp32_master_weights_with_bf16_autocast_on_cpu(sc
     for e in steps:
         assert e["params"] == ["torch.float32"] and e["state"] == ["torch.float32"], (script, e)
     assert {t.dtype for t in weights(tmp_path / "run").values()} == {torch.float32}
-    if script not in ("sft_sst2.py", "reward_sst2.py"):  # policy = reference before the first step, in bf16 too:
+    if script not in SUPERVISED:  # policy = reference before the first step, in bf16 too:
         first = next(m for m in metrics(tmp_path / "run") if "objective/kl" in m)  # both paths autocast alike
         assert first["update"] == 1 and first["objective/kl"] == 0.0, first
 

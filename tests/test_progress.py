@@ -15,8 +15,8 @@ from conftest import ROOT
 
 import sft_sst2
 
-LONG_RUNNING = ("sft_sst2.py", "reward_sst2.py", "ppo.py", "rebel.py", "dpo.py", "rebel_online.py", "rloo.py",
-                "grpo.py", "generate.py", "score.py")
+LONG_RUNNING = ("sft_sst2.py", "reward_sst2.py", "sft.py", "reward.py", "ppo.py", "rebel.py", "dpo.py",
+                "rebel_online.py", "rloo.py", "grpo.py", "generate.py", "score.py")
 
 
 class Terminal(io.StringIO):

@@ -2,9 +2,9 @@
 reward model, with the same checks; generate.py --keep_columns carries the columns such a function reads; the
 arithmetic reward shipped in data/arith."""
 
+import importlib.util
 import json
 import math
-import sys
 
 import datasets
 import pytest
@@ -14,8 +14,10 @@ from conftest import DATA, run, run_in_process
 import generate
 import score
 
-sys.path.insert(0, str(DATA / "arith"))
-import reward as arith_reward  # noqa: E402
+# loaded by path: `import reward` would find the top-level reward.py (the reward-model trainer) first
+_spec = importlib.util.spec_from_file_location("arith_reward", DATA / "arith" / "reward.py")
+arith_reward = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(arith_reward)
 
 FUNCTIONS = '''
 import json, math, os
