@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 import compare  # noqa: E402
 import judge  # noqa: E402
 import quickstart  # noqa: E402
+from test_judge import KEY, StandIn  # noqa: E402  (an OpenAI-compatible stand-in server on 127.0.0.1)
 
 
 def small_args(tmp_path, **kw):
@@ -201,14 +202,21 @@ def scripted_sentiment_judge(questions):
     return ["More positive: " + ("A" if "Continuation A:\ngood" in q else "B") for q in questions]
 
 
-def test_judge_stages_run_on_the_evaluations_and_are_skipped_when_finished(tmp_path, monkeypatch, capsys):
-    args = small_args(tmp_path, algorithms=("ppo", "dpo"), ppo=(0.05,), judge="llm", judge_model="judge-x")
+def finished_ppo_run(args):
+    """The SFT policy, the reward model and a PPO run at kl_coef 0.05 finished, its evaluations as ppo.py writes them
+    (updates 0, 5 and 10 of 640 / 64)."""
     for folder in ("sft", "reward"):
         os.makedirs(os.path.join(args.output_dir, folder))
         open(os.path.join(args.output_dir, folder, "config.json"), "w").close()
     ppo = compare.run_folder(args, "ppo", 0.05, 1)
-    fake_eval(ppo, (0.1, 0.2), (0.5, 0.3), 1.0, [0, 320, 640], updates=[0, 5, 10])  # as ppo.py: 640 / 64 updates
+    fake_eval(ppo, (0.1, 0.2), (0.5, 0.3), 1.0, [0, 320, 640], updates=[0, 5, 10])
     open(os.path.join(ppo, "config.json"), "w").close()
+    return ppo
+
+
+def test_judge_stages_run_on_the_evaluations_and_are_skipped_when_finished(tmp_path, monkeypatch, capsys):
+    args = small_args(tmp_path, algorithms=("ppo", "dpo"), ppo=(0.05,), judge="llm", judge_model="judge-x")
+    ppo = finished_ppo_run(args)
     for stage in compare.stages(args):  # DPO: every stage finished, its evaluation as eval_policy.py writes it
         if stage.run and stage.run[0] == "dpo" and stage.script != compare.JUDGE:
             os.makedirs(stage.folder, exist_ok=True)
@@ -236,6 +244,29 @@ def test_judge_stages_run_on_the_evaluations_and_are_skipped_when_finished(tmp_p
     capsys.readouterr()
     compare.main(args)  # everything finished: nothing runs again
     assert len(ran) == 2 and f"{ppo}/judge: already finished, skipped" in capsys.readouterr().out
+
+
+def test_a_judge_stage_runs_tools_judge_py_as_a_user_runs_it(tmp_path, monkeypatch):
+    server = StandIn(lambda content: scripted_sentiment_judge([content])[0])
+    try:
+        monkeypatch.setenv("H21_JUDGE_KEY", KEY)  # the stand-in refuses a request without this key
+        args = small_args(tmp_path, algorithms=("ppo",), ppo=(0.05,), judge="llm", judge_model="judge-x",
+                          judge_url=server.url, judge_api_key_env="H21_JUDGE_KEY")
+        ppo = finished_ppo_run(args)
+        compare.main(args)  # the judge stage only: a tools/judge.py process asking the stand-in
+        summary = json.load(open(os.path.join(ppo, "judge", "summary.json")))
+        assert (summary["win_rate"], summary["n"], summary["backend"]) == (1.0, 2, "http") and not server.errors
+        assert len(server.requests) == 1 + 4  # the probe, then 2 prompts x 2 orders
+        assert KEY not in open(os.path.join(ppo, "judge", "summary.json")).read()
+    finally:
+        server.close()
+    stage = next(s for s in compare.stages(args) if s.script == compare.JUDGE)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    cmd, env = compare.stage_command(stage, True, {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "X": "y"})
+    assert cmd[-3:] == ["--output_dir", stage.folder, "--overwrite"]  # compare.py --overwrite redoes a judgment
+    # the judge loads from the hub as the user's environment allows, not offline as the toy's stages do
+    assert env == {"HF_DATASETS_OFFLINE": "0", "X": "y"}
 
 
 def test_report_with_an_llm_judge_from_fake_summaries(tmp_path, monkeypatch, capsys):

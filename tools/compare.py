@@ -284,8 +284,8 @@ def stages(args):
     return result
 
 
-def run_stage(stage, overwrite, env):
-    """Run one stage as a subprocess; its wall time (s) and peak resident memory (MiB, the child's ru_maxrss)."""
+def stage_command(stage, overwrite, env):
+    """The command line of a stage, and its environment."""
     if stage.script == JUDGE:
         again = ["--overwrite"] if overwrite else []
         # the judge may be a hub model: the user's own hub settings, not the toy's offline ones
@@ -297,7 +297,12 @@ def run_stage(stage, overwrite, env):
         again = ["--overwrite"]
     else:
         again = ["--resume", "auto"] if stage.script in quickstart.TRAINERS else []
-    cmd = [sys.executable, os.path.join(ROOT, stage.script), *stage.args, "--output_dir", stage.folder, *again]
+    return [sys.executable, os.path.join(ROOT, stage.script), *stage.args, "--output_dir", stage.folder, *again], env
+
+
+def run_stage(stage, overwrite, env):
+    """Run one stage as a subprocess; its wall time (s) and peak resident memory (MiB, the child's ru_maxrss)."""
+    cmd, env = stage_command(stage, overwrite, env)
     print(f"[compare] {stage.folder}: {' '.join(cmd[1:])}", flush=True)
     start = time.time()
     child = subprocess.Popen(cmd, env=env)
