@@ -48,8 +48,9 @@ def cli(*argv):
 
 
 def shown(question):
-    """The (first, second) responses a tldr or chat question shows."""
-    m = re.search(r"(?:Summary|Reply) A:\n(.*)\n\n(?:Summary|Reply) B:\n(.*)\n\nFIRST", question, re.S)
+    """The (first, second) responses a tldr, chat or sentiment question shows."""
+    names = "(?:Summary|Reply|Continuation)"
+    m = re.search(rf"{names} A:\n(.*)\n\n{names} B:\n(.*)\n\nFIRST", question, re.S)
     return m.group(1), m.group(2)
 
 
@@ -191,6 +192,54 @@ def test_bad_input_is_refused_before_any_model_loads(files, tmp_path, case, matc
     with pytest.raises(ValueError, match=match):
         judge.main(cli("--a", a, "--b", b, "--judge_model", TINY_LLAMA, "--backend", "hf", "--output_dir",
                        tmp_path / "out", *extra))
+    assert not (tmp_path / "out").exists()
+
+
+def eval_samples(path):
+    """ppo.py-shaped eval_samples.jsonl: updates 0 (the SFT policy), 1 and 2 of four held-out prompts; at update 2
+    prompts 1 and 3 got a longer answer than at update 0, prompt 2 one of the same length."""
+    final = {0: "ok", 1: "a lovely film", 2: "no", 3: "warm and bright"}
+    rows = [{"update": u, "episode": 64 * u, "index": i, "prompt": f"review {i} opens", "score": 0.0, "judge": 0.0,
+             "response": {0: "no", 1: "meh", 2: final[i]}[u] if u < 2 else final[i]}
+            for u in (0, 1, 2) for i in range(4)]
+    return write_jsonl(path, rows)
+
+
+EVAL_SAMPLES = ("--a_column", "response", "--b_column", "response", "--a_id_column", "index", "--b_id_column", "index",
+                "--template", "sentiment")
+
+
+def test_two_evaluations_of_one_eval_samples_file_are_judged_against_each_other(tmp_path):
+    samples = eval_samples(tmp_path / "eval_samples.jsonl")
+    seen = []
+
+    def complete(questions):
+        seen.extend(questions)
+        return [prefers_longer(q) for q in questions]
+    summary = judge.main(cli("--a", samples, "--a_where", "update=2", "--b", samples, "--b_where", "update = 0",
+                             *EVAL_SAMPLES, "--judge_model", "scripted", "--output_dir", tmp_path / "out"), complete)
+    # update 2 against update 0: prompt 0 ("ok" vs "no": same length, each order's first wins: 0.5), 1 and 3 longer
+    # (1), 2 the same answer ("no" vs "no": 0.5)
+    assert [json.loads(line)["outcome"] for line in (tmp_path / "out" / "judgments.jsonl").read_text().splitlines()] \
+        == [0.5, 1, 0.5, 1]
+    assert summary["win_rate"] == pytest.approx(0.75) and (summary["a_prompts"], summary["b_prompts"]) == (4, 4)
+    assert shown(seen[2]) == ("a lovely film", "no") and shown(seen[3]) == ("no", "a lovely film")
+    assert "Opening words:\nreview 1 opens\n" in seen[2] and "More positive:" in seen[2]
+    assert summary["args"]["a_where"] == "update=2"
+
+
+@pytest.mark.parametrize("where,match", [
+    (("--a_where", "update"), r"--a_where 'update': expected COLUMN=VALUE"),
+    (("--a_where", "update=7"), r"--a .*eval_samples.jsonl \(split train\): no row has update = '7' \(--a_where\); "
+                                r"its values include \['0', '1', '2'\]"),
+    (("--a_where", "update=2", "--b_where", "step=0"),
+     r"--b .*eval_samples.jsonl \(split train\): missing column\(s\) \['step'\]"),
+])
+def test_a_bad_row_filter_is_refused_before_any_model_loads(tmp_path, where, match, no_model_loading):
+    samples = eval_samples(tmp_path / "eval_samples.jsonl")
+    with pytest.raises(ValueError, match=match):
+        judge.main(cli("--a", samples, "--b", samples, *EVAL_SAMPLES, *where, "--judge_model", TINY_LLAMA, "--backend",
+                       "hf", "--output_dir", tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
 

@@ -12,11 +12,14 @@ folder under --output_dir:
                                          iterative DPO, every strength) and the whole budget's prompts (DPO)
     seed{s}/{algorithm}_{value}/         an online run, or an offline run's iter{t}/ stages and eval/ (its policies
                                          evaluated by tools/eval_policy.py exactly as ppo.py evaluates)
+    seed{s}/{algorithm}_{value}/judge/   with --judge llm: tools/judge.py's judgment of the run's final held-out answers
+                                         against the SFT policy's (summary.json, judgments.jsonl)
     stage_costs.jsonl                    wall time and peak memory (ru_maxrss) of every stage run
     report/                              frontier.png, curves.png, table.md, results.json
 
 Held-out numbers come from one evaluation for all: 128 validation prompts answered with the run's seed's sampling
-noise, scored by the reward model and by the VADER judge, KL to the SFT policy from the samples. A run's wall time
+noise, scored by the reward model and by the VADER judge, KL to the SFT policy from the samples; with --judge llm a
+judge LLM also compares each run's final answers with the SFT policy's (win rate, both orders). A run's wall time
 and peak memory add up (time) or take the maximum (memory) over its stages, shared data stages included, so each is
 what that run costs alone. A finished stage is skipped and an interrupted one continues (training from its last
 checkpoint, generate and score from their finished shards); --overwrite redoes everything. An algorithm whose script
@@ -24,6 +27,7 @@ is not in the repository is skipped with a note.
 
     python tools/compare.py --episodes 3200       # everything, one seed (about 2 hours on 2 shared CPU cores)
     python tools/compare.py --algorithms ppo dpo --ppo 0.05 0.5 --dry_run    # the stages it would run
+    python tools/compare.py --episodes 3200 --judge llm --judge_model gpt-4o-mini --judge_url https://api.openai.com/v1
 
 Documentation: docs/comparison.md
 """
@@ -34,7 +38,8 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Literal
 
 import matplotlib
 import tyro
@@ -47,6 +52,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT, DATA = quickstart.ROOT, quickstart.DATA
+JUDGE = os.path.join("tools", "judge.py")
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,19 @@ class Args:
     """iterative DPO's --dpo.beta values (smaller: the policy moves further)"""
     dpo: tuple[float, ...] = (0.1, 0.3, 1.0)
     """DPO's --dpo.beta values"""
+    judge: Literal["vader", "llm"] = "vader"
+    """the judge of the held-out answers: vader (VADER's sentiment score at every evaluation, no model needed) or llm
+    (tools/judge.py: a judge LLM's win rate of each run's final answers against the SFT policy's, both orders)"""
+    judge_model: str | None = None
+    """--judge llm: the judge (a chat model's hub id or folder, or the model name --judge_url serves)"""
+    judge_url: str | None = None
+    """--judge llm: an OpenAI-compatible endpoint (https://api.openai.com/v1, http://localhost:8000); None: the judge
+    runs in the judge stage's process (transformers, or vLLM on a GPU)"""
+    judge_api_key_env: str = "OPENAI_API_KEY"
+    """--judge llm: environment variable holding the endpoint's key (read by tools/judge.py, written nowhere)"""
+    judge_template: Literal["sentiment", "tldr", "chat"] = "sentiment"
+    """--judge llm: the question (tools/judge.py's --template): sentiment, the toy's (which continuation of a review's
+    opening words is more positive); tldr (which summary is better); chat (which reply helps more)"""
     overwrite: bool = False
     """redo every stage, even those already finished"""
     dry_run: bool = False
@@ -153,6 +172,42 @@ def run_folder(args, name, value, seed):
     return os.path.join(args.output_dir, f"seed{seed}", f"{name}_{value:g}")
 
 
+def eval_folder(args, name, value, seed):
+    """The folder that holds (or will hold) the run's held-out evaluations: metrics.jsonl and eval_samples.jsonl."""
+    folder = run_folder(args, name, value, seed)
+    return folder if ALGORITHMS[name].kind == "online" else os.path.join(folder, "eval")
+
+
+def check_judge(args):
+    if args.judge == "llm" and not args.judge_model:
+        raise SystemExit("--judge llm needs --judge_model (a chat model's hub id or folder, or the model name "
+                         "--judge_url serves)")
+    defaults = {f.name: f.default for f in fields(Args)}
+    given = [f"--{name}" for name in ("judge_model", "judge_url", "judge_api_key_env", "judge_template")
+             if getattr(args, name) != defaults[name]]
+    if args.judge == "vader" and given:
+        raise SystemExit(f"{' '.join(given)}: only with --judge llm (the judge is VADER unless --judge llm is given)")
+
+
+def judge_stage(args, name, value, seed, final):
+    """tools/judge.py on the run's eval_samples.jsonl: its final evaluation (update `final`) against the SFT policy's
+    (update 0), joined on the held-out prompt's index."""
+    samples = os.path.join(eval_folder(args, name, value, seed), "eval_samples.jsonl")
+    return Stage(os.path.join(run_folder(args, name, value, seed), "judge"), JUDGE, [
+        "--a", samples, "--a_where", f"update={final}", "--b", samples, "--b_where", "update=0",
+        "--a_column", "response", "--b_column", "response", "--a_id_column", "index", "--b_id_column", "index",
+        "--template", args.judge_template, "--judge_model", args.judge_model,
+        *(["--judge_url", args.judge_url] if args.judge_url else []), "--judge_api_key_env", args.judge_api_key_env],
+        (name, value, seed))
+
+
+def finished(stage):
+    """Whether a stage's folder holds its finished output (a judgment: its summary.json, written last)."""
+    if stage.script == JUDGE:
+        return os.path.exists(os.path.join(stage.folder, "summary.json"))
+    return quickstart.finished(stage.folder, stage.script)
+
+
 def check_budget(args):
     per_iteration = args.iterations * args.num_responses
     if args.episodes % per_iteration or args.episodes % 64:
@@ -181,8 +236,10 @@ def pair_stages(args, out, policy, start, end, seed):
 
 
 def stages(args):
-    """Every Stage, in order: the SFT policy and reward model, then each run's stages."""
+    """Every Stage, in order: the SFT policy and reward model, then each run's stages (with --judge llm, ending with
+    its judge stage)."""
     check_budget(args)
+    check_judge(args)
     out = lambda *name: os.path.join(args.output_dir, *name)  # noqa: E731
     sft, reward = out("sft"), out("reward")
     result = [Stage(folder, script, script_args) for folder, script, script_args in
@@ -197,6 +254,9 @@ def stages(args):
                 "--model_name_or_path", sft, "--reward_model_name_or_path", reward, "--task.dataset", DATA,
                 *algo.extra, "--total_episodes", str(args.episodes), "--eval_freq", str(max(1, updates // args.evals)),
                 "--eval_size", str(args.eval_size), *common], run))
+            if args.judge == "llm":  # the online scripts evaluate at the last update too
+                batch = int(algo.extra[algo.extra.index("--batch_size") + 1])
+                result.append(judge_stage(args, name, value, seed, args.episodes // batch))
             continue
         iterations = args.iterations if algo.kind == "iterative" else 1
         policies, episodes, policy = [], [], sft
@@ -219,18 +279,30 @@ def stages(args):
         result.append(Stage(os.path.join(folder, "eval"), os.path.join("tools", "eval_policy.py"), [
             "--policies", *policies, "--episodes", *map(str, episodes), "--reference", sft, "--reward_model", reward,
             "--dataset", DATA, "--eval_size", str(args.eval_size), "--seed", str(seed)], run))
+        if args.judge == "llm":  # eval_policy.py's update t: the t-th policy (0: the SFT policy)
+            result.append(judge_stage(args, name, value, seed, len(policies)))
     return result
 
 
-def run_stage(stage, overwrite, env):
-    """Run one stage as a subprocess; its wall time (s) and peak resident memory (MiB, the child's ru_maxrss)."""
-    if stage.script.startswith("tools"):
+def stage_command(stage, overwrite, env):
+    """The command line of a stage, and its environment."""
+    if stage.script == JUDGE:
+        again = ["--overwrite"] if overwrite else []
+        # the judge may be a hub model: the user's own hub settings, not the toy's offline ones
+        env = {**{k: v for k, v in env.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")},
+               **{k: os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if k in os.environ}}
+    elif stage.script.startswith("tools"):
         again = []
     elif overwrite:
         again = ["--overwrite"]
     else:
         again = ["--resume", "auto"] if stage.script in quickstart.TRAINERS else []
-    cmd = [sys.executable, os.path.join(ROOT, stage.script), *stage.args, "--output_dir", stage.folder, *again]
+    return [sys.executable, os.path.join(ROOT, stage.script), *stage.args, "--output_dir", stage.folder, *again], env
+
+
+def run_stage(stage, overwrite, env):
+    """Run one stage as a subprocess; its wall time (s) and peak resident memory (MiB, the child's ru_maxrss)."""
+    cmd, env = stage_command(stage, overwrite, env)
     print(f"[compare] {stage.folder}: {' '.join(cmd[1:])}", flush=True)
     start = time.time()
     child = subprocess.Popen(cmd, env=env)
@@ -249,10 +321,9 @@ def run_stage(stage, overwrite, env):
 
 def eval_path(args, name, value, seed):
     """The folder with the run's held-out evaluations, or None if the run has not finished."""
-    algo, folder = ALGORITHMS[name], run_folder(args, name, value, seed)
-    path = folder if algo.kind == "online" else os.path.join(folder, "eval")
-    finished = os.path.exists(os.path.join(path, "config.json" if algo.kind == "online" else "metrics.jsonl"))
-    return path if finished else None
+    online, path = ALGORITHMS[name].kind == "online", eval_folder(args, name, value, seed)
+    done = os.path.exists(os.path.join(path, "config.json" if online else "metrics.jsonl"))
+    return path if done else None
 
 
 def judge_change(path):
@@ -277,12 +348,24 @@ def collect(args, costs):
             print(f"[compare] {name} {value:g} seed {seed}: not finished, left out of the report")
             continue
         rows, (judge_delta, judge_se) = report.eval_rows(path), judge_change(path)
+        win = {}
+        if args.judge == "llm":
+            summary_path = os.path.join(run_folder(args, name, value, seed), "judge", "summary.json")
+            if not os.path.exists(summary_path):
+                print(f"[compare] {name} {value:g} seed {seed}: not judged ({summary_path} missing), left out of the "
+                      "report")
+                continue
+            with open(summary_path) as f:
+                summary = json.load(f)
+            win = {"win_rate": summary["win_rate"], "win_se": summary["stderr"], "judge_n": summary["n"],
+                   "judge_prompts": summary["prompts"], "judge_ties": summary["ties"],
+                   "judge_unparseable": summary["unparseable"]}
         run_costs = [c for folder, c in costs.items() if [name, value, seed] in c.get("runs", [])]
         records.append({
             "algorithm": name, "label": ALGORITHMS[name].label, "strength": ALGORITHMS[name].strength, "value": value,
             "seed": seed, "scores": rows[-1]["eval/scores"], "judge": rows[-1]["eval/judge"], "kl": rows[-1]["eval/kl"],
             "sft_scores": rows[0]["eval/scores"], "sft_judge": rows[0]["eval/judge"], "judge_delta": judge_delta,
-            "judge_se": judge_se,
+            "judge_se": judge_se, **win,
             "curve": [{k: r[k] for k in ("episode", "eval/scores", "eval/judge", "eval/kl")} for r in rows],
             "wall_s": sum(c["wall_s"] for c in run_costs) if run_costs else None,
             "peak_mib": max(c["peak_mib"] for c in run_costs) if run_costs else None})
@@ -301,7 +384,15 @@ def mean_std(values, fmt):
 
 
 def verdict(r):
-    """Whether the judge agrees with the reward model's rise, beyond the noise of the held-out sample."""
+    """Whether the judge agrees with the reward model's rise, beyond the noise of the held-out sample: the VADER
+    judge's paired change, or (--judge llm) the win rate against the SFT policy's answers compared with 0.5."""
+    if "win_rate" in r:
+        if r["win_rate"] is None:
+            return "n/a"
+        se = r["win_se"] if r["win_se"] is not None else math.inf  # fewer than 2 prompts judged: no noise estimate
+        if r["scores"] > r["sft_scores"] and r["win_rate"] > 0.5 + 2 * se:
+            return "yes"
+        return "no" if r["win_rate"] < 0.5 - 2 * se or r["scores"] <= r["sft_scores"] else "within noise"
     if r["scores"] > r["sft_scores"] and r["judge_delta"] > 2 * r["judge_se"]:
         return "yes"
     return "no" if r["judge_delta"] < -2 * r["judge_se"] or r["scores"] <= r["sft_scores"] else "within noise"
@@ -314,9 +405,12 @@ def table(records, args):
         groups.setdefault((r["algorithm"], r["value"]), []).append(r)
     sft = {r["seed"]: (r["sft_scores"], r["sft_judge"]) for r in records}
     seeds = ", ".join(map(str, args.seeds))
-    lines = [f"Budget: {args.episodes:,} sampled and scored responses per run; seeds {seeds}; held out: "
-             f"{args.eval_size} validation prompts. Wall time and peak memory (ru_maxrss of the child "
-             "processes, via os.wait4) add up over a run's stages, shared data stages included.", "",
+    head = (f"Budget: {args.episodes:,} sampled and scored responses per run; seeds {seeds}; held out: "
+            f"{args.eval_size} validation prompts. Wall time and peak memory (ru_maxrss of the child "
+            "processes, via os.wait4) add up over a run's stages, shared data stages included.")
+    if args.judge == "llm":
+        return llm_table(records, groups, sft, head, args)
+    lines = [head, "",
              "| algorithm | setting | RM score | judge (VADER) | judge − SFT's (± s.e.) | KL to SFT | judge agrees | "
              "wall time (s) | peak memory (MiB) |", "|---|---|---|---|---|---|---|---|---|",
              f"| SFT policy | | {mean_std([s for s, _ in sft.values()], '+.3f')} | "
@@ -335,29 +429,61 @@ def table(records, args):
     return lines
 
 
-def plots(records, out):
-    """frontier.png (score and judge against KL, one marker per algorithm and setting, mean over seeds) and
-    curves.png (score and judge against episodes, one line per run)."""
+def llm_table(records, groups, sft, head, args):
+    """table() with --judge llm: the judge LLM's win rate against the SFT policy's answers replaces VADER's columns."""
+    win = lambda r: "n/a" if r["win_rate"] is None else f"{r['win_rate']:.3f} ± " + (  # noqa: E731
+        "n/a" if r["win_se"] is None else f"{r['win_se']:.3f}")
+    lines = [head + f" Judge: {args.judge_model} (tools/judge.py --template {args.judge_template}), each run's final "
+             "answers against the SFT policy's to the same held-out prompts, both orders; its time is not in the "
+             "run's wall time.", "",
+             "| algorithm | setting | RM score | win rate vs SFT (± s.e.) | KL to SFT | judge agrees | wall time (s) | "
+             "peak memory (MiB) |", "|---|---|---|---|---|---|---|---|",
+             f"| SFT policy | | {mean_std([s for s, _ in sft.values()], '+.3f')} | | 0 | | | |"]
+    for (_, value), rs in groups.items():
+        verdicts = [verdict(r) for r in rs]
+        agrees = verdicts[0] if len(set(verdicts)) == 1 else ", ".join(verdicts)
+        lines.append(f"| {rs[0]['label']} | {rs[0]['strength'].split('.')[-1]} {value:g} | "
+                     f"{mean_std([r['scores'] for r in rs], '+.3f')} | " + " / ".join(map(win, rs)) + " | "
+                     f"{mean_std([r['kl'] for r in rs], '.2f')} | {agrees} | "
+                     f"{mean_std([r['wall_s'] for r in rs], '.0f')} | {mean_std([r['peak_mib'] for r in rs], '.0f')} |")
+    lines += ["", "win rate vs SFT: the share of held-out prompts on which the judge preferred the run's final answer "
+              "to the SFT policy's (each prompt asked in both orders, a tie or a split counting one half; per seed, "
+              "± its standard error over the prompts). judge agrees: yes when the reward-model score rose and the "
+              "win rate is above 0.5 by more than 2 standard errors; no when it is below 0.5 by more than 2 or the "
+              "score did not rise; within noise otherwise."]
+    return lines
+
+
+def plots(records, out, args):
+    """frontier.png (score and judge against KL, one marker per algorithm and setting, mean over seeds; with --judge
+    llm the judge panel is the win rate against the SFT policy's answers) and curves.png (score and VADER's judge
+    against episodes, one line per run)."""
+    llm = args.judge == "llm"
     names = list(dict.fromkeys(r["algorithm"] for r in records))
     colors = {name: plt.get_cmap("tab10")(i) for i, name in enumerate(names)}
     sft_scores = sum(r["sft_scores"] for r in records) / len(records)
-    sft_judge = sum(r["sft_judge"] for r in records) / len(records)
+    sft_judge = 0.5 if llm else sum(r["sft_judge"] for r in records) / len(records)
+    judge_key = "win_rate" if llm else "judge"
+    judge_title = f"judge: win rate vs SFT ({args.judge_model})" if llm else "judge: VADER compound (held out)"
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for name in names:
         points = {}
         for r in records:
             if r["algorithm"] == name:
                 points.setdefault(r["value"], []).append(r)
-        xs = {v: sum(r["kl"] for r in rs) / len(rs) for v, rs in points.items()}
-        order = sorted(points)  # joined in the order of the setting, from one end of its range to the other
-        for ax, key in zip(axes, ("scores", "judge")):
-            ys = [sum(r[key] for r in points[v]) / len(points[v]) for v in order]
-            ax.plot([xs[v] for v in order], ys, marker="o", color=colors[name], label=ALGORITHMS[name].label)
-            for v, y in zip(order, ys):
-                ax.annotate(f"{v:g}", (xs[v], y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+        for ax, key in zip(axes, ("scores", judge_key)):
+            # joined in the order of the setting, from one end of its range to the other (a run without a win rate:
+            # every judge answer unparseable, left out of the judge panel)
+            order = [v for v in sorted(points) if any(r[key] is not None for r in points[v])]
+            xs = [sum(r["kl"] for r in points[v] if r[key] is not None) / sum(r[key] is not None for r in points[v])
+                  for v in order]
+            ys = [sum(r[key] for r in points[v] if r[key] is not None) / sum(r[key] is not None for r in points[v])
+                  for v in order]
+            ax.plot(xs, ys, marker="o", color=colors[name], label=ALGORITHMS[name].label)
+            for v, x, y in zip(order, xs, ys):
+                ax.annotate(f"{v:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
                             color=colors[name])
-    for ax, sft, title in zip(axes, (sft_scores, sft_judge), ("reward-model score (held out)",
-                                                                "judge: VADER compound (held out)")):
+    for ax, sft, title in zip(axes, (sft_scores, sft_judge), ("reward-model score (held out)", judge_title)):
         ax.scatter([0], [sft], marker="*", s=120, color="black", zorder=3, label="SFT policy")
         ax.axhline(sft, color="black", linewidth=0.6, linestyle="--")
         ax.set_title(title, fontsize=10)
@@ -400,12 +526,14 @@ def write_report(args, costs):
     if not records:
         print("[compare] no finished run to report")
         return []
-    plots(records, out)
+    plots(records, out, args)
     lines = table(records, args)
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+    judge = {"judge": {"kind": "llm", "model": args.judge_model, "template": args.judge_template}} \
+        if args.judge == "llm" else {}
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"episodes": args.episodes, "seeds": list(args.seeds), "eval_size": args.eval_size,
+        json.dump({"episodes": args.episodes, "seeds": list(args.seeds), "eval_size": args.eval_size, **judge,
                    "runs": records}, f, indent=1)
     print("\n".join(lines))
     print(f"\n[compare] wrote {out}/frontier.png, curves.png, table.md and results.json")
@@ -442,7 +570,7 @@ def main(args: Args):
         if stage.folder in done or args.report_only or stage.run in failed:
             continue
         done.add(stage.folder)
-        if quickstart.finished(stage.folder, stage.script) and not args.overwrite:
+        if finished(stage) and not args.overwrite:
             print(f"[compare] {stage.folder}: already finished, skipped (--overwrite redoes it)")
             continue
         try:
@@ -459,8 +587,8 @@ def main(args: Args):
         with open(costs_path, "a") as f:  # one line per stage: two compare.py processes may share the log
             f.write(json.dumps({"folder": os.path.abspath(stage.folder), **measured}) + "\n")
     costs = read_costs(costs_path)
-    for stage in plan:  # the runs each measured stage belongs to (a shared data stage: several)
-        if os.path.abspath(stage.folder) in costs and stage.run is not None:
+    for stage in plan:  # the runs each measured stage belongs to (a shared data stage: several; a judge stage: none)
+        if os.path.abspath(stage.folder) in costs and stage.run is not None and stage.script != JUDGE:
             costs[os.path.abspath(stage.folder)].setdefault("runs", []).append(list(stage.run))
     write_report(args, costs)
     for (name, value, seed), folder in failed.items():

@@ -13,6 +13,8 @@ Inputs: two datasets (files, folders, `save_to_disk` folders or hub ids: generat
 column, ppo.py's eval_samples.jsonl ...), each with a response column and a prompt-id column, joined by prompt id:
 every prompt of A must be in B (B may hold more, e.g. the whole reference split), ids may not repeat. The prompt shown
 to the judge comes from A's (or, with --prompt_from b, B's) prompt column; where both hold the prompt, they must agree.
+--a_where / --b_where COLUMN=VALUE keep only the rows with that value: e.g. two evaluations of one eval_samples.jsonl
+(update=N against update=0, joined on `index`), a policy's final answers against the SFT policy's.
 
 Judges: a local chat model through transformers (greedy) or vLLM (greedy), or an OpenAI-compatible HTTP endpoint
 (`--judge_url`: POST .../v1/chat/completions, temperature 0; the key is read from the environment variable named by
@@ -70,6 +72,11 @@ class Args:
     """split of A (a single file or a `save_to_disk` dataset holds only "train")"""
     b_split: str = "train"
     """split of B"""
+    a_where: str | None = None
+    """keep only A's rows whose column equals a value, COLUMN=VALUE compared as text (e.g. update=50: one evaluation
+    of ppo.py's eval_samples.jsonl, which holds every evaluation's answers); None: every row"""
+    b_where: str | None = None
+    """keep only B's rows whose column equals a value (COLUMN=VALUE, e.g. update=0: the SFT policy's answers)"""
     prompt_column: str = "prompt"
     """column holding the prompt shown to the judge: text, or chat messages"""
     prompt_from: Literal["a", "b"] = "a"
@@ -78,9 +85,9 @@ class Args:
     """refuse to judge when A and B both hold the prompt and it differs for an id (--no_check_prompts: skip)"""
     limit: int | None = None
     """judge only the first this many prompts of A; None: all"""
-    template: Literal["tldr", "chat"] = "tldr"
-    """the question put to the judge: tldr (which summary of a forum post is better) or chat (which reply is more
-    helpful)"""
+    template: Literal["tldr", "chat", "sentiment"] = "tldr"
+    """the question put to the judge: tldr (which summary of a forum post is better), chat (which reply is more
+    helpful) or sentiment (which continuation of a review's opening words is more positive: the SST-2 toy)"""
     max_new_tokens: int = 128
     """most tokens of each answer (a one-sentence comparison, then the verdict on its own line)"""
     output_dir: str = "runs/judge"
@@ -152,6 +159,23 @@ FIRST, in one sentence, compare the two replies and say which you prefer and why
 "A" or "B" to give your choice. Use this format:
 Comparison: <one sentence comparing the replies and explaining your choice>
 More helpful: <"A" or "B">""",
+    # the SST-2 toy's task, which its reward model and VADER score: continue a review's opening words positively
+    "sentiment": """Here are the opening words of a review and two candidate continuations of them. Read the opening \
+words followed by each continuation: which one makes the review express a more positive opinion?
+
+Opening words:
+{prompt}
+
+Continuation A:
+{first}
+
+Continuation B:
+{second}
+
+FIRST, in one sentence, compare the two continuations and say which is more positive and why. SECOND, on a new line, \
+state only "A" or "B" to give your choice. Use this format:
+Comparison: <one sentence comparing the continuations and explaining your choice>
+More positive: <"A" or "B">""",
 }
 TIE_WORDS = {"tie", "equal", "equally", "same"}
 
@@ -281,13 +305,34 @@ def describe(summary):
 # the data
 
 
+def parse_where(where, arg):
+    """(column, value) of a COLUMN=VALUE row filter, or None."""
+    if where is None:
+        return None
+    column, eq, value = where.partition("=")
+    if not eq or not column.strip():
+        raise ValueError(f"{arg} {where!r}: expected COLUMN=VALUE, e.g. update=0")
+    return column.strip(), value.strip()
+
+
 def load_side(path, split, column, id_column, side, args):
-    """One side's rows, {id: (response, prompt or None)} in the dataset's order; columns and unique ids checked."""
+    """One side's rows, {id: (response, prompt or None)} in the dataset's order (only the rows --{side}_where keeps);
+    columns and unique ids checked."""
     what = f"--{side} {path} (split {split})"
     data = generate.load_split(path, split, f"--{side}")
     wants_prompt = args.prompt_from == side
+    where = parse_where(getattr(args, f"{side}_where"), f"--{side}_where")
     generate.require_columns(data, [column, *([id_column] if id_column else []),
-                                    *([args.prompt_column] if wants_prompt else [])], what)
+                                    *([args.prompt_column] if wants_prompt else []), *(where[:1] if where else [])],
+                             what)
+    if where:
+        values = [str(v) for v in data[where[0]]]
+        keep = [i for i, v in enumerate(values) if v == where[1]]
+        if not keep:
+            raise ValueError(f"{what}: no row has {where[0]} = {where[1]!r} (--{side}_where); its values include "
+                             f"{list(dict.fromkeys(values))[:10]}")
+        data = data.select(keep)
+        what += f" where {where[0]} = {where[1]}"
     ids = [str(i) for i in data[id_column]] if id_column else [str(i) for i in range(len(data))]
     seen, repeated = set(), []
     for i in ids:
@@ -508,6 +553,8 @@ def main(args: Args, complete=None):
                            non_negative=("retries", "backoff"))
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    for side in ("a", "b"):
+        parse_where(getattr(args, f"{side}_where"), f"--{side}_where")
     summary_path = os.path.join(args.output_dir, "summary.json")
     if os.path.exists(summary_path) and not args.overwrite:
         raise SystemExit(f"--output_dir {args.output_dir} holds a finished judgment ({summary_path}); pass "
