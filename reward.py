@@ -673,7 +673,10 @@ def main(args: Args):
     derive_batch_sizes(args, world_size)
     resume = check_output_dir(args)
     tokenizer = load_tokenizer(args.model_name_or_path, needs_eos=False)
-    if tokenizer.pad_token is None:  # pad with EOS: sequences do not end with it, so pooling is unaffected
+    # no pad token: pad with EOS. The reward is read at the last token that is not the pad, so a sequence that ends
+    # with the EOS (a chat template whose end of turn is the EOS, e.g. Llama-3's <|eot_id|>) is read one token
+    # earlier; training and scoring (score.py, the online scripts) read the same token, so they agree
+    if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
 
     # 1. data: rendered, tokenized and checked before any model is loaded

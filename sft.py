@@ -11,7 +11,8 @@ by their number in the global batch, so gradient accumulation and the number of 
 (a pad that is the EOS must stay in the loss: trl#976). Rows whose prompt is longer than --task.maxlen_prompt or whose
 response is longer than --task.maxlen tokens are dropped and counted, as filter.py and dpo.py do.
 
-Evaluation: `val/loss` (the token-weighted mean over the response tokens of the validation split), `val/perplexity`,
+Evaluation: `val/loss` (the token-weighted mean over the tokens in the loss: the response tokens of the validation
+split, every token after the first with --task.loss_on_prompt), `val/perplexity`,
 and --num_samples responses sampled to held-out prompts (`val/eos_rate`: how many end with a stop token), the first
 few printed and all written to samples.jsonl.
 
@@ -347,7 +348,7 @@ def gather_objects(items):
 
 @torch.no_grad()
 def evaluate(model, examples, references, tokenizer, stop_ids, args, rank, world_size, device, autocast):
-    """val/loss and val/perplexity (token-weighted over the response tokens of the whole split) and the responses
+    """val/loss and val/perplexity (token-weighted over the tokens in the loss, of the whole split) and the responses
     sampled to the held-out prompts `references` ((prompt ids, reference response ids) pairs), one prompt at a time
     and seeded per prompt, so the same for any number of ranks. Every rank runs the same number of passes (a rank with
     nothing left repeats a pass and discards it; under FSDP2 generation runs in step with synced_gpus), so `model` is

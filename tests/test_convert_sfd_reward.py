@@ -218,3 +218,22 @@ def test_an_sfd_sft_policy_folder_loads_as_it_is(tmp_path):
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
     assert ppo.load_tokenizer(str(folder)).pad_token == "[PAD]"
     assert ppo.stop_token_ids(tokenizer, str(folder)) == [tokenizer.eos_token_id]
+
+
+def test_a_hub_input_is_checked_from_its_config_before_any_weights_download(tmp_path, monkeypatch):
+    """A hub repository that is not a ScalarModel is refused after its config.json alone came down."""
+    import huggingface_hub
+
+    (tmp_path / "snapshot").mkdir()
+    (tmp_path / "snapshot" / "config.json").write_text(json.dumps(
+        {"model_type": "gpt_neox", "architectures": ["GPTNeoXForSequenceClassification"]}))
+    calls = []
+
+    def fake_download(repo_id, revision=None, allow_patterns=None):
+        calls.append(allow_patterns)
+        return str(tmp_path / "snapshot")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    args = convert_sfd_reward.Args(input="someone/reward", output_dir=str(tmp_path / "out"))
+    with pytest.raises(SystemExit, match="already a sequence classifier"):
+        convert_sfd_reward.main(args)
+    assert calls == [["config.json"]] and not (tmp_path / "out").exists()

@@ -96,10 +96,10 @@ def test_a_judge_that_prefers_the_longer_response_gives_the_share_of_longer_a():
 
 def test_ties_and_unparseable_answers_are_counted_and_enter_as_documented():
     answers = ["Preferred: A", "Preferred: A",         # each order names its first: 0.5
-               "Comparison: alike.\nTie", "B",         # tie (0.5) and A (1): 0.75
-               "Preferred: the second", "A",           # unparseable: the prompt is left out
-               "Preferred: B", "Preferred: A",         # B in both orders: 0
-               "", "**A**"]                            # no text: unparseable
+               "Comparison: alike.\nPreferred: tie", "Preferred: B",  # tie (0.5) and A (1): 0.75
+               "Preferred: the second", "Preferred: A",                # unparseable: the prompt is left out
+               "Preferred: B", "Preferred: A",                         # B in both orders: 0
+               "", "**Preferred:** A"]                                 # no text: unparseable
     records = judge.judge_pairs(pairs(5), "tldr", scripted(answers))
     summary = judge.summarize(records)
     assert [r["outcome"] for r in records] == [0.5, 0.75, None, 0.0, None]
@@ -110,11 +110,14 @@ def test_ties_and_unparseable_answers_are_counted_and_enter_as_documented():
 
 
 @pytest.mark.parametrize("text,verdict", [
-    ("Comparison: A is terse.\nPreferred: A", "A"), ("Comparison: x\nPreferred: B\n\n", "B"), ("**B**", "B"),
-    ('Preferred: "A"', "A"), ("Summary B.", "B"), ("b", "B"), ("The better one is Reply A", "A"),
-    ("Comparison: both fine.\nTie", "tie"), ("They are equally good", "tie"),
+    ("Comparison: A is terse.\nPreferred: A", "A"), ("Comparison: x\nPreferred: B\n\n", "B"),
+    ("**Preferred:** **B**", "B"), ('Preferred: "A"', "A"), ("More helpful: b", "B"), ("more positive: A.", "A"),
+    ("Comparison: both fine.\nPreferred: tie", "tie"), ("Preferred: equal", "tie"),
+    ("**B**", None), ("Summary B.", None), ("The better one is Reply A", None), ("Comparison: A shorter one", None),
     ('Preferred: <"A" or "B">', None), ("A is better than B", None), ("Preferred: neither", None), ("", None),
-    ("Preferred: A\nComparison: it goes on", None), ("a lot of words", None)])
+    ("Preferred: A\nComparison: it goes on", None), ("a lot of words", None), ("Comparison: x\nTie", None),
+    ("Preferred: A is better", None), ("A:\nB:\nA:", None),  # a looping answer names nothing
+    (f"Comparison: x\nPreferred: A\n{judge.CUT_OFF}", None)])  # cut off at --max_new_tokens: not read
 def test_the_last_line_is_parsed(text, verdict):
     assert judge.parse_verdict(text) == verdict
 
@@ -122,8 +125,8 @@ def test_the_last_line_is_parsed(text, verdict):
 def test_the_standard_error_matches_a_slow_exact_reference():
     rng = random.Random(0)
     choices = ["A", "B", "tie", None]
-    records = judge.judge_pairs(pairs(200), "chat", scripted([rng.choice(choices + ["A", "B"]) or "???"
-                                                              for _ in range(400)]))
+    answers = [f"More helpful: {c}" if c else "???" for c in (rng.choice(choices + ["A", "B"]) for _ in range(400))]
+    records = judge.judge_pairs(pairs(200), "chat", scripted(answers))
     summary = judge.summarize(records)
     # reference: exact fractions, each order's score read off the answers independently of judge.winner
     outcomes = []
@@ -273,7 +276,9 @@ class StandIn:
                     self.wfile.write(json.dumps({"error": {"message": f"bad request {problems} {body}"}}).encode())
                     return
                 content = data["messages"][0]["content"]
-                reply = {"choices": [{"index": 0, "message": {"role": "assistant", "content": answer(content)}}]}
+                text, finish = (lambda r: r if isinstance(r, tuple) else (r, "stop"))(answer(content))
+                reply = {"choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                      "finish_reason": finish}]}
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.end_headers()
@@ -334,6 +339,20 @@ def test_http_judge_retries_server_errors_and_stops_at_once_on_a_refused_key(fil
     assert KEY not in capsys.readouterr().out
 
 
+def test_answers_cut_off_at_max_new_tokens_are_not_read(files, tmp_path, stand_in, monkeypatch):
+    """An endpoint that stopped at max_tokens (finish_reason "length") may end on a half-written or looping line that
+    happens to name a letter: such an answer is marked and counted unparseable, however it ends."""
+    a, b = files
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    server = stand_in(answer=lambda content: ("Comparison: A is\nPreferred: A", "length" if "FIRST" in content
+                                              else "stop"))
+    summary = judge.main(cli("--a", a, "--b", b, "--judge_model", "judge-x", "--judge_url", server.url, "--limit", 2,
+                             "--output_dir", tmp_path / "out"))
+    rows = [json.loads(line) for line in (tmp_path / "out" / "judgments.jsonl").read_text().splitlines()]
+    assert all(r[f"{o}_answer"].endswith(judge.CUT_OFF) for r in rows for o in ("a_first", "b_first"))
+    assert summary["unparseable"] == 4 and summary["n"] == 0 and summary["win_rate"] is None
+
+
 def test_an_unreachable_endpoint_is_a_clear_error_before_any_judging(files, tmp_path):
     a, b = files
     with socket.socket() as s:  # a port that was free a moment ago, now closed: connection refused
@@ -371,6 +390,8 @@ def test_transformers_judge_end_to_end_on_a_tiny_random_chat_model(files, tmp_pa
     answers = [r[f"{o}_answer"] for r in rows for o in ("a_first", "b_first")]
     assert len(answers) == 6 and all(isinstance(t, str) for t in answers) and any(t.strip() for t in answers)
     unparseable = sum(judge.parse_verdict(t) is None for t in answers)
+    cut = [t for t in answers if t.endswith(judge.CUT_OFF)]  # 12 random tokens of 1,024 rarely hit a stop token
+    assert cut and all(judge.parse_verdict(t) is None for t in cut)
     assert summary["unparseable"] == unparseable and summary["answers"] == 6 and summary["backend"] == "hf"
     assert summary["excluded_prompts"] == sum(r["outcome"] is None for r in rows) >= 1
     # the context check: a question and its answer longer than the model's 1024 positions are refused before judging

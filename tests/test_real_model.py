@@ -95,4 +95,9 @@ def test_smollm2_judges_tldr_pairs_with_one_plainly_right_summary(tmp_path):
     print(proc.stdout[-1500:])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["prompts"] == len(JUDGE_POSTS) and summary["answers"] == 2 * len(JUDGE_POSTS)
-    assert summary["n"] + summary["excluded_prompts"] == len(JUDGE_POSTS)
+    rows = [json.loads(line) for line in (out / "judgments.jsonl").read_text().splitlines()]
+    verdicts = [r[f"{o}_answer"] for r in rows for o in ("a_first", "b_first") if r[f"{o}_choice"] is not None]
+    assert len(verdicts) == summary["answers"] - summary["unparseable"]
+    for text in verdicts:  # a verdict only from an answer that ended, on the template's label line
+        last = text.strip().splitlines()[-1].replace("*", "").strip().lower()
+        assert last.startswith("preferred") and not text.endswith("[cut off at --max_new_tokens: not read]"), text

@@ -63,7 +63,7 @@ class Args:
     EleutherAI/pythia-1b-deduped; a [PAD] token is added as sfd does when it has no pad token distinct from EOS"""
     check: bool = True
     """before writing, compare the converted model's rewards with sfd's forward on a few padded probe texts"""
-    tolerance: float = 1e-4
+    tolerance: float = 1e-5
     """largest |converted - sfd| reward difference the check accepts, relative to max(1, |reward|)"""
 
 
@@ -75,10 +75,14 @@ def resolve(args):
     if os.path.exists(args.input) or args.input.count("/") != 1:
         raise SystemExit(f"--input {args.input}: not a folder, nor a hub id (owner/name)")
     from huggingface_hub import snapshot_download
-    try:
+    try:  # the config alone first: a folder that is not a ScalarModel is refused before gigabytes of weights come
+        read_scalar_config(snapshot_download(args.input, revision=args.revision, allow_patterns=["config.json"]),
+                           f"--input {args.input}")
         return snapshot_download(args.input, revision=args.revision,
                                  allow_patterns=["config.json", *WEIGHT_FILES, "*.bin", "*.safetensors",
                                                  *TOKENIZER_FILES])
+    except SystemExit:
+        raise
     except Exception as e:  # offline, unknown repository or revision, no access: all end here, named
         raise SystemExit(f"--input {args.input} (revision {args.revision}): not a folder here, and the hub did not "
                          f"give it ({type(e).__name__}: {e})") from None
@@ -256,7 +260,9 @@ def main(args: Args):
     scalar_config = read_scalar_config(folder, f"--input {args.input}")
     tokenizer = load_tokenizer(folder, args)
     state = load_weights(folder, f"--input {args.input}")
-    dtype = state["scalar_head.weight"].dtype if "scalar_head.weight" in state else torch.float32
+    # fp32 output whatever the source's dtype (sfd's are fp32; some hub copies are bf16): the folded bias stays exact,
+    # and every script here loads fp32 master weights anyway
+    state, dtype = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, torch.float32
     config = target_config(scalar_config, tokenizer.pad_token_id, dtype)
     if tokenizer.pad_token_id >= config.vocab_size:
         raise SystemExit(f"--input {args.input}: the pad token {tokenizer.pad_token!r} has id "

@@ -204,21 +204,24 @@ def render(template, prompt, first, second):
     return TEMPLATES[template].format(prompt=prompt, first=first, second=second)
 
 
+CUT_OFF = "[cut off at --max_new_tokens: not read]"  # appended to an answer that did not end, so it is unparseable
+VERDICT_LINE = re.compile(r"(?:preferred|more helpful|more positive)\s*:\s*(.*)", re.IGNORECASE)
+
+
 def parse_verdict(text):
-    """What an answer's last non-blank line names: "A", "B", "tie", or None (unparseable). The line names a response
-    when exactly one of the capital letters A and B stands in it as a word ("Preferred: A", "**B**", "Summary A.");
-    a line that is one letter in lower case counts too; a line naming neither letter but saying tie/equal/same is a
-    tie; anything else (both letters, neither, no text) is unparseable."""
+    """What an answer names: "A", "B", "tie", or None (unparseable). Only the answer's last non-blank line is read,
+    and only when it is the template's label line ("Preferred: A", "More helpful: B", "More positive: A"; markdown
+    bold and quotes allowed): after the label, exactly the letter A or B (a lower-case a or b alone counts too), or a
+    tie word (tie, equal, equally, same) and no letter. Anything else is unparseable: a missing label line, both
+    letters, an answer that loops or rambles, and one cut off at --max_new_tokens (the backends append CUT_OFF)."""
     lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
-    if not lines:
+    found = VERDICT_LINE.fullmatch(lines[-1].replace("*", "").strip()) if lines else None
+    if found is None:
         return None
-    words = re.findall(r"[A-Za-z]+", lines[-1])
-    letters = {w for w in words if w in ("A", "B")}
-    if len(letters) == 1:
-        return letters.pop()
-    if not letters and len(words) == 1 and words[0] in ("a", "b"):
+    words = re.findall(r"[A-Za-z]+", found.group(1))
+    if len(words) == 1 and words[0] in ("A", "B", "a", "b"):
         return words[0].upper()
-    if not letters and TIE_WORDS & {w.lower() for w in words}:
+    if words and all(w.lower() in TIE_WORDS for w in words):
         return "tie"
     return None
 
@@ -434,7 +437,8 @@ def local_judge(args, backend, questions_for_check):
         def complete(questions):
             encoded = encode_questions(tokenizer, questions)
             outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded], params, use_tqdm=False)
-            return [out.outputs[0].text for out in outputs]
+            return [out.outputs[0].text + ("\n" + CUT_OFF if out.outputs[0].finish_reason == "length" else "")
+                    for out in outputs]
         return complete
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -456,7 +460,9 @@ def local_judge(args, backend, questions_for_check):
                                      temperature=None, max_new_tokens=args.max_new_tokens, eos_token_id=stop_ids,
                                      pad_token_id=pad_id)
             for i, row in zip(order[start:start + args.batch_size], out[:, width:].tolist()):
-                answers[i] = tokenizer.decode(generate.cut_at_stop(row, stop_ids), skip_special_tokens=True)
+                ended = any(t in stop_ids for t in row)
+                answers[i] = tokenizer.decode(generate.cut_at_stop(row, stop_ids), skip_special_tokens=True) + (
+                    "" if ended else "\n" + CUT_OFF)
             print(f"judged {min(start + args.batch_size, len(order))}/{len(order)} answers", flush=True)
         return answers
     return complete
@@ -514,11 +520,12 @@ class HttpJudge:
 
     def answer(self, raw):
         try:
-            content = json.loads(raw)["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError):
+            choice = json.loads(raw)["choices"][0]
+            content, cut = choice["message"]["content"], choice.get("finish_reason") == "length"
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise SystemExit(f"--judge_url {self.url}: not a chat-completions answer (no choices[0].message.content): "
                              f"{self.redact(raw[:300].decode(errors='replace'))}") from None
-        return content or ""  # a refusal without text: unparseable, counted
+        return (content or "") + ("\n" + CUT_OFF if cut else "")  # no text (a refusal), or cut off: unparseable
 
     def probe(self):
         """One small request, before any judging: an endpoint that is down, refuses the key or the model fails here."""
