@@ -59,6 +59,14 @@ def prefers_longer(question):
     return "Comparison: one is longer.\nPreferred: " + ("A" if len(first) >= len(second) else "B")
 
 
+def recording_longer(seen):
+    """A judge that prefers the longer response and records every question it was asked in `seen`."""
+    def complete(questions):
+        seen.extend(questions)
+        return [prefers_longer(q) for q in questions]
+    return complete
+
+
 def always_first(questions):
     return ["Comparison: the first one.\nPreferred: A"] * len(questions)
 
@@ -150,10 +158,7 @@ def test_files_are_joined_by_prompt_id_and_judged_with_outputs_written(files, tm
     a, b = files
     out = tmp_path / "out"
     seen = []
-
-    def complete(questions):
-        seen.extend(questions)
-        return [prefers_longer(q) for q in questions]
+    complete = recording_longer(seen)
     summary = judge.main(cli("--a", a, "--b", b, "--judge_model", "scripted", "--limit", 5, "--output_dir", out),
                          complete)
     # prompts p0..p4 in A's order; A ("short" or "a much longer answer i") against " reference summary i"
@@ -215,10 +220,7 @@ EVAL_SAMPLES = ("--a_column", "response", "--b_column", "response", "--a_id_colu
 def test_two_evaluations_of_one_eval_samples_file_are_judged_against_each_other(tmp_path):
     samples = eval_samples(tmp_path / "eval_samples.jsonl")
     seen = []
-
-    def complete(questions):
-        seen.extend(questions)
-        return [prefers_longer(q) for q in questions]
+    complete = recording_longer(seen)
     summary = judge.main(cli("--a", samples, "--a_where", "update=2", "--b", samples, "--b_where", "update = 0",
                              *EVAL_SAMPLES, "--judge_model", "scripted", "--output_dir", tmp_path / "out"), complete)
     # update 2 against update 0: prompt 0 ("ok" vs "no": same length, each order's first wins: 0.5), 1 and 3 longer

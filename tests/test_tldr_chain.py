@@ -60,7 +60,7 @@ def test_finished_stages_are_skipped_and_an_interrupted_one_resumes(tmp_path, mo
     (tmp_path / "c" / "answers" / "sft").mkdir(parents=True)
     (tmp_path / "c" / "answers" / "sft" / "dataset_dict.json").write_text("{}")  # a saved dataset: finished
     ran = []
-    monkeypatch.setattr(tldr_chain.subprocess, "run", lambda cmd, **kw: ran.append(cmd))
+    monkeypatch.setattr(tldr_chain.quickstart.subprocess, "run", lambda cmd, **kw: ran.append(cmd))
     monkeypatch.setattr(tldr_chain, "summarize", lambda args: {})
     with contextlib.suppress(KeyError):  # the fake summary has nothing to print
         tldr_chain.main(args)

@@ -52,7 +52,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT, DATA = quickstart.ROOT, quickstart.DATA
-JUDGE = os.path.join("tools", "judge.py")
+JUDGE = quickstart.JUDGE
 
 
 @dataclass(frozen=True)
@@ -202,9 +202,7 @@ def judge_stage(args, name, value, seed, final):
 
 
 def finished(stage):
-    """Whether a stage's folder holds its finished output (a judgment: its summary.json, written last)."""
-    if stage.script == JUDGE:
-        return os.path.exists(os.path.join(stage.folder, "summary.json"))
+    """Whether a stage's folder holds its finished output (quickstart.finished: a judgment's summary.json too)."""
     return quickstart.finished(stage.folder, stage.script)
 
 

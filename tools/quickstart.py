@@ -31,7 +31,9 @@ import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA, TINY = os.path.join(ROOT, "data", "sst2"), os.path.join(ROOT, "data", "tiny-gpt2")
-TRAINERS = ("sft_sst2.py", "reward_sst2.py", "ppo.py", "rebel.py", "dpo.py", "rebel_online.py", "rloo.py", "grpo.py")
+TRAINERS = ("sft_sst2.py", "reward_sst2.py", "sft.py", "reward.py", "ppo.py", "rebel.py", "dpo.py", "rebel_online.py",
+            "rloo.py", "grpo.py")
+JUDGE = os.path.join("tools", "judge.py")
 
 
 @dataclass
@@ -96,10 +98,12 @@ def stages(args):
 
 def finished(folder, script):
     """Whether a stage's folder holds its finished output: a saved model (training writes metrics.jsonl as it
-    goes, the model only at the end), a saved dataset (written atomically), or an evaluation's metrics
-    (written last)."""
+    goes, the model only at the end), a saved dataset (written atomically), a judgment (its summary.json, written
+    last) or an evaluation's metrics (written last)."""
     if script in TRAINERS:
         markers = ("config.json",)
+    elif script == JUDGE:
+        markers = ("summary.json",)
     elif script.startswith("tools"):
         markers = ("metrics.jsonl",)
     else:
@@ -107,27 +111,39 @@ def finished(folder, script):
     return any(os.path.exists(os.path.join(folder, f)) for f in markers)
 
 
-def main(args: Args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-           "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
-    start = time.time()
-    plan = stages(args)
+def offline_env():
+    """The stages' environment: offline hub, no progress bars of hub downloads, wandb off unless asked for."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+            "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
+
+
+def run_stages(plan, overwrite, name):
+    """Run each (folder, script, arguments) of `plan` in order as a subprocess, skipping a finished stage; an
+    interrupted training stage continues from its last checkpoint (generate/score continue from their shards by
+    themselves); overwrite redoes everything. `name` tags the printed lines."""
+    env, start = offline_env(), time.time()
     for k, (folder, script, script_args) in enumerate(plan, 1):
-        if finished(folder, script) and not args.overwrite:
-            print(f"[quickstart] {folder}: already finished, skipped (--overwrite redoes it)")
+        if finished(folder, script) and not overwrite:
+            print(f"[{name}] {folder}: already finished, skipped (--overwrite redoes it)")
             continue
         if script.startswith("tools"):
-            again = []
-        elif args.overwrite:
+            again = ["--overwrite"] if overwrite and script == JUDGE else []
+        elif overwrite:
             again = ["--overwrite"]
-        else:  # an interrupted stage continues: training from its last checkpoint, generate/score from their shards
+        else:
             again = ["--resume", "auto"] if script in TRAINERS else []
         cmd = [sys.executable, os.path.join(ROOT, script), *script_args, "--output_dir", folder, *again]
-        print(f"[quickstart] {folder}: {' '.join(cmd[1:])}", flush=True)
+        print(f"[{name}] {folder}: {' '.join(cmd[1:])}", flush=True)
         stage_start = time.time()
         subprocess.run(cmd, check=True, env=env)
-        print(f"[quickstart] {folder}: done in {time.time() - stage_start:.0f} s (stage {k} of {len(plan)}, "
+        print(f"[{name}] {folder}: done in {time.time() - stage_start:.0f} s (stage {k} of {len(plan)}, "
               f"{time.time() - start:.0f} s so far)", flush=True)
+    return env
+
+
+def main(args: Args):
+    start = time.time()
+    env = run_stages(stages(args), args.overwrite, "quickstart")
     report = os.path.join(args.output_dir, "report")
     subprocess.run([sys.executable, os.path.join(ROOT, "tools", "report.py"), "--runs",
                     os.path.join(args.output_dir, "ppo"), os.path.join(args.output_dir, "rebel", "eval"),

@@ -28,7 +28,6 @@ Documentation: docs/tldr.md
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -36,9 +35,11 @@ from typing import Literal
 
 import tyro
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA, TINY = os.path.join(ROOT, "data", "tldr"), os.path.join(ROOT, "data", "tiny-gpt2")
-TRAINERS = ("sft.py", "reward.py", "ppo.py", "rebel_online.py", "rloo.py", "grpo.py")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import quickstart  # noqa: E402  (running the stages, and when a stage counts as finished)
+
+ROOT = quickstart.ROOT
+DATA, TINY = os.path.join(ROOT, "data", "tldr"), quickstart.TINY
 TASK = ["--task.dataset", os.path.join(DATA, "sft"), "--task.prompt_column", "prompt", "--task.prompt_words", "0",
         "--task.maxlen_prompt", "96", "--task.response_length", "32", "--task.temperature", "0.7"]
 
@@ -101,19 +102,10 @@ def stages(args):
                 out("answers", policy), "--prompt_format", "text"]),
         ]
     if args.judge_model:
-        result.append((out("judge"), os.path.join("tools", "judge.py"), [
+        result.append((out("judge"), quickstart.JUDGE, [
             "--a", out("answers", "rl"), "--b", os.path.join(DATA, "sft"), "--b_split", "validation",
             "--judge_model", args.judge_model, "--limit", str(args.eval_posts)]))
     return result
-
-
-def finished(folder, script):
-    """Whether a stage's folder holds its finished output: a saved model (training writes metrics.jsonl as it goes,
-    the model only at the end), a saved dataset (written atomically) or the judge's summary (written last)."""
-    markers = {"tools/judge.py": ("summary.json",)}.get(script.replace(os.sep, "/"))
-    if markers is None:
-        markers = ("config.json",) if script in TRAINERS else ("dataset_dict.json", "state.json")
-    return any(os.path.exists(os.path.join(folder, f)) for f in markers)
 
 
 def gold_summary(folder):
@@ -157,24 +149,8 @@ def summarize(args):
 
 
 def main(args: Args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-           "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
     start = time.time()
-    plan = stages(args)
-    for k, (folder, script, script_args) in enumerate(plan, 1):
-        if finished(folder, script) and not args.overwrite:
-            print(f"[tldr_chain] {folder}: already finished, skipped (--overwrite redoes it)")
-            continue
-        if args.overwrite:
-            again = ["--overwrite"]
-        else:  # an interrupted training stage continues from its last checkpoint, generate/score from their shards
-            again = ["--resume", "auto"] if script in TRAINERS else []
-        cmd = [sys.executable, os.path.join(ROOT, script), *script_args, "--output_dir", folder, *again]
-        print(f"[tldr_chain] {folder}: {' '.join(cmd[1:])}", flush=True)
-        stage_start = time.time()
-        subprocess.run(cmd, check=True, env=env)
-        print(f"[tldr_chain] {folder}: done in {time.time() - stage_start:.0f} s (stage {k} of {len(plan)}, "
-              f"{time.time() - start:.0f} s so far)", flush=True)
+    quickstart.run_stages(stages(args), args.overwrite, "tldr_chain")
     s = summarize(args)
     gold = lambda g: f"{g['quality']:.2f} ± {g['quality_se']:.2f} ({g['perfect']:.0%} as good as the reference)"  # noqa: E731
     print(f"\n[tldr_chain] finished in {time.time() - start:.0f} s; {args.output_dir}/summary.json:")
