@@ -87,10 +87,40 @@ ALGORITHMS = {
 }
 
 
+# The arithmetic task (--task arith): a small model trained from scratch on data/arith's problems, a proxy reward model
+# learned from comparisons of its answers labelled by the exact answer with label noise, every algorithm trained
+# against the proxy (or, with --true_reward, against the exact answer itself) and scored by the truth.
+ARITH_SCRIPT = os.path.join("data", "arith", "make_arith.py")
+EXACT = os.path.join(ROOT, "data", "arith", "reward.py") + ":exact_answer"
+LABELS = os.path.join("tools", "label_pairs.py")
+ARITH_RL_PROMPTS = 350  # problems of the rl split: the prompts of the comparisons and of every run
+EVAL = os.path.join("tools", "eval_policy.py")
+# each algorithm's strengths of its pull to the SFT policy, per task (the arguments of the same names override them)
+STRENGTHS = {"sst2": {"ppo": (0.02, 0.05, 0.2, 0.5, 1.0), "rebel_online": (0.3, 1.0, 3.0), "rloo": (0.05, 0.2, 0.5),
+                      "grpo": (0.04, 0.2, 0.5), "rebel": (0.3, 1.0, 3.0), "iterative_dpo": (0.1, 0.3, 1.0),
+                      "dpo": (0.1, 0.3, 1.0)},
+             "arith": {"ppo": (0.02, 0.1, 0.5), "rebel_online": (0.3, 1.0, 3.0), "rloo": (0.02, 0.1, 0.5),
+                       "grpo": (0.01, 0.05, 0.2), "rebel": (0.3, 1.0, 3.0), "iterative_dpo": (0.1, 0.3, 1.0),
+                       "dpo": (0.1, 0.3, 1.0)}}
+
+
 @dataclass
 class Args:
+    task: Literal["sst2", "arith"] = "sst2"
+    """sst2: the offline SST-2 toy (the quickstart's SFT policy and reward model; VADER or an LLM judge); arith:
+    data/arith's problems with a true reward (a small model trained from scratch, a proxy reward model learned from
+    noisy comparisons, every policy scored by the exact answer)"""
     output_dir: str = "runs/compare"
     """folder that receives one subfolder per stage, stage_costs.json and report/"""
+    true_reward: bool = False
+    """arith: train every run against the exact answer itself (data/arith/reward.py:exact_answer) instead of the
+    proxy reward model: each algorithm's ceiling at the budget (runs under seed{s}-true/)"""
+    flip_rate: float = 0.2
+    """arith: fraction of the proxy reward model's training comparisons whose label is flipped at random"""
+    sft_epochs: int = 80
+    """arith: epochs of SFT over the 650 training problems (from scratch)"""
+    temperature: float = 1.0
+    """arith: sampling temperature of training (and of the sampled held-out evaluation)"""
     algorithms: tuple[str, ...] = tuple(ALGORITHMS)
     """which algorithms to run (ppo rebel_online rloo grpo rebel iterative_dpo dpo)"""
     seeds: tuple[int, ...] = (1,)
@@ -105,20 +135,20 @@ class Args:
     """held-out evaluations of the online runs after the one at the start"""
     eval_size: int = 128
     """held-out prompts per evaluation"""
-    ppo: tuple[float, ...] = (0.02, 0.05, 0.2, 0.5, 1.0)
-    """PPO's --ppo.kl_coef values (the quickstart's is 0.05)"""
-    rebel_online: tuple[float, ...] = (0.3, 1.0, 3.0)
-    """online REBEL's --rebel.eta values (larger: the policy moves further)"""
-    rloo: tuple[float, ...] = (0.05, 0.2, 0.5)
-    """RLOO's --rloo.kl_coef values"""
-    grpo: tuple[float, ...] = (0.04, 0.2, 0.5)
-    """GRPO's --grpo.beta values"""
-    rebel: tuple[float, ...] = (0.3, 1.0, 3.0)
-    """offline REBEL's --rebel.eta values (the quickstart's is 1; larger: the policy moves further)"""
-    iterative_dpo: tuple[float, ...] = (0.1, 0.3, 1.0)
-    """iterative DPO's --dpo.beta values (smaller: the policy moves further)"""
-    dpo: tuple[float, ...] = (0.1, 0.3, 1.0)
-    """DPO's --dpo.beta values"""
+    ppo: tuple[float, ...] | None = None
+    """PPO's --ppo.kl_coef values; None: STRENGTHS[task]["ppo"] (sst2: 0.02 0.05 0.2 0.5 1; the quickstart's is 0.05)"""
+    rebel_online: tuple[float, ...] | None = None
+    """online REBEL's --rebel.eta values (larger: the policy moves further); None: the task's defaults (STRENGTHS)"""
+    rloo: tuple[float, ...] | None = None
+    """RLOO's --rloo.kl_coef values; None: the task's defaults (STRENGTHS)"""
+    grpo: tuple[float, ...] | None = None
+    """GRPO's --grpo.beta values; None: the task's defaults (STRENGTHS)"""
+    rebel: tuple[float, ...] | None = None
+    """offline REBEL's --rebel.eta values (larger: the policy moves further); None: the task's defaults (STRENGTHS)"""
+    iterative_dpo: tuple[float, ...] | None = None
+    """iterative DPO's --dpo.beta values (smaller: the policy moves further); None: the task's defaults (STRENGTHS)"""
+    dpo: tuple[float, ...] | None = None
+    """DPO's --dpo.beta values; None: the task's defaults (STRENGTHS)"""
     judge: Literal["vader", "llm"] = "vader"
     """the judge of the held-out answers: vader (VADER's sentiment score at every evaluation, no model needed) or llm
     (tools/judge.py: a judge LLM's win rate of each run's final answers against the SFT policy's, both orders)"""
@@ -164,12 +194,18 @@ def runs(args):
     for name in args.algorithms:
         if name in skip:
             continue
-        result += [(name, value, seed) for seed in args.seeds for value in getattr(args, name)]
+        result += [(name, value, seed) for seed in args.seeds for value in strengths(args, name)]
     return result
 
 
+def strengths(args, name):
+    """The values of the algorithm's strength argument: as given, or the task's defaults."""
+    given = getattr(args, name)
+    return STRENGTHS[args.task][name] if given is None else given
+
+
 def run_folder(args, name, value, seed):
-    return os.path.join(args.output_dir, f"seed{seed}", f"{name}_{value:g}")
+    return os.path.join(args.output_dir, f"seed{seed}" + ("-true" if args.true_reward else ""), f"{name}_{value:g}")
 
 
 def eval_folder(args, name, value, seed):
@@ -202,7 +238,11 @@ def judge_stage(args, name, value, seed, final):
 
 
 def finished(stage):
-    """Whether a stage's folder holds its finished output (quickstart.finished: a judgment's summary.json too)."""
+    """Whether a stage's folder holds its finished output (quickstart.finished: a judgment's summary.json too; the
+    arithmetic problems: rl.jsonl, written last; labelled comparisons: summary.json, written last)."""
+    if stage.script in (ARITH_SCRIPT, LABELS):
+        return os.path.exists(os.path.join(stage.folder, "rl.jsonl" if stage.script == ARITH_SCRIPT else
+                                           "summary.json"))
     return quickstart.finished(stage.folder, stage.script)
 
 
@@ -211,8 +251,10 @@ def check_budget(args):
     if args.episodes % per_iteration or args.episodes % 64:
         raise SystemExit(f"--episodes {args.episodes}: must be a multiple of 64 (the online batch) and of iterations "
                          f"x num_responses = {per_iteration}")
-    if args.episodes // args.num_responses > 6000 and not args.report_only:
-        raise SystemExit(f"--episodes {args.episodes}: more prompts than the 6,000 of the training split")
+    limit = ARITH_RL_PROMPTS if args.task == "arith" else 6000
+    if args.episodes // args.num_responses > limit and not args.report_only:
+        raise SystemExit(f"--episodes {args.episodes}: more prompts ({args.episodes // args.num_responses}) than the "
+                         f"{limit:,} of the training split")
 
 
 def pair_stages(args, out, policy, start, end, seed):
@@ -233,11 +275,124 @@ def pair_stages(args, out, policy, start, end, seed):
     ]
 
 
+def arith_base_stages(args):
+    """--task arith's shared stages: the problems, the SFT policy (from scratch), its sampled answers to training and
+    held-out problems scored by the exact answer, comparisons labelled from them with --flip_rate of the training
+    labels flipped, and the proxy reward model trained on those comparisons."""
+    out = lambda *name: os.path.join(args.output_dir, *name)  # noqa: E731
+    data, sft, seed = out("data"), out("sft"), ["--seed", "1"]
+    result = [Stage(data, ARITH_SCRIPT, ["--wording", "plain", "--num_train", "300", "--num_rl", str(ARITH_RL_PROMPTS)]),
+              Stage(sft, "sft.py", [
+                  "--model_name_or_path", quickstart.TINY, "--from_scratch", "--disable_dropout", "--task.dataset",
+                  data, "--task.eval_split", "test", "--task.response_column", "equation", "--task.maxlen_prompt", "32",
+                  "--task.maxlen", "16", "--lr", "1e-3", "--warmup_ratio", "0.05", "--batch_size", "64",
+                  "--local_micro_batch_size", "64", "--num_train_epochs", str(args.sft_epochs), "--eval_freq", "1000",
+                  *seed])]
+    for split in ("rl", "test"):  # 4 answers per problem, scored by the truth
+        result += [Stage(out("answers", split, "generate"), "generate.py", [
+            "--model_name_or_path", sft, "--dataset", data, "--split", split, "--prompt_column", "prompt",
+            "--prompt_format", "text", "--keep_columns", "answer", "--maxlen", "16", "--num_responses", "4",
+            "--temperature", f"{args.temperature:g}", "--top_p", "1.0", "--backend", "hf", "--local_micro_batch_size",
+            "64", *seed]),
+            Stage(out("answers", split, "score"), "score.py", [
+                "--reward_fn", EXACT, "--dataset", out("answers", split, "generate"), "--prompt_format", "text"])]
+    result += [Stage(out("comparisons"), LABELS, [
+        "--train", out("answers", "rl", "score"), "--validation", out("answers", "test", "score"), "--flip_rate",
+        f"{args.flip_rate:g}", *seed]),
+        Stage(out("reward"), "reward.py", [
+            "--model_name_or_path", sft, "--task.dataset", os.path.join(out("comparisons"), "train.jsonl"),
+            "--task.eval_dataset", os.path.join(out("comparisons"), "validation.jsonl"), "--task.eval_split", "train",
+            "--task.eval_size", "100000", "--task.prompt_format", "text", "--task.maxlen", "48", "--lr", "3e-4",
+            "--batch_size", "32", "--local_micro_batch_size", "32", "--num_train_epochs", "2", "--eval_freq", "50",
+            *seed])]
+    return result
+
+
+def with_settings(extra, **settings):
+    """extra (an Algorithm's arguments) with the values of the flags in settings replaced (or appended)."""
+    extra = list(extra)
+    for flag, value in settings.items():
+        flag = "--" + flag.replace("__", ".")
+        if flag in extra:
+            extra[extra.index(flag) + 1] = value
+        else:
+            extra += [flag, value]
+    return extra
+
+
+def arith_eval_stage(args, folder, policies, episodes, seed, run):
+    """tools/eval_policy.py on the run's policies (and the SFT policy, first): reward-model score, exact-answer
+    accuracy of samples at the training temperature and of greedy answers, KL to the SFT policy; 200 held-out
+    problems."""
+    out = lambda *name: os.path.join(args.output_dir, *name)  # noqa: E731
+    return Stage(os.path.join(folder, "eval"), EVAL, [
+        "--policies", *policies, "--episodes", *map(str, episodes), "--reference", out("sft"), "--reward_model",
+        out("reward"), "--dataset", out("data"), "--eval_split", "test", "--prompt_column", "prompt", "--prompt_words",
+        "0", "--maxlen_prompt", "32", "--response_length", "16", "--temperature", f"{args.temperature:g}",
+        "--eval_size", str(args.eval_size), "--gold_reward_fn", EXACT, "--greedy", "--seed", str(seed)], run)
+
+
+def arith_stages(args):
+    """--task arith: the shared stages, then every run against the proxy reward model (or, --true_reward, the exact
+    answer), each ending with its evaluation by the truth."""
+    out = lambda *name: os.path.join(args.output_dir, *name)  # noqa: E731
+    data, sft, reward = out("data"), out("sft"), out("reward")
+    scorer = ["--reward_fn", EXACT] if args.true_reward else None
+    result = arith_base_stages(args)
+    task = {"task__maxlen_prompt": "32", "task__temperature": f"{args.temperature:g}"}
+    per_iteration = args.episodes // args.iterations // args.num_responses
+    for name, value, seed in runs(args):
+        algo, folder, run = ALGORITHMS[name], run_folder(args, name, value, seed), (name, value, seed)
+        common = [algo.strength, f"{value:g}", "--seed", str(seed)]
+        if algo.kind == "online":
+            updates = args.episodes // 64
+            extra = with_settings(algo.extra, **task, task__prompt_column="prompt", task__prompt_words="0",
+                                  task__response_length="16", task__train_split="rl", task__eval_split="test")
+            result += [Stage(folder, algo.script, [
+                "--model_name_or_path", sft, *(scorer or ["--reward_model_name_or_path", reward]), "--task.dataset",
+                data, *extra, "--total_episodes", str(args.episodes), "--eval_freq", str(max(1, updates // args.evals)),
+                "--eval_size", str(args.eval_size), *common], run),
+                arith_eval_stage(args, folder, [folder], [args.episodes], seed, run)]
+            continue
+        iterations = args.iterations if algo.kind == "iterative" else 1
+        policies, episodes, policy = [], [], sft
+        for t in range(iterations):
+            shared = t == 0  # iteration 0's answers come from the SFT policy: shared by every run of the seed
+            where = out(f"seed{seed}" + ("-true" if args.true_reward else ""), "data",
+                        "iter0" if algo.kind == "iterative" else "all") if shared else os.path.join(folder, f"iter{t}")
+            start = 0 if shared else t * per_iteration
+            end = (per_iteration if algo.kind == "iterative" else per_iteration * args.iterations) if shared else \
+                (t + 1) * per_iteration
+            result += [Stage(os.path.join(where, "generate"), "generate.py", [
+                "--model_name_or_path", policy, "--dataset", data, "--split", "rl", "--prompt_column", "prompt",
+                "--prompt_format", "text", "--keep_columns", "answer", "--maxlen", "16", "--num_responses",
+                str(args.num_responses), "--temperature", f"{args.temperature:g}", "--top_p", "1.0", "--start_idx",
+                str(start), "--end_idx", str(end), "--backend", "hf", "--local_micro_batch_size", "64", "--seed",
+                str(seed)], run),
+                Stage(os.path.join(where, "score"), "score.py", [
+                    *(scorer or ["--reward_model", reward]), "--dataset", os.path.join(where, "generate"),
+                    "--prompt_format", "text", "--local_micro_batch_size", "64"], run),
+                Stage(os.path.join(where, "filter"), "filter.py", [
+                    "--dataset", os.path.join(where, "score"), "--model_name_or_path", policy, "--prompt_format",
+                    "text", "--maxlen_prompt", "32", "--maxlen", "16", "--test_size", "0.1", "--seed", str(seed)], run)]
+            train = os.path.join(folder, f"iter{t}", "train")
+            extra = with_settings(algo.extra, **task, task__maxlen="16")
+            result.append(Stage(train, algo.script, ["--model_name_or_path", policy, "--task.dataset",
+                                                     os.path.join(where, "filter"), *extra, *common], run))
+            policy = train
+            policies.append(train)
+            episodes.append(args.episodes * (t + 1) // iterations)
+        result.append(arith_eval_stage(args, folder, policies, episodes, seed, run))
+    return result
+
+
 def stages(args):
     """Every Stage, in order: the SFT policy and reward model, then each run's stages (with --judge llm, ending with
     its judge stage)."""
     check_budget(args)
     check_judge(args)
+    if args.task == "arith":
+        return arith_stages(args)
     out = lambda *name: os.path.join(args.output_dir, *name)  # noqa: E731
     sft, reward = out("sft"), out("reward")
     result = [Stage(folder, script, script_args) for folder, script, script_args in
@@ -289,7 +444,7 @@ def stage_command(stage, overwrite, env):
         # the judge may be a hub model: the user's own hub settings, not the toy's offline ones
         env = {**{k: v for k, v in env.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")},
                **{k: os.environ[k] for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if k in os.environ}}
-    elif stage.script.startswith("tools"):
+    elif stage.script.startswith(("tools", "data")):
         again = []
     elif overwrite:
         again = ["--overwrite"]
@@ -517,22 +672,188 @@ def plots(records, out, args):
     plt.close(fig)
 
 
+def run_costs(costs, name, value, seed):
+    """A run's wall time (summed over its stages, shared ones included) and peak memory (the largest)."""
+    found = [c for c in costs.values() if [name, value, seed] in c.get("runs", [])]
+    return (sum(c["wall_s"] for c in found) if found else None), (max(c["peak_mib"] for c in found) if found else None)
+
+
+def gold_curve(args, folder):
+    """An online run's held-out curve scored by the truth: the share of right answers among the samples of each
+    evaluation in its eval_samples.jsonl (the proxy's score and the KL come from its metrics.jsonl)."""
+    answers = [row["answer"] for row in report.read_jsonl(os.path.join(args.output_dir, "data", "test.jsonl"))]
+    exact = __import__("importlib").import_module("data.arith.reward").exact_answer
+    by_update = {}
+    for sample in report.read_jsonl(os.path.join(folder, "eval_samples.jsonl")):
+        by_update.setdefault(sample["update"], []).append(sample)
+    curve = []
+    for row in report.eval_rows(folder):
+        samples = by_update[row["update"]] if "update" in row else by_update[min(by_update)]
+        gold = exact(None, [s["response"] for s in samples], [answers[s["index"]] for s in samples])
+        curve.append({"episode": row["episode"], "scores": row["eval/scores"], "kl": row["eval/kl"],
+                      "gold": sum(gold) / len(gold)})
+    return curve
+
+
+def arith_collect(args, costs):
+    """One record per finished run of --task arith: the final policy's and the SFT policy's held-out numbers (the
+    run's eval/ stage: proxy score, exact-answer accuracy sampled and greedy, KL), its curve, its costs."""
+    keys = {"scores": "eval/scores", "gold": "eval/gold", "gold_greedy": "eval/gold_greedy", "kl": "eval/kl",
+            "scores_greedy": "eval/scores_greedy"}
+    records = []
+    for name, value, seed in runs(args):
+        folder = run_folder(args, name, value, seed)
+        path = os.path.join(folder, "eval", "metrics.jsonl")
+        if not os.path.exists(path):
+            print(f"[compare] {name} {value:g} seed {seed}: not finished, left out of the report")
+            continue
+        rows = report.read_jsonl(path)
+        online = ALGORITHMS[name].kind == "online"
+        curve = gold_curve(args, folder) if online else [
+            {"episode": r["episode"], "scores": r["eval/scores"], "kl": r["eval/kl"], "gold": r["eval/gold"]}
+            for r in rows]
+        wall, peak = run_costs(costs, name, value, seed)
+        records.append({"algorithm": name, "label": ALGORITHMS[name].label, "strength": ALGORITHMS[name].strength,
+                        "value": value, "seed": seed, **{k: rows[-1][v] for k, v in keys.items()},
+                        **{f"sft_{k}": rows[0][v] for k, v in keys.items()}, "curve": curve, "wall_s": wall,
+                        "peak_mib": peak})
+    return records
+
+
+def mean_se(values, fmt):
+    """mean ± standard error of the mean over seeds (the mean alone for one seed)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return format(mean, fmt)
+    se = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
+    return f"{format(mean, fmt)} ± {format(se, fmt.lstrip('+'))}"
+
+
+def arith_groups(records):
+    """{algorithm: [(value, [records of its seeds]), ...] in the order of the mean KL}"""
+    groups = {}
+    for r in records:
+        groups.setdefault(r["algorithm"], {}).setdefault(r["value"], []).append(r)
+    mean = lambda rs, key: sum(r[key] for r in rs) / len(rs)  # noqa: E731
+    return {name: sorted(by_value.items(), key=lambda item: mean(item[1], "kl")) for name, by_value in groups.items()}
+
+
+def misleads_from(settings):
+    """The smallest mean KL at which a stronger setting raised the proxy's score but lowered the true accuracy
+    (Gao et al.'s over-optimisation), comparing neighbours in KL order; None if it never did."""
+    mean = lambda rs, key: sum(r[key] for r in rs) / len(rs)  # noqa: E731
+    for (_, low), (_, high) in zip(settings, settings[1:]):
+        if mean(high, "scores") > mean(low, "scores") and mean(high, "gold") < mean(low, "gold"):
+            return mean(low, "kl")
+    return None
+
+
+def arith_table(records, args):
+    """The paper-shaped table of --task arith (markdown lines): per algorithm and setting, mean ± standard error over
+    seeds of the true accuracy (greedy and sampled), its paired change against the SFT policy, the proxy's score and
+    the KL; then per algorithm its best true accuracy and where the proxy starts to mislead."""
+    seeds = ", ".join(map(str, args.seeds))
+    reward = "the exact answer itself (--true_reward)" if args.true_reward else \
+        f"the proxy reward model (comparisons with {args.flip_rate:g} of the labels flipped)"
+    sft = {r["seed"]: r for r in records}
+    lines = [f"Budget: {args.episodes:,} sampled and scored responses per run, trained against {reward}; seeds "
+             f"{seeds}; held out: {args.eval_size} test problems (disjoint from training by (operation, a, b)); "
+             f"sampled at temperature {args.temperature:g}. ± is the standard error over seeds; Δ is paired with the "
+             "SFT policy's evaluation under the same seed's sampling noise.", "",
+             "| algorithm | setting | true acc. greedy | Δ greedy | true acc. sampled | Δ sampled | proxy score | "
+             "KL to SFT | wall time (s) | peak memory (MiB) |", "|---|---|---|---|---|---|---|---|---|---|",
+             f"| SFT policy | | {mean_se([r['sft_gold_greedy'] for r in sft.values()], '.3f')} | | "
+             f"{mean_se([r['sft_gold'] for r in sft.values()], '.3f')} | | "
+             f"{mean_se([r['sft_scores'] for r in sft.values()], '+.3f')} | 0 | | |"]
+    summary = []
+    for settings in arith_groups(records).values():
+        for value, rs in settings:
+            cell = lambda key, fmt, rs=rs: mean_se([r[key] for r in rs], fmt)  # noqa: E731
+            delta = lambda key, rs=rs: mean_se([r[key] - r[f"sft_{key}"] for r in rs], "+.3f")  # noqa: E731
+            lines.append(f"| {rs[0]['label']} | {rs[0]['strength'].split('.')[-1]} {value:g} | "
+                         f"{cell('gold_greedy', '.3f')} | {delta('gold_greedy')} | {cell('gold', '.3f')} | "
+                         f"{delta('gold')} | {cell('scores', '+.3f')} | {cell('kl', '.2f')} | "
+                         f"{cell('wall_s', '.0f')} | {cell('peak_mib', '.0f')} |")
+        best_value, best = max(settings, key=lambda item: sum(r["gold_greedy"] for r in item[1]) / len(item[1]))
+        kl = misleads_from(settings)
+        summary.append(f"- {best[0]['label']}: best greedy accuracy {mean_se([r['gold_greedy'] for r in best], '.3f')}"
+                       f" ({best[0]['strength'].split('.')[-1]} {best_value:g}); the proxy "
+                       + (f"starts to mislead beyond KL {kl:.2f} (a stronger setting raised its score and lowered "
+                          "the true accuracy)" if kl is not None else "did not mislead within these settings"))
+    return lines + ["", *summary]
+
+
+def arith_plots(records, out, args):
+    """frontier.png (Gao et al.'s picture: true accuracy and proxy score against KL to the SFT policy, one line per
+    algorithm through its settings, mean over seeds) and curves.png (the proxy's score and the true accuracy of the
+    held-out samples against episodes, one line per run)."""
+    groups = arith_groups(records)
+    colors = {name: plt.get_cmap("tab10")(i) for i, name in enumerate(groups)}
+    mean = lambda rs, key: sum(r[key] for r in rs) / len(rs)  # noqa: E731
+    panels = (("gold", "true accuracy, sampled (held out)"), ("gold_greedy", "true accuracy, greedy (held out)"),
+              ("scores", "proxy reward model's score (held out)"))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for name, settings in groups.items():
+        for ax, (key, _) in zip(axes, panels):
+            xs, ys = [mean(rs, "kl") for _, rs in settings], [mean(rs, key) for _, rs in settings]
+            ax.plot(xs, ys, marker="o", color=colors[name], label=ALGORITHMS[name].label)
+            for (value, _), x, y in zip(settings, xs, ys):
+                ax.annotate(f"{value:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                            color=colors[name])
+    for ax, (key, title) in zip(axes, panels):
+        sft = mean(records, f"sft_{key}")
+        ax.scatter([0], [sft], marker="*", s=120, color="black", zorder=3, label="SFT policy")
+        ax.axhline(sft, color="black", linewidth=0.6, linestyle="--")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("KL to the SFT policy (nats per response)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    trained = "the exact answer" if args.true_reward else "a proxy reward model"
+    fig.suptitle(f"arithmetic, trained against {trained}; labels: the KL-strength setting; mean over seeds",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "frontier.png"), dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    styles = ["-", "--", ":", "-."]
+    for name, settings in groups.items():
+        for k, (value, rs) in enumerate(settings):
+            for r in rs:
+                label = f"{r['label']} {r['strength'].split('.')[-1]} {value:g}" if r is rs[0] else None
+                for ax, key in zip(axes, ("scores", "gold")):
+                    ax.plot([c["episode"] for c in r["curve"]], [c[key] for c in r["curve"]], styles[k % 4],
+                            marker="o", markersize=2.5, color=colors[name], label=label)
+    for ax, title in zip(axes, ("proxy reward model's score (held out)", "true accuracy, sampled (held out)")):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("episodes (responses sampled and scored)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "curves.png"), dpi=120)
+    plt.close(fig)
+
+
 def write_report(args, costs):
-    out = os.path.join(args.output_dir, "report")
+    out = os.path.join(args.output_dir, "report" + ("-true" if args.true_reward else ""))
     os.makedirs(out, exist_ok=True)
-    records = collect(args, costs)
+    records = (arith_collect if args.task == "arith" else collect)(args, costs)
     if not records:
         print("[compare] no finished run to report")
         return []
-    plots(records, out, args)
-    lines = table(records, args)
+    (arith_plots if args.task == "arith" else plots)(records, out, args)
+    lines = (arith_table if args.task == "arith" else table)(records, args)
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     judge = {"judge": {"kind": "llm", "model": args.judge_model, "template": args.judge_template}} \
         if args.judge == "llm" else {}
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"episodes": args.episodes, "seeds": list(args.seeds), "eval_size": args.eval_size, **judge,
-                   "runs": records}, f, indent=1)
+        json.dump({"task": args.task, "episodes": args.episodes, "seeds": list(args.seeds), "eval_size": args.eval_size,
+                   **judge, **({"true_reward": args.true_reward, "flip_rate": args.flip_rate} if args.task == "arith"
+                               else {}), "runs": records}, f, indent=1)
     print("\n".join(lines))
     print(f"\n[compare] wrote {out}/frontier.png, curves.png, table.md and results.json")
     return records

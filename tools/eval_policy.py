@@ -12,6 +12,7 @@ Documentation: docs/comparison.md
 """
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -53,6 +54,12 @@ class Args:
     """sampling temperature (ppo.py's default)"""
     seed: int = 1
     """seed of the sampling noise (use the PPO run's to share its noise)"""
+    gold_reward_fn: str | None = None
+    """a true reward, path/to/file.py:function (as ppo.py's --reward_fn): each sampled answer is scored by it too
+    (eval/gold), beside the reward model (e.g. data/arith/reward.py:exact_answer: the share of right answers)"""
+    greedy: bool = False
+    """also answer the held-out prompts greedily: eval/scores_greedy (reward model) and, with --gold_reward_fn,
+    eval/gold_greedy"""
     reward_with_eos: bool = False
     """the reward model reads each answer that ended with its tokenizer's EOS appended (as ppo.py's
     --task.reward_with_eos: for reward models trained to read the reward at the EOS, e.g. the REBEL paper's TL;DR
@@ -87,13 +94,24 @@ def main(args: Args):
     reward_model.config.pad_token_id = rm_tokenizer.pad_token_id
     rewards = ppo.Rewards(config, reward_model, None, tokenizer, rm_tokenizer, device)
     judge = ppo.SentimentIntensityAnalyzer()
+    gold = ppo.load_reward_fn(args.gold_reward_fn, "--gold_reward_fn") if args.gold_reward_fn else None
     os.makedirs(args.output_dir, exist_ok=True)
     rows, samples = [], []
     for step, (path, episode) in enumerate([(args.reference, 0), *zip(args.policies, args.episodes)]):
         policy = reference if step == 0 else as_policy(path, "--policies")
         sampler = ppo.Sampler(config, policy, tokenizer, 1, device)
-        metrics, answers = ppo.evaluate_policy(sampler, policy, reference, rewards, prompts, prompt_ids, columns,
-                                               judge, step, config, 0, 1, device, contextlib.nullcontext())
+        evaluate = lambda settings, sampler=sampler, policy=policy, step=step: ppo.evaluate_policy(  # noqa: E731
+            sampler, policy, reference, rewards, prompts, prompt_ids, columns, judge, step, settings, 0, 1, device,
+            contextlib.nullcontext())
+        metrics, answers = evaluate(config)
+        if gold:
+            metrics["eval/gold"] = gold_scores(gold, answers, prompts, columns, args)
+        if args.greedy:
+            greedy_metrics, greedy_answers = evaluate(dataclasses.replace(config, eval_greedy=True))
+            metrics["eval/scores_greedy"] = greedy_metrics["eval/scores"]
+            if gold:
+                metrics["eval/gold_greedy"] = gold_scores(gold, greedy_answers, prompts, columns, args)
+            answers += [{**a, "greedy": True} for a in greedy_answers]
         rows.append({"update": step, "episode": episode, "policy": path, **metrics})
         samples += [{"update": step, "episode": episode, **answer} for answer in answers]
         print(f"{path}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
@@ -101,6 +119,17 @@ def main(args: Args):
         with open(os.path.join(args.output_dir, name), "w") as f:
             f.writelines(json.dumps(line) + "\n" for line in lines)
     print(f"wrote {args.output_dir}/metrics.jsonl and eval_samples.jsonl")
+
+
+def gold_scores(gold, answers, prompts, columns, args):
+    """Scores each answer by the true reward (in place: its "gold" key) and returns their mean."""
+    values = ppo.call_reward_fn(gold, [ppo.prompt_text(prompts[a["index"]]) for a in answers],
+                                [a["response"] for a in answers],
+                                {c: [v[a["index"]] for a in answers] for c, v in columns.items()},
+                                f"--gold_reward_fn {args.gold_reward_fn}")
+    for answer, value in zip(answers, values):
+        answer["gold"] = value
+    return sum(values) / len(values)
 
 
 if __name__ == "__main__":

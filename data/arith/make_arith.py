@@ -11,10 +11,11 @@ so the test measures answers to number combinations the policy never trained on.
 byte for byte (tests/test_data.py checks it, and that the splits are disjoint).
 
 Columns: `prompt_id` (`train-0000`, `test-0000`, ...), `prompt` (the problem, a user message),
-`messages` (the chat the model is given: the worked example, then `prompt`), `answer` (int), `op` (add or
-sub), `a`, `b`.
+`messages` (the chat the model is given: the worked example, then `prompt`), `answer` (int), `equation` (the worked
+answer, "17 - 9 = 8": the SFT target of tools/compare.py --task arith), `op` (add or sub), `a`, `b`.
 
     python data/arith/make_arith.py            # writes data/arith/train.jsonl (640 problems) and test.jsonl (200)
+    python data/arith/make_arith.py --wording plain --num_train 300 --num_rl 300 --output_dir runs/arith_data
 """
 
 import json
@@ -33,8 +34,17 @@ class Args:
     """problems in the train split"""
     num_test: int = 200
     """problems in the held-out test split (disjoint (operation, a, b) triples)"""
+    num_rl: int = 0
+    """problems in a third split, rl.jsonl, disjoint from both (the prompts of reward-model comparisons and RL, as
+    InstructGPT keeps its SFT, reward-model and PPO prompts apart); 0: no such split"""
     seed: int = 1
     """seed of the problem choice and wording"""
+    wording: str = "story"
+    """story: each problem told by one of several templates (a story or a plain question); plain: always the plain
+    question ("What is 17 minus 9?"), for small models trained from scratch that cannot yet read stories"""
+    renderings: int = 1
+    """rows per training problem, each with its own wording (the test split keeps one row per problem): a larger
+    training split for SFT without reusing a held-out (operation, a, b) triple"""
 
 
 OP_CYCLE = ["add", "sub"]
@@ -71,21 +81,30 @@ def answer(op, a, b):
     return {"add": a + b, "sub": a - b}[op]
 
 
-def render(op, a, b, rng):
-    """One problem's wording: a template, a name and an item drawn from rng."""
+def equation(op, a, b):
+    """The worked answer: "17 - 9 = 8"."""
+    return f"{a} {'+' if op == 'add' else '-'} {b} = {answer(op, a, b)}"
+
+
+def render(op, a, b, rng, wording="story"):
+    """One problem's wording: a template, a name and an item drawn from rng (plain wording: the plain question)."""
+    if wording == "plain":
+        return f"{TEMPLATES[op][-1].format(a=a, b=b)} {INSTRUCTION}"
     text = rng.choice(TEMPLATES[op]).format(name=rng.choice(NAMES), items=rng.choice(ITEMS), a=a, b=b)
     return f"{text} {INSTRUCTION}"
 
 
 def make_splits(args):
-    """Train and test rows; the (operation, a, b) triples of the two splits never overlap. Both splits are half
-    addition, half subtraction."""
+    """Train and test rows (and rl rows with --num_rl); the (operation, a, b) triples of the splits never overlap.
+    Every split is half addition, half subtraction."""
     rng = random.Random(args.seed)
     by_op = {op: [t for t in triples() if t[0] == op] for op in TEMPLATES}
     for pool in by_op.values():
         rng.shuffle(pool)
-    splits = {"test": [], "train": []}
-    for split, count in (("test", args.num_test), ("train", args.num_train)):
+    splits = {"test": [], "train": [], **({"rl": []} if args.num_rl else {})}
+    for split, count in (("test", args.num_test), ("train", args.num_train), ("rl", args.num_rl)):
+        if split not in splits:
+            continue
         for i in range(count):
             op = OP_CYCLE[i % len(OP_CYCLE)]
             if not by_op[op]:
@@ -95,16 +114,21 @@ def make_splits(args):
     rows = {}
     for split, problems in splits.items():
         rows[split] = []
-        for i, (op, a, b) in enumerate(problems):
-            prompt = render(op, a, b, rng)
+        copies = args.renderings if split == "train" else 1
+        for i, (op, a, b) in enumerate(p for p in problems for _ in range(copies)):
+            prompt = render(op, a, b, rng, args.wording)
             rows[split].append({"prompt_id": f"{split}-{i:04d}", "prompt": prompt,
                                 "messages": [*EXAMPLE, {"role": "user", "content": prompt}],
-                                "answer": answer(op, a, b), "op": op, "a": a, "b": b})
+                                "answer": answer(op, a, b), "equation": equation(op, a, b), "op": op, "a": a, "b": b})
     return rows
 
 
 def main(args: Args):
-    for name in ("num_train", "num_test"):
+    if args.wording not in ("story", "plain"):
+        raise ValueError(f"--wording {args.wording!r}: expected story or plain")
+    if args.num_rl < 0:
+        raise ValueError(f"--num_rl {args.num_rl}: must be at least 0")
+    for name in ("num_train", "num_test", "renderings"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} {getattr(args, name)}: must be at least 1")
     os.makedirs(args.output_dir, exist_ok=True)
