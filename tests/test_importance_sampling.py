@@ -6,12 +6,13 @@ a ratio of exactly C or 1/C), bad input refused before any model is loaded, and 
 correction on and off."""
 
 import dataclasses
+import json
 import math
 
 import pytest
 import torch
 import tyro
-from conftest import SST2, TINY_GPT2, metrics, run_in_process, weights
+from conftest import TINY_GPT2, metrics, run_in_process, weights
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import grpo
@@ -154,7 +155,8 @@ def test_auto_is_sequence_mask_with_vllm_and_off_with_hf_and_rebel_has_no_token_
         tyro.cli(rebel_online.Args, use_underscores=True, args=["--importance_sampling", "token_truncate"])
 
 
-REWARD_FN = "def length(prompts, responses, **columns):\n    return [len(r.split()) / 4.0 for r in responses]\n"
+REWARD_FN = "def length(prompts, responses, **columns):\n    return [len(r) / 8.0 for r in responses]\n"
+WORDS = "new old long short fine bad good odd dull great slow fast cold warm dark wild".split()
 ON = {"ppo": "token_truncate", "rloo": "token_mask", "grpo": "token_truncate", "rebel_online": "sequence_mask"}
 
 
@@ -173,10 +175,13 @@ def test_short_runs_with_the_correction_on_and_off(module, policy_folder, tmp_pa
 
     monkeypatch.setattr(module, "sample", sample_at_another_temperature)
     (tmp_path / "fn.py").write_text(REWARD_FN)
-    common = ["--model_name_or_path", policy_folder, "--reward_fn", f"{tmp_path / 'fn.py'}:length",
-              "--task.dataset", SST2, "--task.temperature", str(TRAIN_T), "--task.response_length", "8", "--lr",
-              "1e-3", "--batch_size", "8", "--local_micro_batch_size", "4", "--total_episodes", "8", "--eval_size", "4",
-              "--save_freq", "0", "--importance_sampling_cap", "1.5"]
+    prompts = "".join(json.dumps({"sentence": f"the {word} movie is"}) + "\n" for word in WORDS)
+    (tmp_path / "prompts.jsonl").write_text(prompts)
+    common = ["--model_name_or_path", policy_folder, "--reward_fn", f"{tmp_path / 'fn.py'}:length", "--task.dataset",
+              tmp_path / "prompts.jsonl", "--task.eval_split", "train", "--task.temperature", str(TRAIN_T),
+              "--task.response_length", "8", "--lr", "1e-3", "--batch_size", "8", "--local_micro_batch_size", "4",
+              "--total_episodes", "8", "--eval_size", "4", "--save_freq", "0", "--importance_sampling_cap", "1.5",
+              "--task.no_non_eos_penalty"]  # no response of the random policy ends: scores of their lengths
     name = module.__name__
     runs = {}
     for label, extra in (("off", []), ("on", ["--importance_sampling", ON[name]]),
