@@ -35,7 +35,8 @@ the ratio 1 and the clipping inert; the paper's mu > 1 is `--grpo.noptepochs mu`
 
 The rollout machinery (prompts, sampling with `--backend hf|vllm`, chunked logprobs, rewards, held-out evaluation with
 the VADER judge, FSDP2) is ppo.py's, as identical copies; so are checkpoints, exact resume, SIGTERM and the non-finite
-guard.
+guard. The sampler/trainer mismatch (`--importance_sampling`) weights or masks the per-token policy loss, not the KL
+term (docs/vllm.md).
 
     python grpo.py --model_name_or_path runs/sft_sst2 --reward_model_name_or_path runs/reward_sst2
     torchrun --nproc_per_node 8 grpo.py --model_name_or_path runs/sft_sst2 --reward_model_name_or_path runs/reward_sst2

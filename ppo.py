@@ -20,8 +20,10 @@ are used whole) or chat messages rendered with the chat template (`--task.prompt
 hf` (the reference) samples token by token with Gumbel-max noise from a generator per (seed, update, step, global
 row), stopping once every response of a chunk has ended, so one rank and N ranks sample the same responses; `--backend
 vllm` runs one vLLM engine per rank beside the trainer, pushes the trained weights into it after every update, and
-only samples: the trainer recomputes every logprob and logs the gap to vLLM's (`rollout/vllm_logprob_gap`). `--fsdp`
-shards the four models with FSDP2. Every `eval_freq` updates held-out prompts are answered and scored by the reward
+only samples: the trainer recomputes every logprob and logs the gap to vLLM's (`rollout/vllm_logprob_gap`). The
+sampler/trainer mismatch is corrected by importance sampling (`--importance_sampling`: by default, with vLLM, responses
+whose ratio pi_old / pi_sampler leaves [1/C, C] leave the policy loss; docs/vllm.md). `--fsdp` shards the four models
+with FSDP2. Every `eval_freq` updates held-out prompts are answered and scored by the reward
 model and by an independent judge (VADER's compound sentiment): a rising reward with a flat judge is reward hacking.
 
     python ppo.py --model_name_or_path runs/sft_sst2 --reward_model_name_or_path runs/reward_sst2

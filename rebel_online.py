@@ -18,8 +18,9 @@ noise keyed by row, or vLLM), fp32 chunked logprobs, FSDP2 instead of DeepSpeed,
 script does not clip; `--max_grad_norm inf` matches it).
 
 Everything else is ppo.py's: prompts (text or chat), `--backend hf|vllm` (the trainer recomputes every logprob and
-logs the gap to vLLM's), `--fsdp`, exact resume, SIGTERM, the non-finite guard, and every `eval_freq` updates held-out
-prompts answered and scored by the reward model and an independent judge (VADER).
+logs the gap to vLLM's; `--importance_sampling sequence_mask`, the default with vLLM, drops the pairs with a response
+whose ratio pi_old / pi_sampler leaves [1/C, C]), `--fsdp`, exact resume, SIGTERM, the non-finite guard, and every
+`eval_freq` updates held-out prompts answered and scored by the reward model and an independent judge (VADER).
 
     python rebel_online.py --model_name_or_path runs/sft_sst2 --reward_model_name_or_path runs/reward_sst2
     torchrun --nproc_per_node 8 rebel_online.py --backend vllm --fsdp ...   # docs/rebel_online.md

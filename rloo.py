@@ -22,7 +22,8 @@ but fewer prompts per update.
 
 The rollout machinery (prompts, sampling with `--backend hf|vllm`, chunked logprobs, rewards, held-out evaluation with
 the VADER judge, FSDP2) is ppo.py's, as identical copies; so are checkpoints, exact resume, SIGTERM and the non-finite
-guard.
+guard. The sampler/trainer mismatch (`--importance_sampling`) is corrected in the gradient: each token's term of
+-A * rho * sum_t grad log pi_t is weighted, the ratio's value left alone (docs/vllm.md).
 
     python rloo.py --model_name_or_path runs/sft_sst2 --reward_model_name_or_path runs/reward_sst2 --rloo.k 2
     torchrun --nproc_per_node 8 rloo.py --model_name_or_path runs/sft_sst2 --reward_model_name_or_path runs/reward_sst2
