@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 import tyro
-from conftest import TINY_GPT2, metrics, run_in_process, weights
+from conftest import TINY_GPT2, assert_weights_equal, metrics, run_in_process, run_into, weights
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import grpo
@@ -160,6 +160,19 @@ WORDS = "new old long short fine bad good odd dull great slow fast cold warm dar
 ON = {"ppo": "token_truncate", "rloo": "token_mask", "grpo": "token_truncate", "rebel_online": "sequence_mask"}
 
 
+def short_run_args(policy_folder, tmp_path):
+    """One update of 8 responses of 8 tokens to 16 prompts, scored by their length in characters (a reward function:
+    no reward model; no EOS penalty, since no response of the random policy ends), C = 1.5."""
+    (tmp_path / "fn.py").write_text(REWARD_FN)
+    prompts = "".join(json.dumps({"sentence": f"the {word} movie is"}) + "\n" for word in WORDS)
+    (tmp_path / "prompts.jsonl").write_text(prompts)
+    return ["--model_name_or_path", policy_folder, "--reward_fn", f"{tmp_path / 'fn.py'}:length", "--task.dataset",
+            tmp_path / "prompts.jsonl", "--task.eval_split", "train", "--task.temperature", str(TRAIN_T),
+            "--task.response_length", "8", "--lr", "1e-3", "--batch_size", "8", "--local_micro_batch_size", "4",
+            "--total_episodes", "8", "--eval_size", "4", "--save_freq", "0", "--importance_sampling_cap", "1.5",
+            "--task.no_non_eos_penalty"]
+
+
 @pytest.mark.parametrize("module", SCRIPTS, ids=lambda m: m.__name__)
 def test_short_runs_with_the_correction_on_and_off(module, policy_folder, tmp_path, monkeypatch):
     """One update of each script on the tiny GPT-2 with a reward function, sampling at SAMPLE_T and training at TRAIN_T
@@ -174,14 +187,7 @@ def test_short_runs_with_the_correction_on_and_off(module, policy_folder, tmp_pa
         return sample(policy, queries, query_mask, rows, stream, stop_ids, other, greedy, logprobs)
 
     monkeypatch.setattr(module, "sample", sample_at_another_temperature)
-    (tmp_path / "fn.py").write_text(REWARD_FN)
-    prompts = "".join(json.dumps({"sentence": f"the {word} movie is"}) + "\n" for word in WORDS)
-    (tmp_path / "prompts.jsonl").write_text(prompts)
-    common = ["--model_name_or_path", policy_folder, "--reward_fn", f"{tmp_path / 'fn.py'}:length", "--task.dataset",
-              tmp_path / "prompts.jsonl", "--task.eval_split", "train", "--task.temperature", str(TRAIN_T),
-              "--task.response_length", "8", "--lr", "1e-3", "--batch_size", "8", "--local_micro_batch_size", "4",
-              "--total_episodes", "8", "--eval_size", "4", "--save_freq", "0", "--importance_sampling_cap", "1.5",
-              "--task.no_non_eos_penalty"]  # no response of the random policy ends: scores of their lengths
+    common = short_run_args(policy_folder, tmp_path)
     name = module.__name__
     runs = {}
     for label, extra in (("off", []), ("on", ["--importance_sampling", ON[name]]),
@@ -195,3 +201,19 @@ def test_short_runs_with_the_correction_on_and_off(module, policy_folder, tmp_pa
     off, on, wide = (weights(tmp_path / label) for label in ("off", "on", "wide"))
     assert any(not torch.equal(off[k], on[k]) for k in off), "the correction did not change the update"
     assert all(torch.equal(off[k], wide[k]) for k in off)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["grpo.py", "rebel_online.py"])
+def test_two_ranks_with_the_correction_on_match_one_rank(script, policy_folder, tmp_path):
+    """The weights are computed per rank and gathered with the rollout, the logged ratios reduced over ranks: 2 ranks
+    (gloo) with the correction on end close to 1 rank (the hf sampler's ratios are 1 +- 1e-6 here, so the runs differ
+    only by the order of float sums)."""
+    mode = "token_truncate" if script == "grpo.py" else "sequence_mask"
+    args = [*short_run_args(policy_folder, tmp_path), "--importance_sampling", mode, "--total_episodes", "16"]
+    one = run_into(script, args, tmp_path / "one")
+    two = run_into(script, args, tmp_path / "two", nproc=2)
+    assert_weights_equal(one, two, exact=False)
+    for a, b in zip(metrics(one), metrics(two)):
+        for key in (k for k in a if k.startswith("rollout/is_")):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
