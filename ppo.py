@@ -20,8 +20,10 @@ are used whole) or chat messages rendered with the chat template (`--task.prompt
 hf` (the reference) samples token by token with Gumbel-max noise from a generator per (seed, update, step, global
 row), stopping once every response of a chunk has ended, so one rank and N ranks sample the same responses; `--backend
 vllm` runs one vLLM engine per rank beside the trainer, pushes the trained weights into it after every update, and
-only samples: the trainer recomputes every logprob and logs the gap to vLLM's (`rollout/vllm_logprob_gap`). `--fsdp`
-shards the four models with FSDP2. Every `eval_freq` updates held-out prompts are answered and scored by the reward
+only samples: the trainer recomputes every logprob and logs the gap to vLLM's (`rollout/vllm_logprob_gap`). The
+sampler/trainer mismatch is corrected by importance sampling (`--importance_sampling`: by default, with vLLM, responses
+whose ratio pi_old / pi_sampler leaves [1/C, C] leave the policy loss; docs/vllm.md). `--fsdp` shards the four models
+with FSDP2. Every `eval_freq` updates held-out prompts are answered and scored by the reward
 model and by an independent judge (VADER's compound sentiment): a rising reward with a flat judge is reward hacking.
 
     python ppo.py --model_name_or_path runs/sft_sst2 --reward_model_name_or_path runs/reward_sst2
@@ -206,6 +208,15 @@ class Args:
     """on GPU, put the vLLM engine to sleep (weights and KV cache freed) during the update"""
     vllm_dtype: str = "auto"
     """dtype of the vLLM engine; auto: bfloat16 on GPU with --bf16, else float32"""
+    importance_sampling: Literal["auto", "none", "token_truncate", "token_mask", "sequence_mask"] = "auto"
+    """correction of the mismatch between the sampler's policy and the trainer's (TRL's
+    vllm_importance_sampling_mode), with w = pi_old / pi_sampler per token, detached: token_truncate weights each
+    token's policy loss by min(w, C); token_mask drops the tokens, sequence_mask the whole responses (w the product over
+    the response), whose ratio leaves [1/C, C]; none: no correction. auto: sequence_mask with --backend vllm, none with
+    hf (the loss exactly as without this option). The value loss is never weighted. The ratios are logged as
+    rollout/is_* whatever the choice (docs/vllm.md)"""
+    importance_sampling_cap: float = 3.0
+    """C of --importance_sampling, > 1: the truncation of token_truncate and the band [1/C, C] the masks keep"""
 
     # optimisation
     lr: float = 3e-6
@@ -361,6 +372,7 @@ def main(args: Args):
                                   "ppo.cliprange_value"],
                   non_negative=["lr", "save_freq", "eval_size", "task.prompt_words", "ppo.kl_coef", "ppo.vf_coef"],
                   fraction=["warmup_ratio", "ppo.gamma", "ppo.lam", "vllm_gpu_memory_utilization"])
+    check_importance_sampling(args)
     rank, world_size, device = init_distributed()
     derive_ppo_batch_sizes(args, world_size)
     if args.fsdp and not dist.is_initialized():
@@ -498,7 +510,7 @@ def main(args: Args):
         queries, query_mask = (t.to(device) for t in left_pad([prompt_ids[i] for i in indices], pad_id, width))
         unwrapped.eval()
         with torch.no_grad(), autocast:
-            responses, engine_logprobs = sampler([prompt_ids[i] for i in indices], rows, update, update)
+            responses, sampler_logprobs = sampler([prompt_ids[i] for i in indices], rows, update, update)
             responses, response_mask, last_index, has_eos = truncate_after_eos(responses, stop_ids, pad_id)
             logprobs, ref_logprobs, values = [], [], []
             for i in range(0, len(rows), args.local_micro_batch_size):
@@ -535,12 +547,14 @@ def main(args: Args):
         per_sequence = torch.stack([kl.sum(1), (-logprobs * mask).sum(1), non_score_reward.sum(1), scores, raw_scores,
                                     mask.sum(1), has_eos.float()])
         sequence_means = (all_reduce(per_sequence.sum(1)) / args.batch_size).tolist()
-        rollout_metrics = {}
-        if engine_logprobs is not None:  # vLLM's logprobs of its own samples against the trainer's
-            gap = (engine_logprobs - logprobs).abs() * mask
+        # the sampler's logprobs against the trainer's: the importance weights that correct the mismatch (None: off)
+        is_weights, rollout_metrics = importance_sampling(logprobs, sampler_logprobs, mask, args)
+        if args.backend == "vllm":
+            gap = (sampler_logprobs - logprobs).abs() * mask
             gap_sum, tokens = masked_sum_and_count(gap, mask).tolist()
-            rollout_metrics = {"rollout/vllm_logprob_gap": gap_sum / tokens,
-                               "rollout/vllm_logprob_gap_max": all_reduce(gap.max(), op=dist.ReduceOp.MAX).item()}
+            rollout_metrics.update({"rollout/vllm_logprob_gap": gap_sum / tokens,
+                                    "rollout/vllm_logprob_gap_max": all_reduce(gap.max(),
+                                                                               op=dist.ReduceOp.MAX).item()})
 
         # 4. PPO epochs over minibatches of the global batch (a permutation keyed by seed, update and epoch), each rank
         # taking an equal share of every minibatch from the rollout gathered from all ranks (a few numbers per token):
@@ -549,6 +563,8 @@ def main(args: Args):
         queries, query_mask, responses, response_mask, logprobs, values, advantages, returns = (
             gather_rows(t) for t in (queries, query_mask, responses, response_mask, logprobs, values, advantages,
                                      returns))
+        if is_weights is not None:
+            is_weights = gather_rows(is_weights)
         mask = response_mask.float()
         stats = torch.zeros(8, dtype=torch.float64, device=device)  # token-weighted sums, see `names` below
         stats_tokens = torch.zeros((), dtype=torch.float64, device=device)
@@ -571,6 +587,8 @@ def main(args: Args):
                         new_logprobs = new_logprobs.masked_fill(~response_mask[idx], INVALID_LOGPROB)
                         pg_losses, vf_losses, ratio, pg_clipped, vf_clipped = ppo_losses(
                             new_logprobs, logprobs[idx], advantages[idx], vpred, values[idx], returns[idx], args)
+                        if is_weights is not None:  # the sampler/trainer correction: the policy loss only
+                            pg_losses = pg_losses * is_weights[idx]
                         pg_loss = (pg_losses * m).sum() / mb_tokens
                         vf_loss = (vf_losses * m).sum() / mb_tokens
                         loss = pg_loss + args.ppo.vf_coef * vf_loss
@@ -730,11 +748,12 @@ def gumbel_max(logits, noise, temperature):
 
 
 @torch.no_grad()
-def sample(policy, queries, query_mask, rows, stream, stop_ids, args, greedy=False):
+def sample(policy, queries, query_mask, rows, stream, stop_ids, args, greedy=False, logprobs=None):
     """Up to `task.response_length` tokens per left-padded query at `task.temperature` (KV cache), stopping once every
     row has produced one of `stop_ids` (what follows a row's stop token is cut anyway, and the noise is keyed by row and
     step, so stopping early changes no row). `policy` is a CausalLogprobs: called without response_start, it is a
-    sampling step. Returns [rows, steps taken]."""
+    sampling step. Returns [rows, steps taken]. A list `logprobs` receives, step by step, the sampler's own logprobs of
+    the tokens it drew (fp32, logits / temperature, from the KV-cache logits it sampled from)."""
     position_ids = (query_mask.cumsum(1) - 1).clamp(min=0)
     out = policy(input_ids=queries, attention_mask=query_mask, position_ids=position_ids)
     mask, position, tokens = query_mask, position_ids[:, -1:], []
@@ -747,6 +766,8 @@ def sample(policy, queries, query_mask, rows, stream, stop_ids, args, greedy=Fal
         else:
             noise = sampling_noise(args.seed, stream, step, rows, logits.shape[-1], logits.device)
             token = gumbel_max(logits, noise, args.task.temperature)
+        if logprobs is not None:
+            logprobs.append((logits / args.task.temperature).log_softmax(-1).gather(-1, token[:, None]).squeeze(-1))
         tokens.append(token)
         ended |= torch.isin(token, stop)
         if ended.all() or step + 1 == args.task.response_length:
@@ -888,7 +909,8 @@ def push_weights(llm, model, dtype):
 
 class Sampler:
     """The rollout and evaluation sampler, either backend: responses [rows, width] right-padded with pad (width: the
-    widest response of all ranks), plus, for vLLM, the engine's logprobs of them (None for hf). Both backends end a
+    widest response of all ranks), plus the sampler's own logprobs of them (0 at padding): vLLM's, or for hf those of
+    the KV-cache logits it sampled from, which differ slightly from the trainer's full forward. Both backends end a
     response at the first of the same stop tokens (`stop_ids`: stop_token_ids of the policy). With vLLM the engine
     gets the policy's weights before its first sample after every update, and sleeps during the update on GPU (level
     2: weights and KV cache freed; on waking, the weights' memory comes back first, the push fills it, then the KV
@@ -906,7 +928,7 @@ class Sampler:
     def __call__(self, prompt_ids, rows, stream, version, greedy=False):
         """Responses to the token lists `prompt_ids` (global rows `rows`) from the policy after `version` updates."""
         if self.llm is None:
-            return self.hf(prompt_ids, rows, stream, greedy), None
+            return self.hf(prompt_ids, rows, stream, greedy)
         if self.asleep:  # level 2 discarded the weights: wake them, push, then wake the KV cache
             self.llm.wake_up(tags=["weights"])
             push_weights(self.llm, self.policy.model, self.dtype)
@@ -933,13 +955,16 @@ class Sampler:
 
     def hf(self, prompt_ids, rows, stream, greedy):
         chunk, width = self.args.local_rollout_forward_batch_size, max(len(x) for x in prompt_ids)
-        pieces = []
+        pieces, logprobs = [], []
         with unsharded(self.policy):
             for i in range(0, len(prompt_ids), chunk):
                 queries, query_mask = (t.to(self.device) for t in left_pad(prompt_ids[i:i + chunk], self.pad_id, width))
+                steps = []
                 pieces.append(sample(self.policy, queries, query_mask, torch.tensor(rows[i:i + chunk]), stream,
-                                     self.stop_ids, self.args, greedy))
-        return pad_columns(pieces, global_width(max(p.shape[1] for p in pieces), self.device), self.pad_id)
+                                     self.stop_ids, self.args, greedy, logprobs=steps))
+                logprobs.append(torch.stack(steps, 1))
+        width = global_width(max(p.shape[1] for p in pieces), self.device)
+        return pad_columns(pieces, width, self.pad_id), pad_columns(logprobs, width, 0.0)
 
 
 def logprobs_and_entropy(hidden, targets, lm_head, temperature):
@@ -1250,6 +1275,43 @@ def gather_rows(tensor):
 def masked_sum_and_count(x, mask):
     """(sum of x where mask, number of such entries), summed over all ranks."""
     return all_reduce(torch.stack([(x * mask).sum(), mask.sum()]).double())
+
+
+def check_importance_sampling(args):
+    """Resolve --importance_sampling auto (sequence_mask with --backend vllm, none with hf) and check the cap, before
+    anything is loaded or written."""
+    if args.importance_sampling == "auto":
+        args.importance_sampling = "sequence_mask" if args.backend == "vllm" else "none"
+    if not args.importance_sampling_cap > 1:  # also refuses nan
+        raise ValueError(f"--importance_sampling_cap must be > 1 (weights are truncated at C, masks keep ratios in "
+                         f"[1/C, C]), got {args.importance_sampling_cap}")
+
+
+@torch.no_grad()
+def importance_sampling(logprobs, sampler_logprobs, mask, args):
+    """The correction of the sampler/trainer mismatch (docs/vllm.md): from the trainer's logprobs of the rollout
+    (pi_old), the sampler's and the mask of real tokens, the per-token ratio w = pi_old / pi_sampler and the response's
+    W = prod_t w_t. Returns the weights that multiply each token's policy loss (detached, 0 at padding), per
+    --importance_sampling: token_truncate min(w, C); token_mask 1 where 1/C <= w <= C, else 0; sequence_mask 1 on
+    every token of a response with 1/C <= W <= C, else 0; none: None (the loss is left as it is). Also the ratios'
+    metrics over all ranks, whatever the choice: the mean, min and max of w over real tokens, the fraction of tokens
+    token_truncate truncates (w > C), of tokens token_mask masks, and of responses sequence_mask masks."""
+    cap, real = args.importance_sampling_cap, mask.bool()
+    log_ratio = (logprobs - sampler_logprobs) * mask
+    ratio, sequence_ratio = log_ratio.exp(), log_ratio.sum(1).exp()
+    token_in = (ratio >= 1 / cap) & (ratio <= cap)
+    sequence_in = (sequence_ratio >= 1 / cap) & (sequence_ratio <= cap)
+    weights = {"none": None, "token_truncate": ratio.clamp(max=cap) * mask, "token_mask": token_in * mask,
+               "sequence_mask": sequence_in[:, None] * mask}[args.importance_sampling]
+    counts = [(ratio * mask).sum(), mask.sum(), ((ratio > cap) & real).sum(), (~token_in & real).sum(),
+              (~sequence_in).sum(), torch.tensor(len(mask), device=mask.device)]
+    counts = all_reduce(torch.stack([c.double() for c in counts]))
+    ratio_sum, tokens, truncated, masked, dropped, responses = counts.tolist()
+    highest = all_reduce(ratio.masked_fill(~real, -math.inf).max(), op=dist.ReduceOp.MAX).item()
+    lowest = -all_reduce((-ratio).masked_fill(~real, -math.inf).max(), op=dist.ReduceOp.MAX).item()
+    return weights, {"rollout/is_ratio_mean": ratio_sum / tokens, "rollout/is_ratio_min": lowest,
+                     "rollout/is_ratio_max": highest, "rollout/is_truncated_frac": truncated / tokens,
+                     "rollout/is_masked_frac": masked / tokens, "rollout/is_seq_masked_frac": dropped / responses}
 
 
 def kl_per_token(logprobs, ref_logprobs, estimator):
