@@ -77,7 +77,6 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 from transformers import (
@@ -841,10 +840,11 @@ def push_weights(llm, model, dtype):
     """Load the trained policy's weights into the engine and reset its prefix cache, whose entries were computed with
     the old weights. The weights are streamed: a generator yields one full tensor at a time (gathered from the FSDP2
     shards where sharded, every rank in the same order, in the engine's dtype) while the engine loads it, so the push
-    holds one tensor beyond the engine's weights, never a copy of the whole model. The generator reaches the engine
-    as it is: the engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set by vllm_engine)."""
-    weights = ((name, (t.full_tensor() if isinstance(t, DTensor) else t).detach().to(dtype))
-               for name, t in model.state_dict().items())
+    holds one tensor beyond the engine's weights, never a copy of the whole model. A LoRA policy's adapters arrive
+    merged into the weights, under the plain model's names (merged_weights): the engine serves the plain model. The
+    generator reaches the engine as it is: the engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set by
+    vllm_engine)."""
+    weights = ((name, t.to(dtype)) for name, t in merged_weights(model))
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
     llm.reset_prefix_cache()
 
@@ -1931,6 +1931,131 @@ def save_model_atomically(model, tokenizer, args, rank, state_dict=None):
             os.replace(os.path.join(tmp, name), os.path.join(args.output_dir, name))
         os.rmdir(tmp)
     barrier()
+
+
+def check_lora(args, cls, path, arg, **kwargs):
+    """The --lora_* arguments, checked before any weights load: lora_r >= 0, lora_alpha > 0, lora_dropout in [0, 1),
+    and with lora_r > 0 every --lora_target_modules name must match a linear layer of the model at `path` (`arg`
+    names it in errors), built from its config on the meta device (no weights read, no memory used). `cls`: the model
+    class the script loads it as; `kwargs` go to its config (trust_remote_code)."""
+    if args.lora_r < 0:
+        raise ValueError(f"--lora_r must be >= 0 (0: full fine-tuning), got {args.lora_r}")
+    if not args.lora_r:
+        return
+    if not args.lora_alpha > 0:
+        raise ValueError(f"--lora_alpha must be > 0, got {args.lora_alpha}")
+    if not 0 <= args.lora_dropout < 1:
+        raise ValueError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    try:
+        config = AutoConfig.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{arg} {path}: cannot load its config ({e})") from None
+    with torch.device("meta"):
+        model = cls.from_config(config, **kwargs)
+    lora_targets(model, args.lora_target_modules, f"{arg} {path}")
+
+
+def lora_targets(model, targets, what):
+    """Full names of the linear layers (nn.Linear, GPT-2's Conv1D) that get LoRA adapters: "all-linear": every one
+    inside the transformer body (model.base_model), none of the heads (output layer, classifier or value head);
+    names: every linear layer whose name is or ends with `.name`. A name that matches none, or the output layer when
+    it shares its weights with the input embeddings (the merged weights could not be one tensor), is an error naming
+    --lora_target_modules, `what` and the model's linear layers."""
+    linear = [name for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"]
+    body = next((name for name, m in model.named_modules() if m is model.base_model and m is not model), None)
+    chosen = set()
+    for target in targets:
+        if target == "all-linear":
+            found = [name for name in linear if body is None or name.startswith(body + ".")]
+        else:
+            found = [name for name in linear if name == target or name.endswith("." + target)]
+        if not found:
+            raise ValueError(f"--lora_target_modules {target}: {what} has no linear layer named {target}; its linear "
+                             f"layers: {sorted({name.rpartition('.')[2] for name in linear})} (or all-linear)")
+        chosen.update(found)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = getattr(model.config.get_text_config(), "tie_word_embeddings", False)
+    for name in chosen:
+        if tied and head is not None and model.get_submodule(name) is head:
+            raise ValueError(f"--lora_target_modules: {what}'s output layer {name} shares its weights with the input "
+                             "embeddings; an adapter on it cannot be merged into one tensor: leave it out")
+    return sorted(chosen)
+
+
+def add_lora(model, args):
+    """With --lora_r > 0, LoRA adapters (peft) on the layers of `model` that lora_targets chooses, put in place: the
+    script goes on calling `model`, its linear layers now carry the adapters, and every other weight is frozen
+    (requires_grad False). A is drawn from --seed (torch's global RNG state is left as it was), B is zero: the model
+    starts as the base model exactly. Returns the PeftModel around it (for peft's disable_adapter and the adapter's
+    save), or None with --lora_r 0 (nothing changes, peft is not imported)."""
+    if not args.lora_r:
+        return None
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules=lora_targets(model, args.lora_target_modules, "the model"))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        return get_peft_model(model, config)
+
+
+class AdaptersOff:
+    """The reference policy when it is the initial policy and the policy trains LoRA adapters: the policy's own module
+    called with its adapters switched off (peft's disable_adapter), which is exactly the frozen base model: one copy of
+    the weights instead of two. Called as the module would be (under FSDP2, on every rank)."""
+
+    def __init__(self, module, peft):
+        self.module, self.peft = module, peft
+
+    def __call__(self, *args, **kwargs):
+        with self.peft.disable_adapter():
+            return self.module(*args, **kwargs)
+
+
+def merged_weights(model):
+    """(name, tensor) for every entry of `model`'s state_dict under the plain model's names, one full tensor at a time
+    (gathered from FSDP2 shards: every rank takes part, in the same order): a LoRA layer's weight merged,
+    W + (lora_alpha / lora_r) * B @ A (transposed for GPT-2's Conv1D, which stores W as [in, out]), the adapters' own
+    tensors left out. What the vLLM engine receives and the final save writes; a model without adapters gives its
+    state_dict as is."""
+    modules, state = dict(model.named_modules()), model.state_dict()
+
+    def full(t):
+        return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach()
+
+    for name, tensor in state.items():
+        if ".lora_" in name:
+            continue
+        layer, adapted, leaf = name.rpartition(".base_layer.")
+        if not adapted:
+            yield name, full(tensor)
+            continue
+        lora, merged = modules[layer], full(tensor)
+        for adapter in lora.active_adapters if leaf == "weight" else ():
+            delta = full(state[f"{layer}.lora_B.{adapter}.weight"]) @ full(state[f"{layer}.lora_A.{adapter}.weight"])
+            merged = merged + (delta.T if lora.fan_in_fan_out else delta) * lora.scaling[adapter]
+        yield f"{layer}.{leaf}", merged
+
+
+def save_lora(model, peft, args, rank):
+    """The final save of a LoRA run: the adapter alone in <output_dir>/adapter (adapter_config.json and
+    adapter_model.safetensors, for peft's PeftModel.from_pretrained on the base model), written by rank 0 through a
+    temporary folder renamed when complete; returns the merged weights (merged_weights, on the CPU, without the tied
+    copies save_pretrained leaves out) for save_model_atomically, which writes them as a plain model. Every rank
+    calls it (FSDP2 gathers)."""
+    adapter = {name: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu()
+               for name, t in peft.state_dict().items() if ".lora_" in name}
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    merged = {name: t.cpu() for name, t in merged_weights(model) if name not in tied}
+    path = os.path.join(args.output_dir, "adapter")
+    if rank == 0:
+        with disk_errors(path + ".tmp"):
+            peft.save_pretrained(path + ".tmp", state_dict=adapter)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(path + ".tmp", path)
+    barrier()
+    return merged
 
 
 if __name__ == "__main__":
