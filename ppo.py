@@ -1971,18 +1971,18 @@ def save_model_atomically(model, tokenizer, args, rank, state_dict=None):
 
 
 def check_lora(args, cls, path, arg, **kwargs):
-    """The --lora_* arguments, checked before any weights load: lora_r >= 0, lora_alpha > 0, lora_dropout in [0, 1),
-    and with lora_r > 0 every --lora_target_modules name must match a linear layer of the model at `path` (`arg`
-    names it in errors), built from its config on the meta device (no weights read, no memory used). `cls`: the model
-    class the script loads it as; `kwargs` go to its config (trust_remote_code)."""
+    """The --lora_* arguments, checked first thing (before anything is read or written): lora_r >= 0, lora_alpha > 0,
+    lora_dropout in [0, 1); with lora_r > 0 every --lora_target_modules name must match a linear layer of the model at
+    `path` (`arg` names it in errors), built from its config on the meta device (no weights read, no memory used).
+    `cls`: the model class the script loads it as; `kwargs` go to its config (trust_remote_code)."""
     if args.lora_r < 0:
         raise ValueError(f"--lora_r must be >= 0 (0: full fine-tuning), got {args.lora_r}")
-    if not args.lora_r:
-        return
     if not args.lora_alpha > 0:
         raise ValueError(f"--lora_alpha must be > 0, got {args.lora_alpha}")
     if not 0 <= args.lora_dropout < 1:
         raise ValueError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    if not args.lora_r:
+        return
     try:
         config = AutoConfig.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
@@ -2020,18 +2020,22 @@ def lora_targets(model, targets, what):
     return sorted(chosen)
 
 
-def add_lora(model, args):
+def add_lora(model, args, train_heads=False):
     """With --lora_r > 0, LoRA adapters (peft) on the layers of `model` that lora_targets chooses, put in place: the
     script goes on calling `model`, its linear layers now carry the adapters, and every other weight is frozen
-    (requires_grad False). A is drawn from --seed (torch's global RNG state is left as it was), B is zero: the model
-    starts as the base model exactly. Returns the PeftModel around it (for peft's disable_adapter and the adapter's
-    save), or None with --lora_r 0 (nothing changes, peft is not imported)."""
+    (requires_grad False) except, with `train_heads`, the heads (every top-level module outside model.base_model: a
+    reward or value model's score layer), trained whole as peft's modules_to_save. A is drawn from --seed (torch's
+    global RNG state is left as it was), B is zero: the model starts as the base model exactly. Returns the PeftModel
+    around it (for peft's disable_adapter and the adapter's save), or None with --lora_r 0 (nothing changes, peft is
+    not imported)."""
     if not args.lora_r:
         return None
     from peft import LoraConfig, get_peft_model
 
+    heads = [name for name, child in model.named_children() if child is not model.base_model] if train_heads else []
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                        target_modules=lora_targets(model, args.lora_target_modules, "the model"))
+                        target_modules=lora_targets(model, args.lora_target_modules, "the model"),
+                        modules_to_save=heads or None)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         return get_peft_model(model, config)
@@ -2053,16 +2057,20 @@ class AdaptersOff:
 def merged_weights(model):
     """(name, tensor) for every entry of `model`'s state_dict under the plain model's names, one full tensor at a time
     (gathered from FSDP2 shards: every rank takes part, in the same order): a LoRA layer's weight merged,
-    W + (lora_alpha / lora_r) * B @ A (transposed for GPT-2's Conv1D, which stores W as [in, out]), the adapters' own
-    tensors left out. What the vLLM engine receives and the final save writes; a model without adapters gives its
-    state_dict as is."""
+    W + (lora_alpha / lora_r) * B @ A (transposed for GPT-2's Conv1D, which stores W as [in, out]); a head trained whole
+    (add_lora's train_heads): its trained copy; the adapters' own tensors and the heads' original copies left out.
+    What the vLLM engine receives and the final save writes; a model without adapters gives its state_dict as is."""
     modules, state = dict(model.named_modules()), model.state_dict()
 
     def full(t):
         return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach()
 
     for name, tensor in state.items():
-        if ".lora_" in name:
+        if ".lora_" in name or ".original_module." in name:
+            continue
+        head, copy, rest = name.partition(".modules_to_save.")
+        if copy:
+            yield f"{head}.{rest.partition('.')[2]}", full(tensor)
             continue
         layer, adapted, leaf = name.rpartition(".base_layer.")
         if not adapted:
@@ -2082,7 +2090,7 @@ def save_lora(model, peft, args, rank):
     copies save_pretrained leaves out) for save_model_atomically, which writes them as a plain model. Every rank
     calls it (FSDP2 gathers)."""
     adapter = {name: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu()
-               for name, t in peft.state_dict().items() if ".lora_" in name}
+               for name, t in peft.state_dict().items() if ".lora_" in name or ".modules_to_save." in name}
     tied = getattr(model, "all_tied_weights_keys", None) or {}
     merged = {name: t.cpu() for name, t in merged_weights(model) if name not in tied}
     path = os.path.join(args.output_dir, "adapter")
