@@ -202,6 +202,19 @@ class Args:
     (launch with torchrun) instead of replicating them with DDP"""
     gradient_checkpointing: bool = False
     """recompute the policy's activations in the backward pass (less memory, more time)"""
+    lora_r: int = 0
+    """LoRA rank: train low-rank adapters (peft) on the policy's layers --lora_target_modules names, every other weight
+    frozen, and use the policy with its adapters off as the reference (one copy of the weights; unless
+    --ref_model_name_or_path names another model); 0: full fine-tuning. The final save is the merged policy (a plain
+    model) plus the adapter alone in <output_dir>/adapter"""
+    lora_alpha: float = 16.0
+    """LoRA scale: an adapter adds (lora_alpha / lora_r) * B @ A to its layer's weight"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input in train mode (0: none, as every other dropout here; above 0 the first ratio of
+    an update is no longer 1)"""
+    lora_target_modules: tuple[str, ...] = ("all-linear",)
+    """the linear layers that get adapters: all-linear (every linear layer of the transformer body, not the output
+    or classifier head), or names: each layer whose name is or ends with one of them (e.g. q_proj v_proj)"""
     logprob_chunk_size: int = 1024
     """response positions per chunk of the fp32 log-softmax (logprobs and entropy): at most this many positions times
     the vocabulary of logits exist at once, whatever the batch"""
@@ -344,6 +357,7 @@ def main(args: Args):
                          f"{args.grpo.group_size}")
     if args.grpo.cliprange_high is None:
         args.grpo.cliprange_high = args.grpo.cliprange
+    check_lora(args, AutoModelForCausalLM, args.model_name_or_path, "--model_name_or_path")
     rank, world_size, device = init_distributed()
     derive_group_batch_sizes(args, world_size, args.grpo.group_size, "grpo.group_size", args.grpo.nminibatches)
     if args.fsdp and not dist.is_initialized():
@@ -383,8 +397,9 @@ def main(args: Args):
     policy = CausalLogprobs(load_pretrained(AutoModelForCausalLM, args.model_name_or_path, "--model_name_or_path",
                                             args), temperature, chunk)
     ref_path = args.ref_model_name_or_path or args.model_name_or_path
-    ref_policy = CausalLogprobs(load_pretrained(AutoModelForCausalLM, ref_path, "--ref_model_name_or_path", args),
-                                temperature, chunk)
+    adapters_off = args.lora_r > 0 and ref_path == args.model_name_or_path  # LoRA: the reference is the base model
+    ref_policy = None if adapters_off else CausalLogprobs(
+        load_pretrained(AutoModelForCausalLM, ref_path, "--ref_model_name_or_path", args), temperature, chunk)
     reward_model = None if reward_fn else load_pretrained(
         AutoModelForSequenceClassification, args.reward_model_name_or_path, "--reward_model_name_or_path", args,
         trust_remote_code=args.trust_remote_code)
@@ -395,26 +410,28 @@ def main(args: Args):
     if args.gradient_checkpointing:
         policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = freeze(Policy(policy), train=True)
-    ref_policy = freeze(ref_policy)
+    peft = add_lora(policy.model, args)
+    ref_policy = AdaptersOff(policy, peft) if adapters_off else freeze(ref_policy)
     if reward_model is not None:
         reward_model.config.pad_token_id = rm_tokenizer.pad_token_id
         reward_model = freeze(reward_model)
     if args.fsdp:  # sharded while still on the CPU: fully_shard moves each unit to the device as it shards it
         model = shard(model, args, device, units=(policy,))
-        ref_policy = shard(ref_policy, args, device)
+        ref_policy = ref_policy if adapters_off else shard(ref_policy, args, device)
         reward_model = reward_model and shard(reward_model, args, device)
         with torch.no_grad():  # FSDP2 takes the module of its first forward for the root: make it the root
             forward_response(model, *probe)
     else:
-        model, ref_policy = model.to(device), ref_policy.to(device)
+        model, ref_policy = model.to(device), ref_policy if adapters_off else ref_policy.to(device)
         reward_model = reward_model and reward_model.to(device)
     for wrapped, what in ((policy, f"--model_name_or_path {args.model_name_or_path}"),
-                          (ref_policy, f"--ref_model_name_or_path {ref_path}")):
+                          (ref_policy, f"--ref_model_name_or_path {ref_path}"))[:1 if adapters_off else 2]:
         check_response_logprobs(wrapped, *probe, what)
     if world_size > 1 and not args.fsdp:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     unwrapped = model.module if isinstance(model, DDP) else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.adam_eps)
+    trained = [p for p in model.parameters() if p.requires_grad]  # all of the policy's, or LoRA's adapters
+    optimizer = torch.optim.AdamW(trained, lr=args.lr, eps=args.adam_eps)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_compute(args, device) and not args.fsdp)
     rewards = Rewards(args, reward_model, reward_fn, tokenizer, rm_tokenizer, device)
     sampler = Sampler(args, policy, tokenizer, world_size, device)
@@ -569,9 +586,11 @@ def main(args: Args):
         logger.log(metrics, state["update"])
         checkpoint_or_stop(args, model, optimizer, state, rank, device, preemption, logger)
 
-    # 6. save the policy (gathered from the shards under FSDP2)
+    # 6. save the policy (gathered from the shards under FSDP2; LoRA: merged, plus the adapter alone)
     full = None
-    if args.fsdp:
+    if peft is not None:
+        full = save_lora(policy.model, peft, args, rank)
+    elif args.fsdp:
         tied = getattr(policy.model, "all_tied_weights_keys", None) or {}  # saved once, as save_pretrained does
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         full = {name: t for name, t in ((n.removeprefix("policy.model."), t) for n, t in full.items()

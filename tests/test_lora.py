@@ -179,9 +179,17 @@ def test_sft_lora_resumes_exactly(sft_lora, base_llama, corpus, tmp_path):
         assert (tmp_path / "resumed" / "adapter" / name).read_bytes() == (sft_lora / "adapter" / name).read_bytes()
 
 
-def rloo_lora_args(sft_policy, reward_model, *extra):
+ONLINE = {"rloo.py": ["--rloo.k", "4"], "ppo.py": ["--ppo.noptepochs", "1"], "rebel_online.py": [],
+          "grpo.py": ["--grpo.loss_type", "dapo", "--grpo.beta", "0.04"]}  # beta: dapo's default 0 has no KL term
+
+
+def online_lora_args(script, sft_policy, reward_model, *extra):
     return online_args(sft_policy, reward_model, "--lr", "3e-3", "--total_episodes", "48", "--save_freq", "1",
-                       "--keep_checkpoints", "10", "--rloo.k", "4", "--no_progress", "--lora_r", "4", *extra)
+                       "--keep_checkpoints", "10", "--no_progress", *ONLINE[script], "--lora_r", "4", *extra)
+
+
+def rloo_lora_args(sft_policy, reward_model, *extra):
+    return online_lora_args("rloo.py", sft_policy, reward_model, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -191,15 +199,30 @@ def rloo_lora(sft_policy, reward_model, tmp_path_factory):
     return out
 
 
-def test_rloo_lora_reference_is_the_initial_policy_and_only_adapters_move(rloo_lora, sft_policy):
-    rows = metrics(rloo_lora)
-    assert rows[0]["eval/kl"] == 0.0 and rows[1]["objective/kl"] == 0.0 and rows[1]["val/ratio"] == 1.0
+def check_online_lora_run(out, sft_policy):
+    """The reference is the initial policy (KL exactly 0 before the first step, then not), only the adapted weights
+    of the merged policy moved (GPT-2: c_attn, c_proj, c_fc; embeddings, norms and biases not), the adapter saved."""
+    rows = metrics(out)
+    assert rows[0]["eval/kl"] == 0.0 and rows[1]["objective/kl"] == 0.0
     assert rows[-1]["objective/kl"] > 0 and rows[-1]["eval/kl"] != 0
-    base, merged = weights(sft_policy), weights(rloo_lora)
+    base, merged = weights(sft_policy), weights(out)
     assert merged.keys() == base.keys()
     moved = {name for name in base if not torch.equal(merged[name], base[name])}
     assert moved and all(name.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight")) for name in moved)
-    assert (rloo_lora / "adapter" / "adapter_model.safetensors").exists()
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_rloo_lora_reference_is_the_initial_policy_and_only_adapters_move(rloo_lora, sft_policy):
+    check_online_lora_run(rloo_lora, sft_policy)
+    assert metrics(rloo_lora)[1]["val/ratio"] == 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["ppo.py", "grpo.py", "rebel_online.py"])
+def test_other_online_lora_runs(script, sft_policy, reward_model, tmp_path):
+    """ppo.py (whose value model gets adapters too, its head trained whole), grpo.py, rebel_online.py."""
+    run(script, *online_lora_args(script, sft_policy, reward_model), "--output_dir", tmp_path / "run")
+    check_online_lora_run(tmp_path / "run", sft_policy)
 
 
 @pytest.mark.slow
@@ -212,10 +235,16 @@ def test_rloo_lora_resumes_exactly(rloo_lora, sft_policy, reward_model, tmp_path
 def test_lora_two_ranks_match_one_rank_with_ddp_and_with_fsdp2(sft_lora, rloo_lora, base_llama, corpus, sft_policy,
                                                                reward_model, tmp_path):
     """sft.py and rloo.py with LoRA under torchrun, 2 processes, DDP then FSDP2 (frozen base weights and trained
-    adapters in the same FSDP2 units), and with gradient checkpointing: the one-process run's merged weights."""
-    for script, args, one in (("sft.py", sft_lora_args(base_llama, corpus), sft_lora),
-                              ("rloo.py", rloo_lora_args(sft_policy, reward_model), rloo_lora)):
-        for extra in ([], ["--fsdp", "--gradient_checkpointing"]):
+    adapters in the same FSDP2 units), and with gradient checkpointing: the one-process run's merged weights; ppo.py
+    (a value model with adapters and a head trained whole) under FSDP2 likewise."""
+    ppo_one = tmp_path / "ppo_one"
+    run("ppo.py", *online_lora_args("ppo.py", sft_policy, reward_model), "--output_dir", ppo_one)
+    both = ([], ["--fsdp", "--gradient_checkpointing"])
+    for script, args, one, extras in (("sft.py", sft_lora_args(base_llama, corpus), sft_lora, both),
+                                      ("rloo.py", rloo_lora_args(sft_policy, reward_model), rloo_lora, both),
+                                      ("ppo.py", online_lora_args("ppo.py", sft_policy, reward_model), ppo_one,
+                                       (["--fsdp"],))):
+        for extra in extras:
             out = tmp_path / f"{script}{len(extra)}"
             run(script, *args, *extra, "--output_dir", out, nproc=2)
             assert_weights_equal(one, out, exact=False)
@@ -237,10 +266,10 @@ def run_of_commit(commit, script, args, out, tmp_path):
 
 @pytest.mark.slow
 def test_lora_r_0_leaves_runs_bitwise_as_before_lora(base_llama, corpus, sft_policy, reward_model, tmp_path):
-    """sft.py and rloo.py with --lora_r 0 (the default) against the same scripts at BEFORE_LORA, same arguments: the
-    same weights bit for bit and the same metrics (timing aside)."""
-    cases = (("sft.py", sft_lora_args(base_llama, corpus)[:-4]),
-             ("rloo.py", rloo_lora_args(sft_policy, reward_model)[:-2]))
+    """sft.py and the four online scripts with --lora_r 0 (the default) against the same scripts at BEFORE_LORA, same
+    arguments: the same weights bit for bit and the same metrics (timing aside)."""
+    cases = [("sft.py", sft_lora_args(base_llama, corpus)[:-4])]
+    cases += [(script, online_lora_args(script, sft_policy, reward_model)[:-2]) for script in ONLINE]
     for script, args in cases:
         before = run_of_commit(BEFORE_LORA, script, args, tmp_path / f"before_{script}", tmp_path)
         now = tmp_path / f"now_{script}"
