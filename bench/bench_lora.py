@@ -10,8 +10,9 @@ lora:  the same policy with LoRA adapters (sft.add_lora: --lora_r, --lora_alpha,
 One update, as the scripts make it: reference logprobs of the batch (no gradient), then forward and backward of the
 policy's logprobs (rloo.py's CausalLogprobs, chunked log-softmax) over micro-batches, gradient clipping, an AdamW step.
 Each variant runs in its own process: on CPU its peak resident memory (ru_maxrss) over what the process held before
-loading any model, on GPU torch's peak allocated memory; the first update warms up (and allocates AdamW's state), the
-next ones are timed. Also reported: the memory after loading (weights: one copy or two) and the trainable parameters.
+loading any model (the weights, a memory map of the checkpoint, are read once after loading so that they are resident),
+on GPU torch's peak allocated memory; the first update warms up (and allocates AdamW's state), the next ones are
+timed. Also reported: the memory after loading (weights: one copy or two) and the trainable parameters.
 
     python bench/bench_lora.py                              # SmolLM2-135M (data/smollm2-135m-instruct)
     python bench/bench_lora.py --model EleutherAI/pythia-1b-deduped --lora_r 1024 --lora_alpha 2048 \\
@@ -77,6 +78,8 @@ def run_variant(name, args, queue):
 
     def load():
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")
+        with torch.no_grad():  # on CPU the weights are a memory map of the file: read them all, so that they count
+            sum(p.sum() for p in model.parameters())
         return rloo.CausalLogprobs(model, 1.0, 1024).to(device)
 
     policy = load()
