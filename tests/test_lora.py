@@ -108,6 +108,32 @@ def test_reference_with_adapters_off_is_the_initial_policy():
     assert all(p.requires_grad for n, p in policy.named_parameters() if ".lora_" in n)
 
 
+class RecordingEngine:
+    """What push_weights hands a vLLM engine (vLLM is not needed here)."""
+
+    def collective_rpc(self, method, kwargs):
+        self.method, self.weights = method, dict(kwargs["weights_iterator"])
+
+    def reset_prefix_cache(self):
+        self.reset = True
+
+
+def test_vllm_receives_the_merged_weights_under_the_plain_models_names():
+    """--backend vllm: the engine serves the plain model; the push gives it W + scale * B @ A, in its dtype."""
+    model = tiny(TINY_LLAMA)
+    names = list(model.state_dict())
+    peft = sft.add_lora(model, lora())
+    perturb(model)
+    engine = RecordingEngine()
+    rloo.push_weights(engine, model, torch.bfloat16)
+    assert engine.method == "reload_weights" and engine.reset and list(engine.weights) == names
+    expected = copy.deepcopy(peft).merge_and_unload().state_dict()
+    for name in names:
+        assert engine.weights[name].dtype == torch.bfloat16
+        torch.testing.assert_close(engine.weights[name].float(), expected[name].bfloat16().float(), rtol=1e-2,
+                                   atol=1e-6, msg=name)
+
+
 # ---- end to end: sft.py (text pairs on a saved tiny Llama) and rloo.py
 
 
