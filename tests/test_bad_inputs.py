@@ -202,6 +202,20 @@ def make(case, tmp):
                                          r"not a multiple of --local_micro_batch_size 3"),
         "rebel: nonexistent model": (rebel, ["--model_name_or_path", "/no/model"], r"cannot load a tokenizer"),
         "rebel: finished output": (rebel, [*gpt2, "--output_dir", str(finished)], r"finished run"),
+        # LoRA (sft.py's and the online scripts' check_lora, before any weights load)
+        "sft: LoRA target module the model lacks": (
+            sft, [*gpt2, "--lora_r", "4", "--lora_target_modules", "c_attn", "q_proj"],
+            r"--lora_target_modules q_proj: --model_name_or_path .*tiny-gpt2 has no linear layer named q_proj; its "
+            r"linear layers: \['c_attn', 'c_fc', 'c_proj', 'lm_head'\] \(or all-linear\)"),
+        "sft: LoRA on an output layer tied to the embeddings": (
+            sft, [*gpt2, "--lora_r", "4", "--lora_target_modules", "lm_head"],
+            r"--lora_target_modules: --model_name_or_path .*tiny-gpt2's output layer lm_head shares its weights"),
+        "sft: LoRA dropout 1": (sft, [*gpt2, "--lora_r", "4", "--lora_dropout", "1"],
+                                r"--lora_dropout must be in \[0, 1\), got 1.0"),
+        "ppo: LoRA target module the policy lacks": (
+            ppo, [*ppo_models, "--lora_r", "8", "--lora_target_modules", "query_key_value"],
+            r"--lora_target_modules query_key_value: --model_name_or_path .*tiny-gpt2 has no linear layer named "
+            r"query_key_value"),
     }
     module, argv, match = cases[case]
     return module, (argv if "--output_dir" in argv else [*argv, *out]), match
@@ -227,6 +241,8 @@ CASES = [
     "rebel: missing column", "rebel: widths differ from --task.maxlen", "rebel: non-finite reward",
     "rebel: empty response", "rebel: ids outside the embedding table", "rebel: batch does not divide",
     "rebel: nonexistent model", "rebel: finished output",
+    "sft: LoRA target module the model lacks", "sft: LoRA on an output layer tied to the embeddings",
+    "sft: LoRA dropout 1", "ppo: LoRA target module the policy lacks",
 ]
 
 
