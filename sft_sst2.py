@@ -217,19 +217,18 @@ def without_dropout(config):
 def main(args: Args):
     check_numbers(args, positive=["maxlen", "batch_size", "local_micro_batch_size", "total_episodes",
                                   "num_train_epochs", "eval_freq", "keep_checkpoints", "max_bad_updates",
-                                  "max_grad_norm", "lora_alpha"],
-                  non_negative=["lr", "weight_decay", "save_freq", "num_samples", "lora_r"],
-                  fraction=["warmup_ratio", "lora_dropout"])
+                                  "max_grad_norm"],
+                  non_negative=["lr", "weight_decay", "save_freq", "num_samples"], fraction=["warmup_ratio"])
+    check_lora(args, AutoModelForCausalLM, args.model_name_or_path, "--model_name_or_path")
+    if args.lora_r and args.from_scratch:
+        raise ValueError("--lora_r with --from_scratch: the adapters would train on frozen random weights, which no "
+                         "folder keeps (the adapter could not be loaded again); drop one of them")
     rank, world_size, device = init_distributed()
     derive_batch_sizes(args, world_size)
     resume = check_output_dir(args)
     tokenizer = load_tokenizer(args.model_name_or_path)
     if tokenizer.pad_token is None:  # GPT-2: pad with EOS for batching; loss masks never look at pad ids
         tokenizer.pad_token = tokenizer.eos_token
-    check_lora(args, AutoModelForCausalLM, args.model_name_or_path, "--model_name_or_path")
-    if args.lora_r and args.from_scratch:
-        raise ValueError("--lora_r with --from_scratch: the adapters would train on frozen random weights, which no "
-                         "folder keeps (the adapter could not be loaded again); drop one of them")
 
     # 1. data: validated and tokenized before any model is loaded
     train = load_split(args.dataset, args.train_split, "--dataset")
@@ -953,18 +952,18 @@ def save_model_atomically(model, tokenizer, args, rank, state_dict=None):
 
 
 def check_lora(args, cls, path, arg, **kwargs):
-    """The --lora_* arguments, checked before any weights load: lora_r >= 0, lora_alpha > 0, lora_dropout in [0, 1),
-    and with lora_r > 0 every --lora_target_modules name must match a linear layer of the model at `path` (`arg`
-    names it in errors), built from its config on the meta device (no weights read, no memory used). `cls`: the model
-    class the script loads it as; `kwargs` go to its config (trust_remote_code)."""
+    """The --lora_* arguments, checked first thing (before anything is read or written): lora_r >= 0, lora_alpha > 0,
+    lora_dropout in [0, 1); with lora_r > 0 every --lora_target_modules name must match a linear layer of the model at
+    `path` (`arg` names it in errors), built from its config on the meta device (no weights read, no memory used).
+    `cls`: the model class the script loads it as; `kwargs` go to its config (trust_remote_code)."""
     if args.lora_r < 0:
         raise ValueError(f"--lora_r must be >= 0 (0: full fine-tuning), got {args.lora_r}")
-    if not args.lora_r:
-        return
     if not args.lora_alpha > 0:
         raise ValueError(f"--lora_alpha must be > 0, got {args.lora_alpha}")
     if not 0 <= args.lora_dropout < 1:
         raise ValueError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    if not args.lora_r:
+        return
     try:
         config = AutoConfig.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
@@ -1002,23 +1001,22 @@ def lora_targets(model, targets, what):
     return sorted(chosen)
 
 
-def add_lora(model, args, train_head=False):
+def add_lora(model, args, train_heads=False):
     """With --lora_r > 0, LoRA adapters (peft) on the layers of `model` that lora_targets chooses, put in place: the
     script goes on calling `model`, its linear layers now carry the adapters, and every other weight is frozen
-    (requires_grad False). A is drawn from --seed (torch's global RNG state is left as it was), B is zero: the model
-    starts as the base model exactly. `train_head`: a sequence classifier's head (every module outside the transformer
-    body that holds weights: a reward model's scalar head, new and random) is trained in full beside the adapters
-    (peft's modules_to_save). Returns the PeftModel around it (for peft's disable_adapter and the adapter's save), or
-    None with --lora_r 0 (nothing changes, peft is not imported)."""
+    (requires_grad False) except, with `train_heads`, the heads (every top-level module outside model.base_model: a
+    reward or value model's score layer), trained whole as peft's modules_to_save. A is drawn from --seed (torch's
+    global RNG state is left as it was), B is zero: the model starts as the base model exactly. Returns the PeftModel
+    around it (for peft's disable_adapter and the adapter's save), or None with --lora_r 0 (nothing changes, peft is
+    not imported)."""
     if not args.lora_r:
         return None
     from peft import LoraConfig, get_peft_model
 
-    heads = [name for name, m in model.named_children()
-             if m is not model.base_model and any(True for _ in m.parameters())]
+    heads = [name for name, child in model.named_children() if child is not model.base_model] if train_heads else []
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         target_modules=lora_targets(model, args.lora_target_modules, "the model"),
-                        modules_to_save=heads if train_head else None)
+                        modules_to_save=heads or None)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         return get_peft_model(model, config)
@@ -1040,9 +1038,9 @@ class AdaptersOff:
 def merged_weights(model):
     """(name, tensor) for every entry of `model`'s state_dict under the plain model's names, one full tensor at a time
     (gathered from FSDP2 shards: every rank takes part, in the same order): a LoRA layer's weight merged,
-    W + (lora_alpha / lora_r) * B @ A (transposed for GPT-2's Conv1D, which stores W as [in, out]), the adapters' own
-    tensors left out. What the vLLM engine receives and the final save writes; a model without adapters gives its
-    state_dict as is."""
+    W + (lora_alpha / lora_r) * B @ A (transposed for GPT-2's Conv1D, which stores W as [in, out]); a head trained whole
+    (add_lora's train_heads): its trained copy; the adapters' own tensors and the heads' original copies left out.
+    What the vLLM engine receives and the final save writes; a model without adapters gives its state_dict as is."""
     modules, state = dict(model.named_modules()), model.state_dict()
 
     def full(t):
@@ -1051,11 +1049,9 @@ def merged_weights(model):
     for name, tensor in state.items():
         if ".lora_" in name or ".original_module." in name:
             continue
-        trained, copy, rest = name.partition(".modules_to_save.")  # a head trained in full: the trained copy
+        head, copy, rest = name.partition(".modules_to_save.")
         if copy:
-            adapter, _, leaf = rest.partition(".")
-            if adapter in modules[trained].active_adapters:
-                yield f"{trained}.{leaf}", full(tensor)
+            yield f"{head}.{rest.partition('.')[2]}", full(tensor)
             continue
         layer, adapted, leaf = name.rpartition(".base_layer.")
         if not adapted:

@@ -92,6 +92,9 @@ def make(case, tmp):
     broken_folder.mkdir()
     (broken_folder / "train.jsonl").write_text('{"sentence": "a fine film ."}\n\n{"sentence": "dull .", }\n')
     no_eos = tokenizer_without_eos(tmp / "no_eos")
+    lora = [*gpt2, "--lora_r", "4"]
+    lacks = lambda name: (rf"--lora_target_modules {name}: --model_name_or_path .*tiny-gpt2 has no linear layer "  # noqa: E731
+                          rf"named {name}; its linear layers: \[.*'c_attn', 'c_fc', 'c_proj'")
     cases = {
         # sft_sst2.py
         "sft: malformed JSON line": (sft_sst2, [*sst2, "--dataset", str(broken_json)],
@@ -114,8 +117,6 @@ def make(case, tmp):
                                  r"already holds a finished run"),
         "sft: batch does not divide": (sft_sst2, [*sst2, "--dataset", str(SST2), "--local_micro_batch_size", "5"],
                                        r"not a multiple of --local_micro_batch_size 5"),
-        "sft: LoRA dropout of 1": (sft_sst2, [*gpt2, "--lora_r", "4", "--lora_dropout", "1"],
-                                   r"--lora_dropout must be in \[0, 1\), got 1.0"),
         # reward_sst2.py
         "reward: non-UTF-8 file": (reward_sst2, [*sst2, "--dataset", str(not_utf8)],
                                    r"--dataset .*latin1.jsonl line 2: not UTF-8 text \(byte 0xe9 at column 16\)"),
@@ -204,6 +205,18 @@ def make(case, tmp):
                                          r"not a multiple of --local_micro_batch_size 3"),
         "rebel: nonexistent model": (rebel, ["--model_name_or_path", "/no/model"], r"cannot load a tokenizer"),
         "rebel: finished output": (rebel, [*gpt2, "--output_dir", str(finished)], r"finished run"),
+        # LoRA in the offline scripts: a target the model lacks is found on a meta-device copy of it
+        "sft: LoRA dropout of 1": (sft_sst2, [*lora, "--lora_dropout", "1"],
+                                   r"--lora_dropout must be in \[0, 1\), got 1.0"),
+        "sft: LoRA on random weights": (sft_sst2, [*lora, "--from_scratch"], r"--lora_r with --from_scratch"),
+        "reward: LoRA on random weights": (reward, [*lora, "--from_scratch"], r"--lora_r with --from_scratch"),
+        "sft: LoRA target the model lacks": (sft_sst2, [*lora, "--lora_target_modules", "q_proj"], lacks("q_proj")),
+        "reward: LoRA target the model lacks": (reward_sst2, [*lora, "--lora_target_modules", "c_attn", "q_proj"],
+                                                lacks("q_proj")),
+        "reward.py: LoRA target the model lacks": (reward, [*lora, "--lora_target_modules", "gate_proj"],
+                                                   lacks("gate_proj")),
+        "rebel: LoRA target the model lacks": (rebel, [*lora, "--lora_target_modules", "v_proj"], lacks("v_proj")),
+        "dpo: LoRA target the model lacks": (dpo, [*lora, "--lora_target_modules", "q_proj"], lacks("q_proj")),
     }
     module, argv, match = cases[case]
     return module, (argv if "--output_dir" in argv else [*argv, *out]), match
@@ -218,7 +231,7 @@ CASES = [
     "rebel: tokenizer without an EOS token",
     "sft: misnamed column", "sft: empty dataset", "sft: empty file", "sft: only empty sentences",
     "sft: no such data file", "sft: no such split", "sft: nonexistent model", "sft: finished output",
-    "sft: batch does not divide", "sft: LoRA dropout of 1",
+    "sft: batch does not divide",
     "reward: labels not 0/1", "reward: one label only", "reward: nonexistent model", "reward: finished output",
     "ppo: misnamed prompt column", "ppo: every prompt too long", "ppo: nonexistent reward model",
     "ppo: minibatches do not divide", "ppo: finished output",
@@ -229,6 +242,9 @@ CASES = [
     "rebel: missing column", "rebel: widths differ from --task.maxlen", "rebel: non-finite reward",
     "rebel: empty response", "rebel: ids outside the embedding table", "rebel: batch does not divide",
     "rebel: nonexistent model", "rebel: finished output",
+    "sft: LoRA dropout of 1", "sft: LoRA on random weights", "reward: LoRA on random weights",
+    "sft: LoRA target the model lacks", "reward: LoRA target the model lacks", "reward.py: LoRA target the model lacks",
+    "rebel: LoRA target the model lacks", "dpo: LoRA target the model lacks",
 ]
 
 
@@ -240,46 +256,6 @@ def test_bad_input_is_a_clear_early_error_and_leaves_nothing(case, tmp_path, no_
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith("out")]
     assert not leftovers, f"left behind: {leftovers}"
     assert sorted(p.name for p in (tmp_path / "finished").iterdir()) == ["config.json"]
-
-
-@pytest.fixture
-def no_weights_loading(monkeypatch):
-    """Loading a model's weights fails the test; building one from its config is allowed on the meta device only
-    (no memory, no weights: how check_lora finds the model's linear layers)."""
-    for cls in (transformers.AutoModelForCausalLM, transformers.AutoModelForSequenceClassification):
-        real = cls.from_config.__func__
-
-        def on_meta_only(klass, *args, real=real, **kwargs):
-            assert torch.empty(0).device.type == "meta", "a model was built before the bad input was reported"
-            return real(klass, *args, **kwargs)
-
-        monkeypatch.setattr(cls, "from_pretrained", lambda *a, **k: pytest.fail("weights were loaded"))
-        monkeypatch.setattr(cls, "from_config", classmethod(on_meta_only))
-
-
-LORA_CASES = {  # module, extra arguments, expected message
-    "sft_sst2: a target the model lacks": (sft_sst2, ["--lora_target_modules", "q_proj"], "q_proj"),
-    "reward_sst2: a target the model lacks": (reward_sst2, ["--lora_target_modules", "c_attn", "q_proj"], "q_proj"),
-    "reward: a target the model lacks": (reward, ["--lora_target_modules", "gate_proj"], "gate_proj"),
-    "rebel: a target the model lacks": (rebel, ["--lora_target_modules", "v_proj"], "v_proj"),
-    "dpo: a target the model lacks": (dpo, ["--lora_target_modules", "q_proj"], "q_proj"),
-    "sft_sst2: LoRA on random weights": (sft_sst2, ["--from_scratch"], "--lora_r with --from_scratch"),
-    "reward: LoRA on random weights": (reward, ["--from_scratch"], "--lora_r with --from_scratch"),
-}
-
-
-@pytest.mark.parametrize("case", LORA_CASES)
-def test_bad_lora_settings_are_refused_before_any_weights_load(case, tmp_path, no_weights_loading):
-    """A --lora_target_modules name that matches no linear layer of the model is an error naming the flag, the
-    missing name and the model's linear layers (GPT-2's: c_attn, c_fc, c_proj), found on a meta-device copy of the
-    model before any weights load or anything is written; LoRA on --from_scratch weights is refused too."""
-    module, extra, name = LORA_CASES[case]
-    argv = ["--model_name_or_path", str(TINY_GPT2), "--lora_r", "4", *extra, "--output_dir", str(tmp_path / "out")]
-    match = (rf"--lora_target_modules {name}: --model_name_or_path .*tiny-gpt2 has no linear layer named {name}; "
-             r"its linear layers: \[.*'c_attn', 'c_fc', 'c_proj'" if "lacks" in case else re.escape(name))
-    with pytest.raises(ERRORS, match=match):
-        module.main(tyro.cli(module.Args, use_underscores=True, args=argv))
-    assert not list(tmp_path.iterdir())
 
 
 def test_batch_that_does_not_divide_across_ranks_names_the_argument():
