@@ -4,8 +4,8 @@ Each trains only its adapters (and, for reward models, the scalar head in full) 
 a merged folder that loads as a plain model with from_pretrained and gives the in-memory trained model's greedy tokens
 or scores, plus the adapter alone, which on the base model gives the same; REBEL's and DPO's reference is the policy
 with its adapters off, which equals the initial policy bitwise; LoRA runs resume exactly; 2 ranks (DDP, FSDP2 with
-gradient checkpointing) match 1 rank. `--lora_r 0` leaves results bitwise unchanged: checked once against the parent
-commit's scripts (the numbers cannot be pinned across machines), and the existing tests of every script run it."""
+gradient checkpointing) match 1 rank; `--lora_r 0` leaves a run bitwise what it was before LoRA existed (slow: the
+scripts of commit BEFORE_LORA run beside today's)."""
 
 import contextlib
 import math
@@ -22,6 +22,7 @@ from conftest import (
     pair_rows,
     run,
     run_in_process,
+    run_of_commit,
     save_tiny,
     weights,
 )
@@ -32,7 +33,8 @@ import reward
 import reward_sst2
 import sft_sst2
 
-LORA = ["--lora_r", "4", "--lora_alpha", "8", "--no_progress"]
+BEFORE_LORA = "988ad07"  # the last commit before --lora_r: runs with --lora_r 0 must equal its runs bit for bit
+LORA = ["--lora_r", "4", "--lora_alpha", "8"]
 
 
 @pytest.fixture(scope="module")
@@ -73,18 +75,18 @@ def pairs_args(script, policy, pairs):
     own = ["--dpo.beta", "0.1"] if script == "dpo.py" else ["--rebel.eta", "1"]
     return ["--model_name_or_path", policy, "--task.dataset", pairs, "--task.maxlen_prompt", "7", "--task.maxlen", "6",
             *own, "--lr", "2e-3", "--batch_size", "4", "--local_micro_batch_size", "1", "--num_train_epochs", "3",
-            "--eval_freq", "3", "--save_freq", "3", "--keep_checkpoints", "10", *LORA]
+            "--eval_freq", "3", "--save_freq", "3", "--keep_checkpoints", "10", "--no_progress", *LORA]
 
 
 def sst2_args(lm):
     return ["--model_name_or_path", lm, "--dataset", SST2, "--eval_split", "None", "--lr", "3e-3", "--batch_size", "16",
             "--local_micro_batch_size", "8", "--total_episodes", "96", "--save_freq", "3", "--keep_checkpoints", "10",
-            *LORA]
+            "--no_progress", *LORA]
 
 
 def reward_args(lm, data):
     return ["--model_name_or_path", lm, "--task.dataset", data, "--task.eval_split", "None", "--lr", "3e-3",
-            "--batch_size", "16", "--local_micro_batch_size", "8", "--save_freq", "2", *LORA]
+            "--batch_size", "16", "--local_micro_batch_size", "8", "--save_freq", "2", "--no_progress", *LORA]
 
 
 def comparisons(folder, n=48):
@@ -284,3 +286,26 @@ def test_two_rank_lora_runs_match_one_rank_with_ddp_and_fsdp2(tiny_policy, tiny_
             assert a.keys() == b.keys()
             for k in a:
                 torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4, msg=f"{script} {extra} {k}")
+
+
+@pytest.mark.slow
+def test_lora_r_0_leaves_runs_bitwise_as_before_lora(tiny_policy, tiny_pairs, tiny_lm, tmp_path):
+    """The five scripts with --lora_r 0 (the default) against the same scripts at BEFORE_LORA, same arguments (the LoRA
+    ones left out): the same weights bit for bit and the same metrics (timing aside)."""
+    data = comparisons(tmp_path / "data")
+    cases = [("dpo.py", pairs_args("dpo.py", tiny_policy, tiny_pairs)),
+             ("rebel.py", pairs_args("rebel.py", tiny_policy, tiny_pairs)),
+             ("reward.py", reward_args(tiny_lm, data)), ("reward_sst2.py", sst2_args(tiny_lm)),
+             ("sft_sst2.py", sst2_args(tiny_lm))]
+    skip = ("eps", "elapsed")
+    for script, args in cases:
+        assert args[-len(LORA):] == LORA
+        args = args[:-len(LORA)]
+        if script == "sft_sst2.py":  # with its evaluation (greedy samples) too
+            args += ["--eval_split", "validation", "--eval_freq", "3", "--num_samples", "2"]
+        before = run_of_commit(BEFORE_LORA, script, args, tmp_path / f"before_{script}", tmp_path)
+        now = tmp_path / f"now_{script}"
+        run(script, *args, "--output_dir", now)
+        assert_weights_equal(before, now)
+        assert [{k: v for k, v in m.items() if k not in skip} for m in metrics(before)] == \
+            [{k: v for k, v in m.items() if k not in skip} for m in metrics(now)], script
