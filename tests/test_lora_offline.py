@@ -249,6 +249,38 @@ def test_reward_lora_trains_adapters_and_the_whole_head_and_saves_a_plain_classi
         torch.testing.assert_close(adapted(**batch).logits[:, 0], expected, atol=1e-5, rtol=1e-5)
 
 
+def test_reward_lora_normalization_shifts_the_merged_model_not_the_adapter(tiny_lm, tmp_path):
+    """reward.py --normalize_dataset with LoRA: the mean reward of the normalisation data is folded into the merged
+    folder (GPT-2's head has no bias: into the final LayerNorm's), which scores the trained model's rewards minus that
+    mean; the adapter alone keeps the trained, unshifted rewards (documented)."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rows = [{"prompt": "Review: ", "response_0": "a fine film .", "response_1": "dull and long ."}] * 4
+    (tmp_path / "norm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    with trained_model(reward) as seen:
+        run_in_process(reward, [*reward_args(tiny_lm, comparisons(tmp_path / "data")), "--normalize_dataset",
+                                tmp_path / "norm.jsonl"], out)
+    mean = next(m["normalize/reward_mean"] for m in metrics(out) if "normalize/reward_mean" in m)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    texts = ["Review: a fine film .", "Review: dull and long .", "the plot is dull ."]
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        trained = reward.rewards(reward.ScalarReward(seen["model"].eval()), [tokenizer(x).input_ids for x in texts],
+                                 tokenizer.pad_token_id, "cpu")
+        merged = AutoModelForSequenceClassification.from_pretrained(out).eval()(**batch).logits[:, 0]
+        base = AutoModelForSequenceClassification.from_pretrained(tiny_lm, num_labels=1,
+                                                                  pad_token_id=tokenizer.pad_token_id)
+        adapted = PeftModel.from_pretrained(base, out / "adapter").eval()(**batch).logits[:, 0]
+    assert abs(mean) > 1e-3
+    torch.testing.assert_close(merged, trained - mean, atol=1e-4, rtol=1e-4)
+    assert merged[:2].mean().item() == pytest.approx(0.0, abs=1e-4)  # the normalisation data now average 0
+    torch.testing.assert_close(adapted, trained, atol=1e-5, rtol=1e-5)
+
+
 def test_lora_runs_resume_exactly(tiny_policy, tiny_pairs, tiny_lm, tmp_path):
     """DPO's policy (the reference recomputed with the adapters off in the resumed run's new folder) and a reward
     model (the head in modules_to_save): resumed from a mid-run checkpoint, the merged weights, the adapter and the
