@@ -24,7 +24,8 @@ tokenizer's chat template and lays them out exactly as filter.py does, dropping 
 Everything else is rebel.py's: pi_ref's logprobs computed once and cached beside the run, micro-batches trimmed to
 their real length, the chunked fp32 log-softmax over response positions only (checked against the model's own
 forward), AdamW (betas 0.9, 0.95), cosine schedule with warmup counted in updates, gradient clipping, DDP or FSDP2
-(`--fsdp`), checkpoints and exact resume, SIGTERM, the non-finite guard.
+(`--fsdp`), checkpoints and exact resume, SIGTERM, the non-finite guard, and `--lora_r` (LoRA adapters, peft: pi_ref
+is then the policy with its adapters off; the save is the merged policy plus the adapter alone).
 
     torchrun --nproc_per_node 8 dpo.py --model_name_or_path meta-llama/Meta-Llama-3-8B-Instruct \\
         --task.dataset HuggingFaceH4/ultrafeedback_binarized --task.dataset_format preference \\
@@ -156,9 +157,10 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute decoder-layer activations in the backward pass"""
     lora_r: int = 0
-    """LoRA rank: train low-rank adapters (peft) on the layers --lora_target_modules names, every other weight frozen;
-    0: full fine-tuning. The final save is the merged model (a plain model) plus the adapter alone in
-    <output_dir>/adapter"""
+    """LoRA rank: train low-rank adapters (peft) on the policy's layers --lora_target_modules names, every other weight
+    frozen, and use the policy with its adapters off as the reference (one copy of the weights; unless
+    --ref_model_name_or_path names another model); 0: full fine-tuning. The final save is the merged policy (a plain
+    model) plus the adapter alone in <output_dir>/adapter"""
     lora_alpha: float = 16.0
     """LoRA scale: an adapter adds (lora_alpha / lora_r) * B @ A to its layer's weight"""
     lora_dropout: float = 0.0

@@ -16,6 +16,8 @@ only at the real response positions, and the log-softmax over the vocabulary run
 chunk recomputed in the backward pass, so the [batch, length, vocab] fp32 logits never exist (checked against the
 model's own forward on the first micro-batch: a model that scales its logits after the head is refused); optional
 gradient checkpointing; bf16 and sdpa attention on GPU; DDP, or FSDP2 (`--fsdp`) for models that do not fit on one GPU.
+`--lora_r` trains LoRA adapters (peft) instead of every weight: pi0 is then the policy with its adapters off (not a
+second copy), and the final save is the merged policy plus the adapter alone in <output_dir>/adapter.
 
 One iteration (t = 0) trains the base policy; iteration t + 1 runs generate -> score -> filter -> rebel again from
 the policy of iteration t (docs/rebel.md).
@@ -132,9 +134,10 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute decoder-layer activations in the backward pass"""
     lora_r: int = 0
-    """LoRA rank: train low-rank adapters (peft) on the layers --lora_target_modules names, every other weight frozen;
-    0: full fine-tuning. The final save is the merged model (a plain model) plus the adapter alone in
-    <output_dir>/adapter"""
+    """LoRA rank: train low-rank adapters (peft) on the policy's layers --lora_target_modules names, every other weight
+    frozen, and use the policy with its adapters off as the reference (one copy of the weights; unless
+    --ref_model_name_or_path names another model); 0: full fine-tuning. The final save is the merged policy (a plain
+    model) plus the adapter alone in <output_dir>/adapter"""
     lora_alpha: float = 16.0
     """LoRA scale: an adapter adds (lora_alpha / lora_r) * B @ A to its layer's weight"""
     lora_dropout: float = 0.0

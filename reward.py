@@ -15,7 +15,9 @@ messages through the tokenizer's chat template, the whole conversation ending wi
 and the online scripts give it to the reward model). The reward is read at the last real token: batches are right-
 padded and the model's own pooling takes the rightmost token that is not the pad id (config.pad_token_id is saved).
 The output folder is an ordinary `AutoModelForSequenceClassification` (num_labels 1) with its tokenizer, which
-score.py, ppo.py, rebel_online.py, rloo.py and grpo.py load unchanged.
+score.py, ppo.py, rebel_online.py, rloo.py and grpo.py load unchanged. `--lora_r` trains LoRA adapters (peft) on the
+backbone and the scalar head whole, and saves them merged into that folder, plus the adapter alone in
+<output_dir>/adapter.
 
 `--normalize_dataset` (e.g. generate.py's samples of the SFT policy) shifts the trained model's rewards so that the
 responses of that dataset score 0 on average, by folding minus their mean reward into a bias of the saved model (the

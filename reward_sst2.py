@@ -9,7 +9,8 @@ Training pairs a positive with a negative sentence (a fresh random pairing every
 the Bradley-Terry loss  -log sigmoid(r(x_w) - r(x_l))  plus `center_coef * (r(x_w) + r(x_l))**2`, which pins the
 free offset of the rewards near 0 so that sign(r) means something (TRL's center_rewards_coefficient). `--loss bce`
 instead fits sigmoid(r) to the 0/1 labels of both sentences. Reported on validation: pairwise accuracy
-(r(positive) > r(negative) over fixed pairs) and the accuracy of sign(r) against the label.
+(r(positive) > r(negative) over fixed pairs) and the accuracy of sign(r) against the label. `--lora_r` trains LoRA
+adapters (peft) on the backbone and the scalar head whole; the save is the merged model plus the adapter alone.
 
     python reward_sst2.py                                                   # gpt2 on stanfordnlp/sst2
     torchrun --nproc_per_node 8 reward_sst2.py --model_name_or_path runs/sft_sst2

@@ -5,6 +5,7 @@ token, EOS included, divided by the number of such tokens in the global batch (s
 number of ranks do not change the update). Loss masks come from sequence lengths, never from comparing ids with the
 pad id: GPT-2's pad is its EOS, and masking by pad id would silently drop EOS from the loss (trl#976), leaving a
 policy that never stops. `val/eos_rate` (how often sampled continuations end with EOS) shows that it is learned.
+`--lora_r` trains LoRA adapters (peft) instead of every weight; the save is the merged model plus the adapter alone.
 
     python sft_sst2.py                                                    # gpt2 on stanfordnlp/sst2
     torchrun --nproc_per_node 8 sft_sst2.py --output_dir runs/sft_sst2    # same global batch on 8 GPUs
