@@ -24,7 +24,8 @@ tokenizer's chat template and lays them out exactly as filter.py does, dropping 
 Everything else is rebel.py's: pi_ref's logprobs computed once and cached beside the run, micro-batches trimmed to
 their real length, the chunked fp32 log-softmax over response positions only (checked against the model's own
 forward), AdamW (betas 0.9, 0.95), cosine schedule with warmup counted in updates, gradient clipping, DDP or FSDP2
-(`--fsdp`), checkpoints and exact resume, SIGTERM, the non-finite guard.
+(`--fsdp`), checkpoints and exact resume, SIGTERM, the non-finite guard, and `--lora_r` (LoRA adapters, peft: pi_ref
+is then the policy with its adapters off; the save is the merged policy plus the adapter alone).
 
     torchrun --nproc_per_node 8 dpo.py --model_name_or_path meta-llama/Meta-Llama-3-8B-Instruct \\
         --task.dataset HuggingFaceH4/ultrafeedback_binarized --task.dataset_format preference \\
@@ -155,6 +156,18 @@ class Args:
     instead of replicating the model with DDP"""
     gradient_checkpointing: bool = False
     """recompute decoder-layer activations in the backward pass"""
+    lora_r: int = 0
+    """LoRA rank: train low-rank adapters (peft) on the policy's layers --lora_target_modules names, every other weight
+    frozen, and use the policy with its adapters off as the reference (one copy of the weights; unless
+    --ref_model_name_or_path names another model); 0: full fine-tuning. The final save is the merged policy (a plain
+    model) plus the adapter alone in <output_dir>/adapter"""
+    lora_alpha: float = 16.0
+    """LoRA scale: an adapter adds (lora_alpha / lora_r) * B @ A to its layer's weight"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input in train mode (0: none, as every other dropout here)"""
+    lora_target_modules: tuple[str, ...] = ("all-linear",)
+    """the linear layers that get adapters: all-linear (every linear layer of the transformer body, not the output
+    or classifier head), or names: each layer whose name is or ends with one of them (e.g. q_proj v_proj)"""
     logprob_chunk_size: int = 1024
     """response tokens per chunk of the fp32 vocabulary log-softmax"""
 
@@ -518,7 +531,8 @@ def without_dropout(config):
 
 def build_model(path, arg, args, device, probe, trainable=True):
     """The policy (or the reference) wrapped to return sequence logprobs, checked against the model's own forward on
-    the micro-batch `probe`; dropout off (config and modules); FSDP2, or DDP when trainable."""
+    the micro-batch `probe`; dropout off (config and modules); with --lora_r, LoRA adapters on the trained policy;
+    FSDP2, or DDP when trainable. Returns (the module, the PeftModel or None)."""
     try:
         model = AutoModelForCausalLM.from_pretrained(path, config=without_dropout(AutoConfig.from_pretrained(path)),
                                                      attn_implementation=args.attn_implementation, dtype=torch.float32)
@@ -531,6 +545,7 @@ def build_model(path, arg, args, device, probe, trainable=True):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if getattr(model.config, "final_logit_softcapping", None):
         raise SystemExit(f"{arg} {path}: logit soft-capping is not supported by the chunked log-softmax")
+    peft = add_lora(model, args) if trainable else None
     wrapped = SequenceLogprobs(model, args.task.temperature, args.logprob_chunk_size)
     if args.fsdp:  # sharded while still on the CPU: fully_shard moves each unit to the device as it shards it
         bf16 = bf16_compute(args, device)
@@ -545,8 +560,8 @@ def build_model(path, arg, args, device, probe, trainable=True):
     if args.fsdp:  # the root stays gathered after its forward: register the shards again, for the optimizer to hold
         wrapped.reshard()
     elif dist.is_initialized() and trainable:
-        return DDP(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
-    return wrapped
+        return DDP(wrapped, device_ids=[device.index] if device.type == "cuda" else None), peft
+    return wrapped, peft
 
 
 def fingerprint(path):
@@ -578,8 +593,10 @@ def sharded_pass(model, data, indices, args, rank, world_size, device, autocast)
     return all_reduce(out)
 
 
-def reference_logprobs(splits, args, rank, world_size, device, autocast, probe):
-    """pi0's sequence logprobs of every pair of every split, from the cache beside the run or computed once."""
+def reference_logprobs(splits, args, rank, world_size, device, autocast, probe, policy=None):
+    """pi0's sequence logprobs of every pair of every split, from the cache beside the run or computed once: by a
+    model loaded for it, or, `policy` (the module and its PeftModel) given, by the LoRA policy with its adapters off,
+    which is the initial policy exactly (one copy of the weights)."""
     key = hashlib.sha256(json.dumps({
         "data": {name: data._fingerprint for name, data in splits.items()},
         "model": fingerprint(args.ref_model_name_or_path or args.model_name_or_path),
@@ -594,12 +611,14 @@ def reference_logprobs(splits, args, rank, world_size, device, autocast, probe):
         return {name: cached[name].to(device) for name in splits}
     start = time.time()
     arg = "--ref_model_name_or_path" if args.ref_model_name_or_path else "--model_name_or_path"
-    model = build_model(args.ref_model_name_or_path or args.model_name_or_path, arg, args, device, probe,
-                        trainable=False)
-    model.eval()
+    module = policy[0] if policy else build_model(args.ref_model_name_or_path or args.model_name_or_path, arg, args,
+                                                  device, probe, trainable=False)[0]
+    module.eval()
+    model = AdaptersOff(*policy) if policy else module
     result = {name: sharded_pass(model, data, list(range(len(data))), args, rank, world_size, device, autocast)
               for name, data in splits.items()}
-    del model
+    module.train()
+    del model, module
     if rank == 0:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         torch.save({name: t.cpu() for name, t in result.items()}, path + ".tmp")
@@ -626,6 +645,7 @@ def main(args: Args):
                                   "max_grad_norm", "task.maxlen_prompt", "task.maxlen", "task.temperature",
                                   "dpo.beta"],
                   non_negative=["lr", "weight_decay", "save_freq"], fraction=["warmup_ratio", "dpo.label_smoothing"])
+    check_lora(args, AutoModelForCausalLM, args.model_name_or_path, "--model_name_or_path")
     if args.dpo.label_smoothing >= 0.5:
         raise ValueError(f"--dpo.label_smoothing must be < 0.5 (the probability that a label is flipped), got "
                          f"{args.dpo.label_smoothing}")
@@ -657,14 +677,18 @@ def main(args: Args):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_compute(args, device) and not args.fsdp)
 
     # 2. reference logprobs, once (cached), then the policy; each model's fast logprob path is first checked against
-    # its own forward on one micro-batch (`probe`)
+    # its own forward on one micro-batch (`probe`). A LoRA policy is its own reference: its adapters switched off
     probe = trimmed_batch(train, list(range(args.local_micro_batch_size)), device)
-    ref = reference_logprobs(splits, args, rank, world_size, device, autocast, probe)
+    adapters_off = args.lora_r > 0 and args.ref_model_name_or_path is None
+    ref = None if adapters_off else reference_logprobs(splits, args, rank, world_size, device, autocast, probe)
     torch.manual_seed(args.seed)
-    model = build_model(args.model_name_or_path, "--model_name_or_path", args, device, probe)
+    model, peft = build_model(args.model_name_or_path, "--model_name_or_path", args, device, probe)
+    if adapters_off:
+        ref = reference_logprobs(splits, args, rank, world_size, device, autocast, probe, policy=(model, peft))
     model.train()
     unwrapped = model.module if isinstance(model, DDP) else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    trained = [p for p in model.parameters() if p.requires_grad]  # all of them, or LoRA's adapters
+    optimizer = torch.optim.AdamW(trained, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
 
     # 3. resume
     state = {"update": 0, "world_size": world_size, "skipped_updates": 0, "bad_in_a_row": 0,
@@ -725,7 +749,9 @@ def main(args: Args):
 
     # 5. save the full policy (gathered from the shards under FSDP2)
     full = None
-    if args.fsdp:
+    if peft is not None:  # merged, plus the adapter alone in <output_dir>/adapter
+        full = save_lora(unwrapped.model, peft, args, rank)
+    elif args.fsdp:
         tied = getattr(unwrapped.model, "all_tied_weights_keys", None) or {}  # saved once, as save_pretrained does
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         full = {name: t for name, t in ((n.removeprefix("model."), t) for n, t in full.items()) if name not in tied}
@@ -1351,6 +1377,139 @@ def save_model_atomically(model, tokenizer, args, rank, state_dict=None):
             os.replace(os.path.join(tmp, name), os.path.join(args.output_dir, name))
         os.rmdir(tmp)
     barrier()
+
+
+def check_lora(args, cls, path, arg, **kwargs):
+    """The --lora_* arguments, checked first thing (before anything is read or written): lora_r >= 0, lora_alpha > 0,
+    lora_dropout in [0, 1); with lora_r > 0 every --lora_target_modules name must match a linear layer of the model at
+    `path` (`arg` names it in errors), built from its config on the meta device (no weights read, no memory used).
+    `cls`: the model class the script loads it as; `kwargs` go to its config (trust_remote_code)."""
+    if args.lora_r < 0:
+        raise ValueError(f"--lora_r must be >= 0 (0: full fine-tuning), got {args.lora_r}")
+    if not args.lora_alpha > 0:
+        raise ValueError(f"--lora_alpha must be > 0, got {args.lora_alpha}")
+    if not 0 <= args.lora_dropout < 1:
+        raise ValueError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    if not args.lora_r:
+        return
+    try:
+        config = AutoConfig.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{arg} {path}: cannot load its config ({e})") from None
+    with torch.device("meta"):
+        model = cls.from_config(config, **kwargs)
+    lora_targets(model, args.lora_target_modules, f"{arg} {path}")
+
+
+def lora_targets(model, targets, what):
+    """Full names of the linear layers (nn.Linear, GPT-2's Conv1D) that get LoRA adapters: "all-linear": every one
+    inside the transformer body (model.base_model), none of the heads (output layer, classifier or value head);
+    names: every linear layer whose name is or ends with `.name`. A name that matches none, or the output layer when
+    it shares its weights with the input embeddings (the merged weights could not be one tensor), is an error naming
+    --lora_target_modules, `what` and the model's linear layers."""
+    linear = [name for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"]
+    body = next((name for name, m in model.named_modules() if m is model.base_model and m is not model), None)
+    chosen = set()
+    for target in targets:
+        if target == "all-linear":
+            found = [name for name in linear if body is None or name.startswith(body + ".")]
+        else:
+            found = [name for name in linear if name == target or name.endswith("." + target)]
+        if not found:
+            raise ValueError(f"--lora_target_modules {target}: {what} has no linear layer named {target}; its linear "
+                             f"layers: {sorted({name.rpartition('.')[2] for name in linear})} (or all-linear)")
+        chosen.update(found)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = getattr(model.config.get_text_config(), "tie_word_embeddings", False)
+    for name in chosen:
+        if tied and head is not None and model.get_submodule(name) is head:
+            raise ValueError(f"--lora_target_modules: {what}'s output layer {name} shares its weights with the input "
+                             "embeddings; an adapter on it cannot be merged into one tensor: leave it out")
+    return sorted(chosen)
+
+
+def add_lora(model, args, train_heads=False):
+    """With --lora_r > 0, LoRA adapters (peft) on the layers of `model` that lora_targets chooses, put in place: the
+    script goes on calling `model`, its linear layers now carry the adapters, and every other weight is frozen
+    (requires_grad False) except, with `train_heads`, the heads (every top-level module outside model.base_model: a
+    reward or value model's score layer), trained whole as peft's modules_to_save. A is drawn from --seed (torch's
+    global RNG state is left as it was), B is zero: the model starts as the base model exactly. Returns the PeftModel
+    around it (for peft's disable_adapter and the adapter's save), or None with --lora_r 0 (nothing changes, peft is
+    not imported)."""
+    if not args.lora_r:
+        return None
+    from peft import LoraConfig, get_peft_model
+
+    heads = [name for name, child in model.named_children() if child is not model.base_model] if train_heads else []
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules=lora_targets(model, args.lora_target_modules, "the model"),
+                        modules_to_save=heads or None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        return get_peft_model(model, config)
+
+
+class AdaptersOff:
+    """The reference policy when it is the initial policy and the policy trains LoRA adapters: the policy's own module
+    called with its adapters switched off (peft's disable_adapter), which is exactly the frozen base model: one copy of
+    the weights instead of two. Called as the module would be (under FSDP2, on every rank)."""
+
+    def __init__(self, module, peft):
+        self.module, self.peft = module, peft
+
+    def __call__(self, *args, **kwargs):
+        with self.peft.disable_adapter():
+            return self.module(*args, **kwargs)
+
+
+def merged_weights(model):
+    """(name, tensor) for every entry of `model`'s state_dict under the plain model's names, one full tensor at a time
+    (gathered from FSDP2 shards: every rank takes part, in the same order): a LoRA layer's weight merged,
+    W + (lora_alpha / lora_r) * B @ A (transposed for GPT-2's Conv1D, which stores W as [in, out]); a head trained whole
+    (add_lora's train_heads): its trained copy; the adapters' own tensors and the heads' original copies left out.
+    What the vLLM engine receives and the final save writes; a model without adapters gives its state_dict as is."""
+    modules, state = dict(model.named_modules()), model.state_dict()
+
+    def full(t):
+        return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach()
+
+    for name, tensor in state.items():
+        if ".lora_" in name or ".original_module." in name:
+            continue
+        head, copy, rest = name.partition(".modules_to_save.")
+        if copy:
+            yield f"{head}.{rest.partition('.')[2]}", full(tensor)
+            continue
+        layer, adapted, leaf = name.rpartition(".base_layer.")
+        if not adapted:
+            yield name, full(tensor)
+            continue
+        lora, merged = modules[layer], full(tensor)
+        for adapter in lora.active_adapters if leaf == "weight" else ():
+            delta = full(state[f"{layer}.lora_B.{adapter}.weight"]) @ full(state[f"{layer}.lora_A.{adapter}.weight"])
+            merged = merged + (delta.T if lora.fan_in_fan_out else delta) * lora.scaling[adapter]
+        yield f"{layer}.{leaf}", merged
+
+
+def save_lora(model, peft, args, rank):
+    """The final save of a LoRA run: the adapter alone in <output_dir>/adapter (adapter_config.json and
+    adapter_model.safetensors, for peft's PeftModel.from_pretrained on the base model), written by rank 0 through a
+    temporary folder renamed when complete; returns the merged weights (merged_weights, on the CPU, without the tied
+    copies save_pretrained leaves out) for save_model_atomically, which writes them as a plain model. Every rank
+    calls it (FSDP2 gathers)."""
+    adapter = {name: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu()
+               for name, t in peft.state_dict().items() if ".lora_" in name or ".modules_to_save." in name}
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    merged = {name: t.cpu() for name, t in merged_weights(model) if name not in tied}
+    path = os.path.join(args.output_dir, "adapter")
+    if rank == 0:
+        with disk_errors(path + ".tmp"):
+            peft.save_pretrained(path + ".tmp", state_dict=adapter)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(path + ".tmp", path)
+    barrier()
+    return merged
 
 
 if __name__ == "__main__":

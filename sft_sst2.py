@@ -5,6 +5,7 @@ token, EOS included, divided by the number of such tokens in the global batch (s
 number of ranks do not change the update). Loss masks come from sequence lengths, never from comparing ids with the
 pad id: GPT-2's pad is its EOS, and masking by pad id would silently drop EOS from the loss (trl#976), leaving a
 policy that never stops. `val/eos_rate` (how often sampled continuations end with EOS) shows that it is learned.
+`--lora_r` trains LoRA adapters (peft) instead of every weight; the save is the merged model plus the adapter alone.
 
     python sft_sst2.py                                                    # gpt2 on stanfordnlp/sst2
     torchrun --nproc_per_node 8 sft_sst2.py --output_dir runs/sft_sst2    # same global batch on 8 GPUs
@@ -82,6 +83,17 @@ class Args:
     bf16: bool = True
     """bf16 autocast on GPU (weights and optimizer stay fp32); ignored on CPU, which runs fp32, unless
     RLHF_BF16_ON_CPU=1 (for tests)"""
+    lora_r: int = 0
+    """LoRA rank: train low-rank adapters (peft) on the layers --lora_target_modules names, every other weight frozen;
+    0: full fine-tuning. The final save is the merged model (a plain model) plus the adapter alone in
+    <output_dir>/adapter"""
+    lora_alpha: float = 16.0
+    """LoRA scale: an adapter adds (lora_alpha / lora_r) * B @ A to its layer's weight"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input in train mode (0: none, as every other dropout here)"""
+    lora_target_modules: tuple[str, ...] = ("all-linear",)
+    """the linear layers that get adapters: all-linear (every linear layer of the transformer body, not the output
+    or classifier head), or names: each layer whose name is or ends with one of them (e.g. q_proj v_proj)"""
 
     # data
     dataset: str = "stanfordnlp/sst2"
@@ -208,6 +220,10 @@ def main(args: Args):
                                   "num_train_epochs", "eval_freq", "keep_checkpoints", "max_bad_updates",
                                   "max_grad_norm"],
                   non_negative=["lr", "weight_decay", "save_freq", "num_samples"], fraction=["warmup_ratio"])
+    check_lora(args, AutoModelForCausalLM, args.model_name_or_path, "--model_name_or_path")
+    if args.lora_r and args.from_scratch:
+        raise ValueError("--lora_r with --from_scratch: the adapters would train on frozen random weights, which no "
+                         "folder keeps (the adapter could not be loaded again); drop one of them")
     rank, world_size, device = init_distributed()
     derive_batch_sizes(args, world_size)
     resume = check_output_dir(args)
@@ -254,12 +270,14 @@ def main(args: Args):
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
+    peft = add_lora(model, args)
     model.to(device).train()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     if world_size > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     unwrapped = model.module if isinstance(model, DDP) else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    trained = [p for p in model.parameters() if p.requires_grad]  # all of them, or LoRA's adapters
+    optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=args.weight_decay)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_compute(args, device))
 
     # 3. resume
@@ -308,8 +326,9 @@ def main(args: Args):
         logger.log(metrics, state["update"])
         checkpoint_or_stop(args, model, optimizer, state, rank, device, preemption, logger)
 
-    # 5. save
-    save_model_atomically(unwrapped, tokenizer, args, rank)
+    # 5. save (LoRA: merged, plus the adapter alone in <output_dir>/adapter)
+    full = save_lora(unwrapped, peft, args, rank) if peft is not None else None
+    save_model_atomically(unwrapped, tokenizer, args, rank, state_dict=full)
     if rank == 0:
         print(f"saved the model and tokenizer to {args.output_dir}")
     end_run(logger, rank)
@@ -931,6 +950,139 @@ def save_model_atomically(model, tokenizer, args, rank, state_dict=None):
             os.replace(os.path.join(tmp, name), os.path.join(args.output_dir, name))
         os.rmdir(tmp)
     barrier()
+
+
+def check_lora(args, cls, path, arg, **kwargs):
+    """The --lora_* arguments, checked first thing (before anything is read or written): lora_r >= 0, lora_alpha > 0,
+    lora_dropout in [0, 1); with lora_r > 0 every --lora_target_modules name must match a linear layer of the model at
+    `path` (`arg` names it in errors), built from its config on the meta device (no weights read, no memory used).
+    `cls`: the model class the script loads it as; `kwargs` go to its config (trust_remote_code)."""
+    if args.lora_r < 0:
+        raise ValueError(f"--lora_r must be >= 0 (0: full fine-tuning), got {args.lora_r}")
+    if not args.lora_alpha > 0:
+        raise ValueError(f"--lora_alpha must be > 0, got {args.lora_alpha}")
+    if not 0 <= args.lora_dropout < 1:
+        raise ValueError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    if not args.lora_r:
+        return
+    try:
+        config = AutoConfig.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{arg} {path}: cannot load its config ({e})") from None
+    with torch.device("meta"):
+        model = cls.from_config(config, **kwargs)
+    lora_targets(model, args.lora_target_modules, f"{arg} {path}")
+
+
+def lora_targets(model, targets, what):
+    """Full names of the linear layers (nn.Linear, GPT-2's Conv1D) that get LoRA adapters: "all-linear": every one
+    inside the transformer body (model.base_model), none of the heads (output layer, classifier or value head);
+    names: every linear layer whose name is or ends with `.name`. A name that matches none, or the output layer when
+    it shares its weights with the input embeddings (the merged weights could not be one tensor), is an error naming
+    --lora_target_modules, `what` and the model's linear layers."""
+    linear = [name for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"]
+    body = next((name for name, m in model.named_modules() if m is model.base_model and m is not model), None)
+    chosen = set()
+    for target in targets:
+        if target == "all-linear":
+            found = [name for name in linear if body is None or name.startswith(body + ".")]
+        else:
+            found = [name for name in linear if name == target or name.endswith("." + target)]
+        if not found:
+            raise ValueError(f"--lora_target_modules {target}: {what} has no linear layer named {target}; its linear "
+                             f"layers: {sorted({name.rpartition('.')[2] for name in linear})} (or all-linear)")
+        chosen.update(found)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = getattr(model.config.get_text_config(), "tie_word_embeddings", False)
+    for name in chosen:
+        if tied and head is not None and model.get_submodule(name) is head:
+            raise ValueError(f"--lora_target_modules: {what}'s output layer {name} shares its weights with the input "
+                             "embeddings; an adapter on it cannot be merged into one tensor: leave it out")
+    return sorted(chosen)
+
+
+def add_lora(model, args, train_heads=False):
+    """With --lora_r > 0, LoRA adapters (peft) on the layers of `model` that lora_targets chooses, put in place: the
+    script goes on calling `model`, its linear layers now carry the adapters, and every other weight is frozen
+    (requires_grad False) except, with `train_heads`, the heads (every top-level module outside model.base_model: a
+    reward or value model's score layer), trained whole as peft's modules_to_save. A is drawn from --seed (torch's
+    global RNG state is left as it was), B is zero: the model starts as the base model exactly. Returns the PeftModel
+    around it (for peft's disable_adapter and the adapter's save), or None with --lora_r 0 (nothing changes, peft is
+    not imported)."""
+    if not args.lora_r:
+        return None
+    from peft import LoraConfig, get_peft_model
+
+    heads = [name for name, child in model.named_children() if child is not model.base_model] if train_heads else []
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules=lora_targets(model, args.lora_target_modules, "the model"),
+                        modules_to_save=heads or None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        return get_peft_model(model, config)
+
+
+class AdaptersOff:
+    """The reference policy when it is the initial policy and the policy trains LoRA adapters: the policy's own module
+    called with its adapters switched off (peft's disable_adapter), which is exactly the frozen base model: one copy of
+    the weights instead of two. Called as the module would be (under FSDP2, on every rank)."""
+
+    def __init__(self, module, peft):
+        self.module, self.peft = module, peft
+
+    def __call__(self, *args, **kwargs):
+        with self.peft.disable_adapter():
+            return self.module(*args, **kwargs)
+
+
+def merged_weights(model):
+    """(name, tensor) for every entry of `model`'s state_dict under the plain model's names, one full tensor at a time
+    (gathered from FSDP2 shards: every rank takes part, in the same order): a LoRA layer's weight merged,
+    W + (lora_alpha / lora_r) * B @ A (transposed for GPT-2's Conv1D, which stores W as [in, out]); a head trained whole
+    (add_lora's train_heads): its trained copy; the adapters' own tensors and the heads' original copies left out.
+    What the vLLM engine receives and the final save writes; a model without adapters gives its state_dict as is."""
+    modules, state = dict(model.named_modules()), model.state_dict()
+
+    def full(t):
+        return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach()
+
+    for name, tensor in state.items():
+        if ".lora_" in name or ".original_module." in name:
+            continue
+        head, copy, rest = name.partition(".modules_to_save.")
+        if copy:
+            yield f"{head}.{rest.partition('.')[2]}", full(tensor)
+            continue
+        layer, adapted, leaf = name.rpartition(".base_layer.")
+        if not adapted:
+            yield name, full(tensor)
+            continue
+        lora, merged = modules[layer], full(tensor)
+        for adapter in lora.active_adapters if leaf == "weight" else ():
+            delta = full(state[f"{layer}.lora_B.{adapter}.weight"]) @ full(state[f"{layer}.lora_A.{adapter}.weight"])
+            merged = merged + (delta.T if lora.fan_in_fan_out else delta) * lora.scaling[adapter]
+        yield f"{layer}.{leaf}", merged
+
+
+def save_lora(model, peft, args, rank):
+    """The final save of a LoRA run: the adapter alone in <output_dir>/adapter (adapter_config.json and
+    adapter_model.safetensors, for peft's PeftModel.from_pretrained on the base model), written by rank 0 through a
+    temporary folder renamed when complete; returns the merged weights (merged_weights, on the CPU, without the tied
+    copies save_pretrained leaves out) for save_model_atomically, which writes them as a plain model. Every rank
+    calls it (FSDP2 gathers)."""
+    adapter = {name: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu()
+               for name, t in peft.state_dict().items() if ".lora_" in name or ".modules_to_save." in name}
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    merged = {name: t.cpu() for name, t in merged_weights(model) if name not in tied}
+    path = os.path.join(args.output_dir, "adapter")
+    if rank == 0:
+        with disk_errors(path + ".tmp"):
+            peft.save_pretrained(path + ".tmp", state_dict=adapter)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(path + ".tmp", path)
+    barrier()
+    return merged
 
 
 if __name__ == "__main__":

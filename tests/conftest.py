@@ -204,6 +204,21 @@ def check_resume_from_checkpoint(module, args, reference_dir, run_dir, update):
     assert_same_metrics(reference_dir, run_dir)
 
 
+def run_of_commit(commit, script, args, out, tmp_path):
+    """`script` as it was at `commit` (git show; every path in `args` absolute), run as a user would; skipped where
+    there is no git history holding the commit."""
+    folder = tmp_path / f"at_{commit}"
+    folder.mkdir(exist_ok=True)
+    source = subprocess.run(["git", "show", f"{commit}:{script}"], cwd=ROOT, capture_output=True, text=True)
+    if source.returncode != 0:
+        pytest.skip(f"no git history with commit {commit} here: {source.stderr.strip()}")
+    (folder / script).write_text(source.stdout)
+    proc = subprocess.run([sys.executable, str(folder / script), *map(str, args), "--output_dir", str(out)],
+                          cwd=folder, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
 def copy_unfinished(run_dir, to):
     """A copy of a finished run as it was before its final save: args, logs and checkpoints, no model."""
     shutil.copytree(run_dir, to, ignore=lambda d, names: [n for n in names if n == "config.json" or

@@ -92,6 +92,9 @@ def make(case, tmp):
     broken_folder.mkdir()
     (broken_folder / "train.jsonl").write_text('{"sentence": "a fine film ."}\n\n{"sentence": "dull .", }\n')
     no_eos = tokenizer_without_eos(tmp / "no_eos")
+    lora = [*gpt2, "--lora_r", "4"]
+    lacks = lambda name: (rf"--lora_target_modules {name}: --model_name_or_path .*tiny-gpt2 has no linear layer "  # noqa: E731
+                          rf"named {name}; its linear layers: \[.*'c_attn', 'c_fc', 'c_proj'")
     cases = {
         # sft_sst2.py
         "sft: malformed JSON line": (sft_sst2, [*sst2, "--dataset", str(broken_json)],
@@ -216,6 +219,18 @@ def make(case, tmp):
             ppo, [*ppo_models, "--lora_r", "8", "--lora_target_modules", "query_key_value"],
             r"--lora_target_modules query_key_value: --model_name_or_path .*tiny-gpt2 has no linear layer named "
             r"query_key_value"),
+        # LoRA in the offline scripts: a target the model lacks is found on a meta-device copy of it
+        "sft: LoRA dropout of 1": (sft_sst2, [*lora, "--lora_dropout", "1"],
+                                   r"--lora_dropout must be in \[0, 1\), got 1.0"),
+        "sft: LoRA on random weights": (sft_sst2, [*lora, "--from_scratch"], r"--lora_r with --from_scratch"),
+        "reward: LoRA on random weights": (reward, [*lora, "--from_scratch"], r"--lora_r with --from_scratch"),
+        "sft: LoRA target the model lacks": (sft_sst2, [*lora, "--lora_target_modules", "q_proj"], lacks("q_proj")),
+        "reward: LoRA target the model lacks": (reward_sst2, [*lora, "--lora_target_modules", "c_attn", "q_proj"],
+                                                lacks("q_proj")),
+        "reward.py: LoRA target the model lacks": (reward, [*lora, "--lora_target_modules", "gate_proj"],
+                                                   lacks("gate_proj")),
+        "rebel: LoRA target the model lacks": (rebel, [*lora, "--lora_target_modules", "v_proj"], lacks("v_proj")),
+        "dpo: LoRA target the model lacks": (dpo, [*lora, "--lora_target_modules", "q_proj"], lacks("q_proj")),
     }
     module, argv, match = cases[case]
     return module, (argv if "--output_dir" in argv else [*argv, *out]), match
@@ -243,6 +258,9 @@ CASES = [
     "rebel: nonexistent model", "rebel: finished output",
     "sft: LoRA target module the model lacks", "sft: LoRA on an output layer tied to the embeddings",
     "sft: LoRA dropout 1", "ppo: LoRA target module the policy lacks",
+    "sft: LoRA dropout of 1", "sft: LoRA on random weights", "reward: LoRA on random weights",
+    "sft: LoRA target the model lacks", "reward: LoRA target the model lacks", "reward.py: LoRA target the model lacks",
+    "rebel: LoRA target the model lacks", "dpo: LoRA target the model lacks",
 ]
 
 

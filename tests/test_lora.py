@@ -6,13 +6,10 @@ existed (slow: the scripts of commit BEFORE_LORA run beside today's)."""
 
 import copy
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from conftest import (
-    ROOT,
     TINY_GPT2,
     TINY_LLAMA,
     assert_weights_equal,
@@ -21,6 +18,7 @@ from conftest import (
     online_args,
     run,
     run_in_process,
+    run_of_commit,
     weights,
 )
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -274,20 +272,6 @@ def test_lora_two_ranks_match_one_rank_with_ddp_and_with_fsdp2(sft_lora, rloo_lo
             out = tmp_path / f"{script}{len(extra)}"
             run(script, *args, *extra, "--output_dir", out, nproc=2)
             assert_weights_equal(one, out, exact=False)
-
-
-def run_of_commit(commit, script, args, out, tmp_path):
-    """`script` as it was at `commit` (git show; every path in `args` absolute), run as a user would."""
-    folder = tmp_path / f"at_{commit}"
-    folder.mkdir(exist_ok=True)
-    source = subprocess.run(["git", "show", f"{commit}:{script}"], cwd=ROOT, capture_output=True, text=True)
-    if source.returncode != 0:
-        pytest.skip(f"no git history with commit {commit} here: {source.stderr.strip()}")
-    (folder / script).write_text(source.stdout)
-    proc = subprocess.run([sys.executable, str(folder / script), *map(str, args), "--output_dir", str(out)],
-                          cwd=folder, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return out
 
 
 @pytest.mark.slow

@@ -86,7 +86,8 @@ def test_dropout_read_from_the_config_is_off_too(tmp_path):
                      AutoModelForCausalLM)
     args = rebel.Args()
     batch = rebel.trimmed_batch(pair_rows(), [0, 1, 2], "cpu")
-    model = rebel.build_model(path, "--model_name_or_path", args, torch.device("cpu"), batch, trainable=False).train()
+    model, _ = rebel.build_model(path, "--model_name_or_path", args, torch.device("cpu"), batch, trainable=False)
+    model.train()
     with torch.no_grad():
         first, second = model(**batch), model(**batch)
         assert torch.equal(first, second) and torch.equal(first, model.eval()(**batch))

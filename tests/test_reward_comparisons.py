@@ -132,7 +132,7 @@ def tiny_model(path):
     tokenizer = reward.load_tokenizer(args.model_name_or_path, needs_eos=False)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     torch.manual_seed(0)
-    model, target, wrapped = reward.build_model(args, tokenizer, torch.device("cpu"), False)
+    model, target, wrapped, _ = reward.build_model(args, tokenizer, torch.device("cpu"), False)
     return model.eval(), wrapped.eval(), tokenizer
 
 
