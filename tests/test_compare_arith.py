@@ -25,7 +25,7 @@ from data.arith.reward import exact_answer  # noqa: E402
 
 def arith_args(tmp_path, **kw):
     defaults = dict(task="arith", output_dir=str(tmp_path / "cmp"), algorithms=("grpo", "rebel", "dpo"),
-                    grpo=(0.05,), rebel=(1.0,), dpo=(0.1,), episodes=1280, eval_size=200)
+                    grpo=(0.05,), rebel=(1.0,), dpo=(0.1,), episodes=1024, eval_size=200)
     return compare.Args(**{**defaults, **kw})
 
 
@@ -48,51 +48,53 @@ def test_arith_stage_list(tmp_path):
     plan = compare.stages(args)
     out = args.output_dir
     folders = list(dict.fromkeys(s.folder for s in plan))
-    assert folders[:8] == [f"{out}/{f}" for f in ("data", "sft", "answers/rl/generate", "answers/rl/score",
+    assert folders[:10] == [f"{out}/{f}" for f in ("data", "sft", "answers/train/generate", "answers/train/score",
+                                                   "answers/validation/generate", "answers/validation/score",
                                                   "answers/test/generate", "answers/test/score", "comparisons",
                                                   "reward")]
-    assert all(s.run is None for s in plan[:8]) and all(s.run for s in plan[8:])
+    assert all(s.run is None for s in plan[:10]) and all(s.run for s in plan[10:])
     by_folder = {s.folder: s for s in plan}
     for stage in by_folder.values():  # every stage parses with its own script's arguments
         parsed(stage)
     data = parsed(by_folder[f"{out}/data"])
-    assert (data.wording, data.num_train, data.num_rl) == ("plain", 300, compare.ARITH_RL_PROMPTS)
+    assert (data.wording, data.num_train, data.num_validation) == ("plain", 400, compare.ARITH_RL_PROMPTS)
     sft = parsed(by_folder[f"{out}/sft"])
     assert sft.from_scratch and sft.task.response_column == "equation" and sft.task.dataset == f"{out}/data"
-    for split in ("rl", "test"):  # the SFT policy's answers, scored by the exact answer
+    for split in ("train", "validation", "test"):  # the SFT policy's answers, scored by the exact answer
         gen, score = (parsed(by_folder[f"{out}/answers/{split}/{stage}"]) for stage in ("generate", "score"))
         assert (gen.split, gen.model_name_or_path, gen.keep_columns, gen.temperature) == (split, f"{out}/sft",
                                                                                           ["answer"], 1.0)
         assert score.reward_fn == compare.EXACT and score.dataset == f"{out}/answers/{split}/generate"
     labels = parsed(by_folder[f"{out}/comparisons"])
-    assert (labels.train, labels.validation, labels.flip_rate) == (f"{out}/answers/rl/score",
-                                                                   f"{out}/answers/test/score", 0.2)
+    assert (labels.train, labels.validation, labels.flip_rate) == (
+        (f"{out}/answers/train/score", f"{out}/answers/validation/score"), f"{out}/answers/test/score", 0.2)
     reward = parsed(by_folder[f"{out}/reward"])
     assert reward.model_name_or_path == f"{out}/sft" and reward.task.dataset == f"{out}/comparisons/train.jsonl"
     assert reward.task.eval_dataset == f"{out}/comparisons/validation.jsonl"
-    # an online run: rl prompts, test problems held out, the proxy reward model; then its evaluation by the truth
+    # an online run: the validation split's prompts, test problems held out, the proxy reward model; then its
+    # evaluation by the truth
     grpo = parsed(by_folder[f"{out}/seed1/grpo_0.05"])
     assert (grpo.task.train_split, grpo.task.eval_split, grpo.task.prompt_words, grpo.task.response_length) == (
-        "rl", "test", 0, 16)
+        "validation", "test", 0, 16)
     assert grpo.reward_model_name_or_path == f"{out}/reward" and grpo.reward_fn is None
-    assert (grpo.total_episodes, grpo.grpo.beta, grpo.task.temperature) == (1280, 0.05, 1.0)
+    assert (grpo.total_episodes, grpo.grpo.beta, grpo.task.temperature) == (1024, 0.05, 1.0)
     evaluation = parsed(by_folder[f"{out}/seed1/grpo_0.05/eval"])
     assert evaluation.policies == (f"{out}/seed1/grpo_0.05",) and evaluation.reference == f"{out}/sft"
     assert evaluation.gold_reward_fn == compare.EXACT and evaluation.greedy and evaluation.eval_split == "test"
-    # offline REBEL: two iterations of 160 rl prompts x 4 answers, scored by the proxy
+    # offline REBEL: two iterations of 128 prompts x 4 answers, scored by the proxy
     gen1 = parsed(by_folder[f"{out}/seed1/rebel_1/iter1/generate"])
-    assert (gen1.split, gen1.start_idx, gen1.end_idx) == ("rl", 160, 320)
+    assert (gen1.split, gen1.start_idx, gen1.end_idx) == ("validation", 128, 256)
     assert parsed(by_folder[f"{out}/seed1/rebel_1/iter1/score"]).reward_model == f"{out}/reward"
     train = parsed(by_folder[f"{out}/seed1/rebel_1/iter1/train"])
     assert (train.task.maxlen_prompt, train.task.maxlen, train.task.temperature) == (32, 16, 1.0)
     # --true_reward: the same runs trained against the exact answer, in their own folders; shared stages unchanged
     true = compare.stages(arith_args(tmp_path, true_reward=True))
-    assert [s.folder for s in true[:8]] == folders[:8]
+    assert [s.folder for s in true[:10]] == folders[:10]
     grpo = parsed(next(s for s in true if s.folder == f"{out}/seed1-true/grpo_0.05"))
     assert grpo.reward_fn == compare.EXACT
     assert parsed(next(s for s in true if s.folder == f"{out}/seed1-true/data/iter0/score")).reward_fn == compare.EXACT
-    with pytest.raises(SystemExit, match="more prompts"):  # the rl split has 350 problems
-        compare.stages(arith_args(tmp_path, episodes=1536))
+    with pytest.raises(SystemExit, match="more prompts"):  # the validation split has 256 problems
+        compare.stages(arith_args(tmp_path, episodes=1088))
 
 
 def scored_dataset(path, rewards, texts):
@@ -114,7 +116,7 @@ def test_label_pairs_flip_rate_and_pairs(tmp_path):
     scored_dataset(str(tmp_path / "validation"), rewards[:300], texts[:300])
     expected = sum(1 for r, t in zip(rewards, texts) for i in range(4) for j in range(i + 1, 4)
                    if r[i] != r[j] and t[i] != t[j])
-    args = label_pairs.Args(train=str(tmp_path / "train"), validation=str(tmp_path / "validation"),
+    args = label_pairs.Args(train=(str(tmp_path / "train"),), validation=str(tmp_path / "validation"),
                             output_dir=str(tmp_path / "out"), flip_rate=0.2, seed=3)
     label_pairs.main(args)
     read = lambda name: [json.loads(line) for line in open(tmp_path / "out" / name)]  # noqa: E731
@@ -169,8 +171,8 @@ def test_arith_finished_stages_are_skipped(tmp_path, monkeypatch, capsys):
     data = next(s for s in plan if s.folder == f"{out}/data")
     os.makedirs(data.folder)
     open(os.path.join(data.folder, "train.jsonl"), "w").close()
-    assert not compare.finished(data)  # rl.jsonl is written last
-    open(os.path.join(data.folder, "rl.jsonl"), "w").close()
+    assert not compare.finished(data)  # validation.jsonl is written last
+    open(os.path.join(data.folder, "validation.jsonl"), "w").close()
     assert compare.finished(data)
     labels = next(s for s in plan if s.folder == f"{out}/comparisons")
     os.makedirs(labels.folder)
@@ -223,12 +225,13 @@ def test_arith_report_from_fake_runs(tmp_path):
 
 
 def test_make_arith_rl_split_is_disjoint(tmp_path):
-    make_arith.main(make_arith.Args(output_dir=str(tmp_path), wording="plain", num_train=300, num_rl=350))
-    rows = {s: [json.loads(line) for line in open(tmp_path / f"{s}.jsonl")] for s in ("train", "rl", "test")}
+    make_arith.main(make_arith.Args(output_dir=str(tmp_path), wording="plain", num_train=350, num_validation=300))
+    splits = ("train", "validation", "test")
+    rows = {s: [json.loads(line) for line in open(tmp_path / f"{s}.jsonl")] for s in splits}
     triples = {s: {(r["op"], r["a"], r["b"]) for r in rs} for s, rs in rows.items()}
-    assert [len(triples[s]) for s in ("train", "rl", "test")] == [300, 350, 200]
-    assert not (triples["train"] & triples["rl"] or triples["train"] & triples["test"]
-                or triples["rl"] & triples["test"])
+    assert [len(triples[s]) for s in splits] == [350, 300, 200]
+    assert not (triples["train"] & triples["validation"] or triples["train"] & triples["test"]
+                or triples["validation"] & triples["test"])
     assert all(r["prompt"] == f"What is {r['a']} {'plus' if r['op'] == 'add' else 'minus'} {r['b']}? "
                f"{make_arith.INSTRUCTION}" and exact_answer(None, [r["equation"]], [r["answer"]]) == [1.0]
                for rs in rows.values() for r in rs)

@@ -32,6 +32,7 @@ is not in the repository is skipped with a note.
 Documentation: docs/comparison.md
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -93,7 +94,7 @@ ALGORITHMS = {
 ARITH_SCRIPT = os.path.join("data", "arith", "make_arith.py")
 EXACT = os.path.join(ROOT, "data", "arith", "reward.py") + ":exact_answer"
 LABELS = os.path.join("tools", "label_pairs.py")
-ARITH_RL_PROMPTS = 350  # problems of the rl split: the prompts of the comparisons and of every run
+ARITH_RL_PROMPTS = 256  # problems of the validation split: the prompts of the comparisons and of every run
 EVAL = os.path.join("tools", "eval_policy.py")
 # each algorithm's strengths of its pull to the SFT policy, per task (the arguments of the same names override them)
 STRENGTHS = {"sst2": {"ppo": (0.02, 0.05, 0.2, 0.5, 1.0), "rebel_online": (0.3, 1.0, 3.0), "rloo": (0.05, 0.2, 0.5),
@@ -239,9 +240,9 @@ def judge_stage(args, name, value, seed, final):
 
 def finished(stage):
     """Whether a stage's folder holds its finished output (quickstart.finished: a judgment's summary.json too; the
-    arithmetic problems: rl.jsonl, written last; labelled comparisons: summary.json, written last)."""
+    arithmetic problems: validation.jsonl, written last; labelled comparisons: summary.json, written last)."""
     if stage.script in (ARITH_SCRIPT, LABELS):
-        return os.path.exists(os.path.join(stage.folder, "rl.jsonl" if stage.script == ARITH_SCRIPT else
+        return os.path.exists(os.path.join(stage.folder, "validation.jsonl" if stage.script == ARITH_SCRIPT else
                                            "summary.json"))
     return quickstart.finished(stage.folder, stage.script)
 
@@ -281,24 +282,26 @@ def arith_base_stages(args):
     labels flipped, and the proxy reward model trained on those comparisons."""
     out = lambda *name: os.path.join(args.output_dir, *name)  # noqa: E731
     data, sft, seed = out("data"), out("sft"), ["--seed", "1"]
-    result = [Stage(data, ARITH_SCRIPT, ["--wording", "plain", "--num_train", "300", "--num_rl", str(ARITH_RL_PROMPTS)]),
+    result = [Stage(data, ARITH_SCRIPT, ["--wording", "plain", "--num_train", "400", "--num_validation",
+                                         str(ARITH_RL_PROMPTS)]),
               Stage(sft, "sft.py", [
                   "--model_name_or_path", quickstart.TINY, "--from_scratch", "--disable_dropout", "--task.dataset",
                   data, "--task.eval_split", "test", "--task.response_column", "equation", "--task.maxlen_prompt", "32",
                   "--task.maxlen", "16", "--lr", "1e-3", "--warmup_ratio", "0.05", "--batch_size", "64",
                   "--local_micro_batch_size", "64", "--num_train_epochs", str(args.sft_epochs), "--eval_freq", "1000",
                   *seed])]
-    for split in ("rl", "test"):  # 4 answers per problem, scored by the truth
+    for split in ("train", "validation", "test"):  # 8 answers per problem, scored by the truth
         result += [Stage(out("answers", split, "generate"), "generate.py", [
             "--model_name_or_path", sft, "--dataset", data, "--split", split, "--prompt_column", "prompt",
-            "--prompt_format", "text", "--keep_columns", "answer", "--maxlen", "16", "--num_responses", "4",
+            "--prompt_format", "text", "--keep_columns", "answer", "--maxlen", "16", "--num_responses", "8",
             "--temperature", f"{args.temperature:g}", "--top_p", "1.0", "--backend", "hf", "--local_micro_batch_size",
             "64", *seed]),
             Stage(out("answers", split, "score"), "score.py", [
                 "--reward_fn", EXACT, "--dataset", out("answers", split, "generate"), "--prompt_format", "text"])]
     result += [Stage(out("comparisons"), LABELS, [
-        "--train", out("answers", "rl", "score"), "--validation", out("answers", "test", "score"), "--flip_rate",
-        f"{args.flip_rate:g}", *seed]),
+        "--train", out("answers", "train", "score"), out("answers", "validation", "score"), "--validation",
+        out("answers", "test", "score"),
+        "--flip_rate", f"{args.flip_rate:g}", *seed]),
         Stage(out("reward"), "reward.py", [
             "--model_name_or_path", sft, "--task.dataset", os.path.join(out("comparisons"), "train.jsonl"),
             "--task.eval_dataset", os.path.join(out("comparisons"), "validation.jsonl"), "--task.eval_split", "train",
@@ -347,7 +350,7 @@ def arith_stages(args):
         if algo.kind == "online":
             updates = args.episodes // 64
             extra = with_settings(algo.extra, **task, task__prompt_column="prompt", task__prompt_words="0",
-                                  task__response_length="16", task__train_split="rl", task__eval_split="test")
+                                  task__response_length="16", task__train_split="validation", task__eval_split="test")
             result += [Stage(folder, algo.script, [
                 "--model_name_or_path", sft, *(scorer or ["--reward_model_name_or_path", reward]), "--task.dataset",
                 data, *extra, "--total_episodes", str(args.episodes), "--eval_freq", str(max(1, updates // args.evals)),
@@ -364,7 +367,7 @@ def arith_stages(args):
             end = (per_iteration if algo.kind == "iterative" else per_iteration * args.iterations) if shared else \
                 (t + 1) * per_iteration
             result += [Stage(os.path.join(where, "generate"), "generate.py", [
-                "--model_name_or_path", policy, "--dataset", data, "--split", "rl", "--prompt_column", "prompt",
+                "--model_name_or_path", policy, "--dataset", data, "--split", "validation", "--prompt_column", "prompt",
                 "--prompt_format", "text", "--keep_columns", "answer", "--maxlen", "16", "--num_responses",
                 str(args.num_responses), "--temperature", f"{args.temperature:g}", "--top_p", "1.0", "--start_idx",
                 str(start), "--end_idx", str(end), "--backend", "hf", "--local_micro_batch_size", "64", "--seed",
@@ -682,7 +685,11 @@ def gold_curve(args, folder):
     """An online run's held-out curve scored by the truth: the share of right answers among the samples of each
     evaluation in its eval_samples.jsonl (the proxy's score and the KL come from its metrics.jsonl)."""
     answers = [row["answer"] for row in report.read_jsonl(os.path.join(args.output_dir, "data", "test.jsonl"))]
-    exact = __import__("importlib").import_module("data.arith.reward").exact_answer
+    path, name = EXACT.rsplit(":", 1)
+    spec = importlib.util.spec_from_file_location("arith_reward", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    exact = getattr(module, name)
     by_update = {}
     for sample in report.read_jsonl(os.path.join(folder, "eval_samples.jsonl")):
         by_update.setdefault(sample["update"], []).append(sample)

@@ -10,12 +10,12 @@ InstructGPT turns a ranking of K responses into its K(K-1)/2 comparisons); respo
 with probability --flip_rate (seeded, one draw per pair in a fixed order); the held-out split keeps the true labels,
 so reward.py's held-out accuracy is measured against the truth. Writes, each atomically:
 
-    <output_dir>/train.jsonl        prompt, chosen, rejected, flipped (bool), prompt_index
+    <output_dir>/train.jsonl        prompt, chosen, rejected, flipped (bool), prompt_index, source (the --train folder)
     <output_dir>/validation.jsonl   the same, never flipped
     <output_dir>/summary.json       counts and the realised flip rate (written last: its presence marks the stage done)
 
-    python tools/label_pairs.py --train runs/arith/pairs/train/score --validation runs/arith/pairs/test/score \\
-        --flip_rate 0.2 --output_dir runs/arith/comparisons
+    python tools/label_pairs.py --train runs/arith/answers/train/score runs/arith/answers/validation/score \\
+        --validation runs/arith/answers/test/score --flip_rate 0.2 --output_dir runs/arith/comparisons
 
 Documentation: docs/comparison.md ("The arithmetic comparison")
 """
@@ -32,8 +32,8 @@ from datasets import load_from_disk
 
 @dataclass
 class Args:
-    train: str
-    """score.py's output folder for the training prompts (scored by the true reward)"""
+    train: tuple[str, ...]
+    """score.py's output folders for the training comparisons (scored by the true reward)"""
     validation: str
     """score.py's output folder for the held-out prompts (scored by the true reward)"""
     output_dir: str
@@ -94,15 +94,18 @@ def main(args: Args):
     if not 0 <= args.flip_rate < 0.5:
         raise ValueError(f"--flip_rate {args.flip_rate}: expected a probability in [0, 0.5) (at 0.5 the labels "
                          "carry no information)")
-    for name in ("train", "validation"):
-        if not os.path.isdir(getattr(args, name)):
-            raise FileNotFoundError(f"--{name} {getattr(args, name)}: not a folder (expected score.py's output)")
+    for name, path in [*(("train", p) for p in args.train), ("validation", args.validation)]:
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"--{name} {path}: not a folder (expected score.py's output)")
     rng = random.Random(args.seed)
-    train, train_prompts = label(args.train, args.flip_rate, rng)
+    train, train_prompts = [], 0
+    for path in args.train:
+        rows, prompts = label(path, args.flip_rate, rng)
+        train, train_prompts = train + [{**r, "source": path} for r in rows], train_prompts + prompts
     validation, validation_prompts = label(args.validation, 0.0, rng)
     for name, rows in (("train", train), ("validation", validation)):
         if not rows:
-            raise ValueError(f"--{name} {getattr(args, name)}: no pair of responses with different true rewards")
+            raise ValueError(f"--{name}: no pair of responses with different true rewards")
     os.makedirs(args.output_dir, exist_ok=True)
     write_jsonl(os.path.join(args.output_dir, "train.jsonl"), train)
     write_jsonl(os.path.join(args.output_dir, "validation.jsonl"), validation)

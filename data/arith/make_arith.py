@@ -15,7 +15,7 @@ Columns: `prompt_id` (`train-0000`, `test-0000`, ...), `prompt` (the problem, a 
 answer, "17 - 9 = 8": the SFT target of tools/compare.py --task arith), `op` (add or sub), `a`, `b`.
 
     python data/arith/make_arith.py            # writes data/arith/train.jsonl (640 problems) and test.jsonl (200)
-    python data/arith/make_arith.py --wording plain --num_train 300 --num_rl 300 --output_dir runs/arith_data
+    python data/arith/make_arith.py --wording plain --num_train 400 --num_validation 256 --output_dir runs/arith
 """
 
 import json
@@ -34,9 +34,9 @@ class Args:
     """problems in the train split"""
     num_test: int = 200
     """problems in the held-out test split (disjoint (operation, a, b) triples)"""
-    num_rl: int = 0
-    """problems in a third split, rl.jsonl, disjoint from both (the prompts of reward-model comparisons and RL, as
-    InstructGPT keeps its SFT, reward-model and PPO prompts apart); 0: no such split"""
+    num_validation: int = 0
+    """problems in a third split, validation.jsonl, disjoint from both: the prompts of the reward model's comparisons
+    and of RL (InstructGPT keeps the prompts of SFT, reward model and PPO apart); 0: no such split"""
     seed: int = 1
     """seed of the problem choice and wording"""
     wording: str = "story"
@@ -95,14 +95,14 @@ def render(op, a, b, rng, wording="story"):
 
 
 def make_splits(args):
-    """Train and test rows (and rl rows with --num_rl); the (operation, a, b) triples of the splits never overlap.
-    Every split is half addition, half subtraction."""
+    """Train and test rows (and validation rows with --num_validation); the (operation, a, b) triples of the splits
+    never overlap. Every split is half addition, half subtraction."""
     rng = random.Random(args.seed)
     by_op = {op: [t for t in triples() if t[0] == op] for op in TEMPLATES}
     for pool in by_op.values():
         rng.shuffle(pool)
-    splits = {"test": [], "train": [], **({"rl": []} if args.num_rl else {})}
-    for split, count in (("test", args.num_test), ("train", args.num_train), ("rl", args.num_rl)):
+    splits = {"test": [], "train": [], **({"validation": []} if args.num_validation else {})}
+    for split, count in (("test", args.num_test), ("train", args.num_train), ("validation", args.num_validation)):
         if split not in splits:
             continue
         for i in range(count):
@@ -126,8 +126,8 @@ def make_splits(args):
 def main(args: Args):
     if args.wording not in ("story", "plain"):
         raise ValueError(f"--wording {args.wording!r}: expected story or plain")
-    if args.num_rl < 0:
-        raise ValueError(f"--num_rl {args.num_rl}: must be at least 0")
+    if args.num_validation < 0:
+        raise ValueError(f"--num_validation {args.num_validation}: must be at least 0")
     for name in ("num_train", "num_test", "renderings"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} {getattr(args, name)}: must be at least 1")
