@@ -81,6 +81,9 @@ def test_arith_stage_list(tmp_path):
     evaluation = parsed(by_folder[f"{out}/seed1/grpo_0.05/eval"])
     assert evaluation.policies == (f"{out}/seed1/grpo_0.05",) and evaluation.reference == f"{out}/sft"
     assert evaluation.gold_reward_fn == compare.EXACT and evaluation.greedy and evaluation.eval_split == "test"
+    trained_on = parsed(by_folder[f"{out}/seed1/grpo_0.05/eval_rl"])  # the problems the run trains on
+    assert (trained_on.eval_split, trained_on.eval_size, trained_on.policies) == ("validation", 256,
+                                                                                  evaluation.policies)
     # offline REBEL: two iterations of 128 prompts x 4 answers, scored by the proxy
     gen1 = parsed(by_folder[f"{out}/seed1/rebel_1/iter1/generate"])
     assert (gen1.split, gen1.start_idx, gen1.end_idx) == ("validation", 128, 256)
@@ -202,6 +205,11 @@ def fake_run(args, name, value, seed, final, kl):
             "eval/scores_greedy": 0.2}
     with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
         f.writelines(json.dumps({"update": u, "episode": e, **m}) + "\n" for u, e, m in ((0, 0, sft), (1, 1280, last)))
+    folder = os.path.join(os.path.dirname(folder), "eval_rl")  # on the problems trained on: +0.1 more
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps({"update": u, "episode": e, **{k: v + 0.1 * u for k, v in m.items()}}) + "\n"
+                     for u, e, m in ((0, 0, sft), (1, 1280, last)))
 
 
 def test_arith_report_from_fake_runs(tmp_path):
@@ -216,11 +224,11 @@ def test_arith_report_from_fake_runs(tmp_path):
     for name in ("frontier.png", "curves.png", "table.md", "results.json"):
         assert os.path.getsize(os.path.join(report, name)) > 0
     table = open(os.path.join(report, "table.md")).read()
-    assert "| SFT policy | | 0.400 ± 0.000 | | 0.315 ± 0.005 | | +0.000 ± 0.000 | 0 | | |" in table
+    assert "| SFT policy | | 0.400 ± 0.000 | | 0.315 ± 0.005 | | 0.400 ± 0.000 | | +0.000 ± 0.000 | 0 | | |" in table
     assert ("| REBEL (offline) | eta 1 | 0.630 ± 0.010 | +0.230 ± 0.010 | 0.515 ± 0.005 | +0.200 ± 0.000 | "
-            "+1.000 ± 0.000 | 3.00 ± 0.00 | n/a | n/a |") in table
-    assert "- REBEL (offline): best greedy accuracy 0.630 ± 0.010 (eta 1); the proxy starts to mislead beyond KL " \
-           "3.00" in table
+            "0.730 ± 0.010 | +0.330 ± 0.010 | +1.000 ± 0.000 | 3.00 ± 0.00 | n/a | n/a |") in table
+    assert "- REBEL (offline): best held-out greedy accuracy 0.630 ± 0.010 (eta 1); the proxy starts to mislead " \
+           "beyond KL 3.00" in table
     assert json.load(open(os.path.join(report, "results.json")))["flip_rate"] == 0.2
 
 

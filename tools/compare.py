@@ -323,16 +323,18 @@ def with_settings(extra, **settings):
     return extra
 
 
-def arith_eval_stage(args, folder, policies, episodes, seed, run):
+def arith_eval_stages(args, folder, policies, episodes, seed, run):
     """tools/eval_policy.py on the run's policies (and the SFT policy, first): reward-model score, exact-answer
-    accuracy of samples at the training temperature and of greedy answers, KL to the SFT policy; 200 held-out
-    problems."""
+    accuracy of samples at the training temperature and of greedy answers, KL to the SFT policy; on the 200 held-out
+    test problems (eval/) and on the 256 problems the runs train on (eval_rl/: what the optimisation reaches, whether
+    or not it carries over to new problems)."""
     out = lambda *name: os.path.join(args.output_dir, *name)  # noqa: E731
-    return Stage(os.path.join(folder, "eval"), EVAL, [
+    return [Stage(os.path.join(folder, where), EVAL, [
         "--policies", *policies, "--episodes", *map(str, episodes), "--reference", out("sft"), "--reward_model",
-        out("reward"), "--dataset", out("data"), "--eval_split", "test", "--prompt_column", "prompt", "--prompt_words",
+        out("reward"), "--dataset", out("data"), "--eval_split", split, "--prompt_column", "prompt", "--prompt_words",
         "0", "--maxlen_prompt", "32", "--response_length", "16", "--temperature", f"{args.temperature:g}",
-        "--eval_size", str(args.eval_size), "--gold_reward_fn", EXACT, "--greedy", "--seed", str(seed)], run)
+        "--eval_size", str(size), "--gold_reward_fn", EXACT, "--greedy", "--seed", str(seed)], run)
+        for where, split, size in (("eval", "test", args.eval_size), ("eval_rl", "validation", ARITH_RL_PROMPTS))]
 
 
 def arith_stages(args):
@@ -355,7 +357,7 @@ def arith_stages(args):
                 "--model_name_or_path", sft, *(scorer or ["--reward_model_name_or_path", reward]), "--task.dataset",
                 data, *extra, "--total_episodes", str(args.episodes), "--eval_freq", str(max(1, updates // args.evals)),
                 "--eval_size", str(args.eval_size), *common], run),
-                arith_eval_stage(args, folder, [folder], [args.episodes], seed, run)]
+                *arith_eval_stages(args, folder, [folder], [args.episodes], seed, run)]
             continue
         iterations = args.iterations if algo.kind == "iterative" else 1
         policies, episodes, policy = [], [], sft
@@ -385,7 +387,7 @@ def arith_stages(args):
             policy = train
             policies.append(train)
             episodes.append(args.episodes * (t + 1) // iterations)
-        result.append(arith_eval_stage(args, folder, policies, episodes, seed, run))
+        result += arith_eval_stages(args, folder, policies, episodes, seed, run)
     return result
 
 
@@ -720,10 +722,14 @@ def arith_collect(args, costs):
             {"episode": r["episode"], "scores": r["eval/scores"], "kl": r["eval/kl"], "gold": r["eval/gold"]}
             for r in rows]
         wall, peak = run_costs(costs, name, value, seed)
+        rl_path = os.path.join(folder, "eval_rl", "metrics.jsonl")  # the problems trained on (None: not evaluated)
+        rl = report.read_jsonl(rl_path) if os.path.exists(rl_path) else None
         records.append({"algorithm": name, "label": ALGORITHMS[name].label, "strength": ALGORITHMS[name].strength,
                         "value": value, "seed": seed, **{k: rows[-1][v] for k, v in keys.items()},
-                        **{f"sft_{k}": rows[0][v] for k, v in keys.items()}, "curve": curve, "wall_s": wall,
-                        "peak_mib": peak})
+                        **{f"sft_{k}": rows[0][v] for k, v in keys.items()},
+                        **{f"rl_{k}": rl and rl[-1]["eval/" + k] for k in ("gold", "gold_greedy", "scores")},
+                        **{f"sft_rl_{k}": rl and rl[0]["eval/" + k] for k in ("gold", "gold_greedy", "scores")},
+                        "curve": curve, "wall_s": wall, "peak_mib": peak})
     return records
 
 
@@ -760,36 +766,40 @@ def misleads_from(settings):
 
 def arith_table(records, args):
     """The paper-shaped table of --task arith (markdown lines): per algorithm and setting, mean ± standard error over
-    seeds of the true accuracy (greedy and sampled), its paired change against the SFT policy, the proxy's score and
-    the KL; then per algorithm its best true accuracy and where the proxy starts to mislead."""
+    seeds of the true accuracy on the held-out problems (greedy and sampled) and on the problems trained on (greedy),
+    each with its paired change against the SFT policy, the proxy's score and the KL; then per algorithm its best
+    true accuracy and where the proxy starts to mislead."""
     seeds = ", ".join(map(str, args.seeds))
     reward = "the exact answer itself (--true_reward)" if args.true_reward else \
         f"the proxy reward model (comparisons with {args.flip_rate:g} of the labels flipped)"
-    sft = {r["seed"]: r for r in records}
+    sft = list({r["seed"]: r for r in records}.values())
+    cell = lambda rs, key, fmt: mean_se([r[key] for r in rs], fmt)  # noqa: E731
+    delta = lambda rs, key: mean_se([r[key] - r[f"sft_{key}"] for r in rs if r[key] is not None], "+.3f")  # noqa: E731
     lines = [f"Budget: {args.episodes:,} sampled and scored responses per run, trained against {reward}; seeds "
              f"{seeds}; held out: {args.eval_size} test problems (disjoint from training by (operation, a, b)); "
-             f"sampled at temperature {args.temperature:g}. ± is the standard error over seeds; Δ is paired with the "
-             "SFT policy's evaluation under the same seed's sampling noise.", "",
-             "| algorithm | setting | true acc. greedy | Δ greedy | true acc. sampled | Δ sampled | proxy score | "
-             "KL to SFT | wall time (s) | peak memory (MiB) |", "|---|---|---|---|---|---|---|---|---|---|",
-             f"| SFT policy | | {mean_se([r['sft_gold_greedy'] for r in sft.values()], '.3f')} | | "
-             f"{mean_se([r['sft_gold'] for r in sft.values()], '.3f')} | | "
-             f"{mean_se([r['sft_scores'] for r in sft.values()], '+.3f')} | 0 | | |"]
+             f"trained on: the {ARITH_RL_PROMPTS} problems of the runs' prompts; sampled at temperature "
+             f"{args.temperature:g}. ± is the standard error over seeds; Δ is paired with the SFT policy's evaluation "
+             "under the same seed's sampling noise. Wall time and peak memory add up (max) over a run's stages, shared "
+             "data stages included.", "",
+             "| algorithm | setting | held out: acc. greedy | Δ | acc. sampled | Δ | trained on: acc. greedy | Δ | "
+             "proxy score | KL to SFT | wall time (s) | peak memory (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|",
+             f"| SFT policy | | {cell(sft, 'sft_gold_greedy', '.3f')} | | {cell(sft, 'sft_gold', '.3f')} | | "
+             f"{cell(sft, 'sft_rl_gold_greedy', '.3f')} | | {cell(sft, 'sft_scores', '+.3f')} | 0 | | |"]
     summary = []
     for settings in arith_groups(records).values():
         for value, rs in settings:
-            cell = lambda key, fmt, rs=rs: mean_se([r[key] for r in rs], fmt)  # noqa: E731
-            delta = lambda key, rs=rs: mean_se([r[key] - r[f"sft_{key}"] for r in rs], "+.3f")  # noqa: E731
             lines.append(f"| {rs[0]['label']} | {rs[0]['strength'].split('.')[-1]} {value:g} | "
-                         f"{cell('gold_greedy', '.3f')} | {delta('gold_greedy')} | {cell('gold', '.3f')} | "
-                         f"{delta('gold')} | {cell('scores', '+.3f')} | {cell('kl', '.2f')} | "
-                         f"{cell('wall_s', '.0f')} | {cell('peak_mib', '.0f')} |")
+                         f"{cell(rs, 'gold_greedy', '.3f')} | {delta(rs, 'gold_greedy')} | {cell(rs, 'gold', '.3f')} | "
+                         f"{delta(rs, 'gold')} | {cell(rs, 'rl_gold_greedy', '.3f')} | {delta(rs, 'rl_gold_greedy')} | "
+                         f"{cell(rs, 'scores', '+.3f')} | {cell(rs, 'kl', '.2f')} | {cell(rs, 'wall_s', '.0f')} | "
+                         f"{cell(rs, 'peak_mib', '.0f')} |")
         best_value, best = max(settings, key=lambda item: sum(r["gold_greedy"] for r in item[1]) / len(item[1]))
         kl = misleads_from(settings)
-        summary.append(f"- {best[0]['label']}: best greedy accuracy {mean_se([r['gold_greedy'] for r in best], '.3f')}"
-                       f" ({best[0]['strength'].split('.')[-1]} {best_value:g}); the proxy "
+        summary.append(f"- {best[0]['label']}: best held-out greedy accuracy {cell(best, 'gold_greedy', '.3f')} "
+                       f"({best[0]['strength'].split('.')[-1]} {best_value:g}); the proxy "
                        + (f"starts to mislead beyond KL {kl:.2f} (a stronger setting raised its score and lowered "
-                          "the true accuracy)" if kl is not None else "did not mislead within these settings"))
+                          "the true sampled accuracy)" if kl is not None else "did not mislead within these settings"))
     return lines + ["", *summary]
 
 
@@ -797,12 +807,15 @@ def arith_plots(records, out, args):
     """frontier.png (Gao et al.'s picture: true accuracy and proxy score against KL to the SFT policy, one line per
     algorithm through its settings, mean over seeds) and curves.png (the proxy's score and the true accuracy of the
     held-out samples against episodes, one line per run)."""
-    groups = arith_groups(records)
-    colors = {name: plt.get_cmap("tab10")(i) for i, name in enumerate(groups)}
     mean = lambda rs, key: sum(r[key] for r in rs) / len(rs)  # noqa: E731
     panels = (("gold", "true accuracy, sampled (held out)"), ("gold_greedy", "true accuracy, greedy (held out)"),
+              ("rl_gold_greedy", "true accuracy, greedy (problems trained on)"),
               ("scores", "proxy reward model's score (held out)"))
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    records = [r for r in records if r["rl_gold_greedy"] is not None] or [{**r, "rl_gold_greedy": 0.0,
+                                                                          "sft_rl_gold_greedy": 0.0} for r in records]
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
+    groups = arith_groups(records)
+    colors = {name: plt.get_cmap("tab10")(i) for i, name in enumerate(groups)}
     for name, settings in groups.items():
         for ax, (key, _) in zip(axes, panels):
             xs, ys = [mean(rs, "kl") for _, rs in settings], [mean(rs, key) for _, rs in settings]
