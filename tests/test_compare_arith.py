@@ -230,6 +230,11 @@ def test_arith_report_from_fake_runs(tmp_path):
     assert "- REBEL (offline): best held-out greedy accuracy 0.630 ± 0.010 (eta 1); the proxy starts to mislead " \
            "beyond KL 3.00" in table
     assert json.load(open(os.path.join(report, "results.json")))["flip_rate"] == 0.2
+    # the SFT policy is the first point: a first setting that raises the proxy and lowers the truth misleads at KL 0
+    settings = compare.arith_groups(records)["rebel"]
+    for r in settings[0][1]:
+        r["gold"] = r["sft_gold"] - 0.01
+    assert compare.misleads_from(settings) == 0.0
 
 
 def test_make_arith_rl_split_is_disjoint(tmp_path):

@@ -755,12 +755,16 @@ def arith_groups(records):
 
 
 def misleads_from(settings):
-    """The smallest mean KL at which a stronger setting raised the proxy's score but lowered the true accuracy
-    (Gao et al.'s over-optimisation), comparing neighbours in KL order; None if it never did."""
+    """The smallest mean KL at which a stronger setting raised the proxy's score but lowered the true sampled accuracy
+    (Gao et al.'s over-optimisation), comparing neighbours in KL order, the SFT policy (KL 0) first; None if it never
+    did."""
     mean = lambda rs, key: sum(r[key] for r in rs) / len(rs)  # noqa: E731
-    for (_, low), (_, high) in zip(settings, settings[1:]):
-        if mean(high, "scores") > mean(low, "scores") and mean(high, "gold") < mean(low, "gold"):
-            return mean(low, "kl")
+    rs = settings[0][1]
+    points = [(0.0, mean(rs, "sft_scores"), mean(rs, "sft_gold"))] + [
+        (mean(rs, "kl"), mean(rs, "scores"), mean(rs, "gold")) for _, rs in settings]
+    for (kl, proxy, gold), (_, proxy_next, gold_next) in zip(points, points[1:]):
+        if proxy_next > proxy and gold_next < gold:
+            return kl
     return None
 
 
@@ -798,8 +802,10 @@ def arith_table(records, args):
         kl = misleads_from(settings)
         summary.append(f"- {best[0]['label']}: best held-out greedy accuracy {cell(best, 'gold_greedy', '.3f')} "
                        f"({best[0]['strength'].split('.')[-1]} {best_value:g}); the proxy "
-                       + (f"starts to mislead beyond KL {kl:.2f} (a stronger setting raised its score and lowered "
-                          "the true sampled accuracy)" if kl is not None else "did not mislead within these settings"))
+                       + ("did not mislead within these settings" if kl is None else "misleads from the SFT policy "
+                          "on (its first setting raised the proxy's score and lowered the true sampled accuracy)"
+                          if kl == 0 else f"starts to mislead beyond KL {kl:.2f} (a stronger setting raised its "
+                          "score and lowered the true sampled accuracy)"))
     return lines + ["", *summary]
 
 
