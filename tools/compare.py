@@ -800,12 +800,13 @@ def arith_table(records, args):
                          f"{cell(rs, 'peak_mib', '.0f')} |")
         best_value, best = max(settings, key=lambda item: sum(r["gold_greedy"] for r in item[1]) / len(item[1]))
         kl = misleads_from(settings)
+        proxy = "" if args.true_reward else "; the proxy " + (
+            "did not mislead within these settings" if kl is None else "misleads from the SFT policy on (its first "
+            "setting raised the proxy's score and lowered the true sampled accuracy)" if kl == 0 else
+            f"starts to mislead beyond KL {kl:.2f} (a stronger setting raised its score and lowered the true sampled "
+            "accuracy)")
         summary.append(f"- {best[0]['label']}: best held-out greedy accuracy {cell(best, 'gold_greedy', '.3f')} "
-                       f"({best[0]['strength'].split('.')[-1]} {best_value:g}); the proxy "
-                       + ("did not mislead within these settings" if kl is None else "misleads from the SFT policy "
-                          "on (its first setting raised the proxy's score and lowered the true sampled accuracy)"
-                          if kl == 0 else f"starts to mislead beyond KL {kl:.2f} (a stronger setting raised its "
-                          "score and lowered the true sampled accuracy)"))
+                       f"({best[0]['strength'].split('.')[-1]} {best_value:g}){proxy}")
     return lines + ["", *summary]
 
 
