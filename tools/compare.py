@@ -815,26 +815,27 @@ def arith_plots(records, out, args):
     algorithm through its settings, mean over seeds) and curves.png (the proxy's score and the true accuracy of the
     held-out samples against episodes, one line per run)."""
     mean = lambda rs, key: sum(r[key] for r in rs) / len(rs)  # noqa: E731
-    panels = (("gold", "true accuracy, sampled (held out)"), ("gold_greedy", "true accuracy, greedy (held out)"),
+    panels = [("gold", "true accuracy, sampled (held out)"), ("gold_greedy", "true accuracy, greedy (held out)"),
               ("rl_gold_greedy", "true accuracy, greedy (problems trained on)"),
-              ("scores", "proxy reward model's score (held out)"))
-    records = [r for r in records if r["rl_gold_greedy"] is not None] or [{**r, "rl_gold_greedy": 0.0,
-                                                                          "sft_rl_gold_greedy": 0.0} for r in records]
-    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
-    groups = arith_groups(records)
-    colors = {name: plt.get_cmap("tab10")(i) for i, name in enumerate(groups)}
-    for name, settings in groups.items():
-        for ax, (key, _) in zip(axes, panels):
+              ("scores", "proxy reward model's score (held out)")]
+    if all(r["rl_gold_greedy"] is None for r in records):  # no run evaluated on the problems it trained on
+        panels.pop(2)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 4.2))
+    colors = {name: plt.get_cmap("tab10")(i) for i, name in enumerate(arith_groups(records))}
+    for ax, (key, title) in zip(axes, panels):
+        have = [r for r in records if r[key] is not None]  # a panel shows the runs that have its number
+        for name, settings in arith_groups(have).items():
             xs, ys = [mean(rs, "kl") for _, rs in settings], [mean(rs, key) for _, rs in settings]
             ax.plot(xs, ys, marker="o", color=colors[name], label=ALGORITHMS[name].label)
             for (value, _), x, y in zip(settings, xs, ys):
                 ax.annotate(f"{value:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
                             color=colors[name])
-    for ax, (key, title) in zip(axes, panels):
-        sft = mean(records, f"sft_{key}")
+        sft = mean(have, f"sft_{key}")
         ax.scatter([0], [sft], marker="*", s=120, color="black", zorder=3, label="SFT policy")
         ax.axhline(sft, color="black", linewidth=0.6, linestyle="--")
-        ax.set_title(title, fontsize=10)
+        seeds = sorted({r["seed"] for r in have})
+        ax.set_title(title + ("" if len(seeds) == len(set(args.seeds)) else f" (seeds {', '.join(map(str, seeds))})"),
+                     fontsize=10)
         ax.set_xlabel("KL to the SFT policy (nats per response)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
@@ -847,7 +848,7 @@ def arith_plots(records, out, args):
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     styles = ["-", "--", ":", "-."]
-    for name, settings in groups.items():
+    for name, settings in arith_groups(records).items():
         for k, (value, rs) in enumerate(settings):
             for r in rs:
                 label = f"{r['label']} {r['strength'].split('.')[-1]} {value:g}" if r is rs[0] else None
