@@ -62,17 +62,20 @@ def test_vllm_loads_the_policy_rebel_saved(tmp_path, chat_policy, chat_prompts, 
     assert hf != before  # the trained policy is not the one it started from
 
 
-def test_ppo_with_vllm_rollouts_pushes_the_trained_weights(tmp_path, chat_policy, chat_reward_model, chat_prompts):
-    """2 updates of ppo.py --backend vllm in fp32 on the tiny chat model. After training, the engine's greedy held-out
-    answers equal transformers' greedy answers from the saved policy (the weights were pushed into the engine) and
-    differ from those before training; vLLM's logprobs of its own samples equal the trainer's."""
+@pytest.mark.parametrize("lora", [(), ("--lora_r", "8", "--lora_alpha", "16")], ids=["full", "lora"])
+def test_ppo_with_vllm_rollouts_pushes_the_trained_weights(tmp_path, chat_policy, chat_reward_model, chat_prompts,
+                                                          lora):
+    """2 updates of ppo.py --backend vllm in fp32 on the tiny chat model, fully fine-tuned or with LoRA adapters.
+    After training, the engine's greedy held-out answers equal transformers' greedy answers from the saved (merged)
+    policy (the weights, with LoRA the merged ones, were pushed into the engine) and differ from those before
+    training; vLLM's logprobs of its own samples equal the trainer's."""
     out = tmp_path / "ppo"
     run("ppo.py", "--model_name_or_path", chat_policy, "--reward_model_name_or_path", chat_reward_model,
         "--task.dataset", chat_prompts, "--task.prompt_column", "prompt", "--task.prompt_format", "chat",
         "--task.prompt_words", "0", "--task.eval_split", "train", "--task.maxlen_prompt", "64",
         "--task.response_length", "24", "--backend", "vllm", "--eval_greedy", "--eval_freq", "1", "--eval_size", "8",
-        "--lr", "3e-3", "--batch_size", "8", "--local_micro_batch_size", "4", "--total_episodes", "16",
-        "--output_dir", out, env=VLLM_ENV)
+        "--lr", "3e-2" if lora else "3e-3", "--batch_size", "8", "--local_micro_batch_size", "4",
+        "--total_episodes", "16", *lora, "--output_dir", out, env=VLLM_ENV)
     import json
 
     samples = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()]
