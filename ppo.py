@@ -221,12 +221,14 @@ class Args:
     vllm_dtype: str = "auto"
     """dtype of the vLLM engine; auto: bfloat16 on GPU with --bf16, else float32"""
     importance_sampling: Literal["auto", "none", "token_truncate", "token_mask", "sequence_mask"] = "auto"
-    """correction of the mismatch between the sampler's policy and the trainer's (TRL's
-    vllm_importance_sampling_mode), with w = pi_old / pi_sampler per token, detached: token_truncate weights each
-    token's policy loss by min(w, C); token_mask drops the tokens, sequence_mask the whole responses (w the product over
-    the response), whose ratio leaves [1/C, C]; none: no correction. auto: sequence_mask with --backend vllm, none with
-    hf (the loss exactly as without this option). The value loss is never weighted. The ratios are logged as
-    rollout/is_* whatever the choice (docs/vllm.md)"""
+    """correction of the mismatch between the sampler's policy and the trainer's, with w = pi_old / pi_sampler per
+    token, detached: token_truncate weights each token's policy loss by min(w, C); token_mask and sequence_mask are
+    rejection filters: they drop the tokens, or the whole responses (W, the product of w over the response), whose
+    ratio leaves [1/C, C] and weight what they keep by 1 (TRL's modes of these names drop only ratios above C and
+    weight what they keep by the ratio). W drifts with the length: at C = 3 long bf16 responses can be dropped (watch
+    rollout/is_seq_masked_frac). none: no correction. auto: sequence_mask with --backend vllm, none with hf (the loss
+    exactly as without this option). The value loss is never weighted. The ratios are logged as rollout/is_* whatever
+    the choice (docs/vllm.md)"""
     importance_sampling_cap: float = 3.0
     """C of --importance_sampling, > 1: the truncation of token_truncate and the band [1/C, C] the masks keep"""
 

@@ -201,11 +201,13 @@ class Args:
     vllm_dtype: str = "auto"
     """dtype of the vLLM engine; auto: bfloat16 on GPU with --bf16, else float32"""
     importance_sampling: Literal["auto", "none", "sequence_mask"] = "auto"
-    """correction of the mismatch between the sampler's policy and the trainer's (TRL's
-    vllm_importance_sampling_mode): sequence_mask drops from the loss every pair with a response whose ratio pi_old /
-    pi_sampler (the product over its tokens, detached) leaves [1/C, C]; none: no correction. auto: sequence_mask with
-    --backend vllm, none with hf (the loss exactly as without this option). No token-level mode: REBEL regresses whole
-    responses' log-ratios (docs/rebel_online.md). The ratios are logged as rollout/is_* whatever the choice"""
+    """correction of the mismatch between the sampler's policy and the trainer's: sequence_mask, a rejection filter,
+    drops from the loss every pair with a response whose ratio W = pi_old / pi_sampler (the product over its tokens,
+    detached) leaves [1/C, C] and keeps the others with weight 1 (TRL's sequence_mask drops only ratios above C and
+    weights what it keeps by W). W drifts with the length: at C = 3 long bf16 responses can be dropped (watch
+    rollout/is_seq_masked_frac). none: no correction. auto: sequence_mask with --backend vllm, none with hf (the loss
+    exactly as without this option). No token-level mode: REBEL regresses whole responses' log-ratios
+    (docs/rebel_online.md). The ratios are logged as rollout/is_* whatever the choice"""
     importance_sampling_cap: float = 3.0
     """C of --importance_sampling, > 1: the band [1/C, C] of the ratios sequence_mask keeps"""
 
