@@ -407,6 +407,11 @@ def main(args: Args):
     same_tokenizer = tokenizers_match(tokenizer, rm_tokenizer)
     if rank == 0 and not same_tokenizer:
         print("the reward model's tokenizer differs from the policy's: responses reach it as text, re-tokenized")
+    value_path = args.value_model_name_or_path or (args.reward_model_name_or_path if same_tokenizer and not reward_fn
+                                                   else args.model_name_or_path)
+    if value_path != args.model_name_or_path:  # LoRA: the value model gets adapters too; its targets checked here
+        check_lora(args, AutoModelForSequenceClassification, value_path, "--value_model_name_or_path"
+                   if args.value_model_name_or_path else "the value model's --reward_model_name_or_path")
 
     # 1. prompts, checked before any model is loaded
     columns, eval_columns = {}, {}
@@ -433,8 +438,6 @@ def main(args: Args):
     reward_model = None if reward_fn else load_pretrained(
         AutoModelForSequenceClassification, args.reward_model_name_or_path, "--reward_model_name_or_path", args,
         trust_remote_code=args.trust_remote_code)
-    value_path = args.value_model_name_or_path or (args.reward_model_name_or_path if same_tokenizer and not reward_fn
-                                                   else args.model_name_or_path)
     torch.manual_seed(args.seed)  # a new value head is initialised identically on every rank
     value_model = load_pretrained(AutoModelForSequenceClassification, value_path, "--value_model_name_or_path", args,
                                   num_labels=1)

@@ -476,6 +476,9 @@ def main(args: Args):
                   non_negative=["lr", "weight_decay", "save_freq", "num_samples", "num_printed"],
                   fraction=["warmup_ratio"])
     check_lora(args, AutoModelForCausalLM, args.model_name_or_path, "--model_name_or_path")
+    if args.lora_r and args.from_scratch:
+        raise ValueError("--lora_r with --from_scratch: the adapters would train on frozen random weights, which no "
+                         "folder keeps (the adapter could not be loaded again); drop one of them")
     rank, world_size, device = init_distributed()
     derive_batch_sizes(args, world_size)
     resume = check_output_dir(args)
