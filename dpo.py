@@ -618,6 +618,8 @@ def reference_logprobs(splits, args, rank, world_size, device, autocast, probe, 
     result = {name: sharded_pass(model, data, list(range(len(data))), args, rank, world_size, device, autocast)
               for name, data in splits.items()}
     module.train()
+    if args.fsdp:  # FSDP2 keeps the root's parameters gathered after a forward: shards again before the optimizer
+        module.reshard()
     del model, module
     if rank == 0:
         os.makedirs(os.path.dirname(path), exist_ok=True)
