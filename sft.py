@@ -145,7 +145,8 @@ class Args:
     lora_alpha: float = 16.0
     """LoRA scale: an adapter adds (lora_alpha / lora_r) * B @ A to its layer's weight"""
     lora_dropout: float = 0.0
-    """dropout on the adapters' input in train mode (0: none, as every other dropout here)"""
+    """dropout on the adapters' input in train mode (0: none); the model's own dropout stays on unless
+    --disable_dropout"""
     lora_target_modules: tuple[str, ...] = ("all-linear",)
     """the linear layers that get adapters: all-linear (every linear layer of the transformer body, not the output
     or classifier head), or names: each layer whose name is or ends with one of them (e.g. q_proj v_proj)"""
