@@ -618,6 +618,8 @@ def reference_logprobs(splits, args, rank, world_size, device, autocast, probe, 
     result = {name: sharded_pass(model, data, list(range(len(data))), args, rank, world_size, device, autocast)
               for name, data in splits.items()}
     module.train()
+    if args.fsdp:  # FSDP2 keeps the root's parameters gathered after a forward: shards again before the optimizer
+        module.reshard()
     del model, module
     if rank == 0:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -1433,10 +1435,11 @@ def add_lora(model, args, train_heads=False):
     """With --lora_r > 0, LoRA adapters (peft) on the layers of `model` that lora_targets chooses, put in place: the
     script goes on calling `model`, its linear layers now carry the adapters, and every other weight is frozen
     (requires_grad False) except, with `train_heads`, the heads (every top-level module outside model.base_model: a
-    reward or value model's score layer), trained whole as peft's modules_to_save. A is drawn from --seed (torch's
-    global RNG state is left as it was), B is zero: the model starts as the base model exactly. Returns the PeftModel
-    around it (for peft's disable_adapter and the adapter's save), or None with --lora_r 0 (nothing changes, peft is
-    not imported)."""
+    reward or value model's score layer), trained whole as peft's modules_to_save. A is drawn from --seed (the RNG
+    states of the CPU and of the current CUDA device, the one a rank uses, are left as they were; torch.manual_seed
+    reseeds any other CUDA device), B is zero: the model starts as the base model exactly. Returns the PeftModel around
+    it (for peft's disable_adapter and the adapter's save), or None with --lora_r 0 (nothing changes, peft is not
+    imported)."""
     if not args.lora_r:
         return None
     from peft import LoraConfig, get_peft_model
@@ -1445,7 +1448,7 @@ def add_lora(model, args, train_heads=False):
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         target_modules=lora_targets(model, args.lora_target_modules, "the model"),
                         modules_to_save=heads or None)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
         torch.manual_seed(args.seed)
         return get_peft_model(model, config)
 
@@ -1496,12 +1499,16 @@ def save_lora(model, peft, args, rank):
     """The final save of a LoRA run: the adapter alone in <output_dir>/adapter (adapter_config.json and
     adapter_model.safetensors, for peft's PeftModel.from_pretrained on the base model), written by rank 0 through a
     temporary folder renamed when complete; returns the merged weights (merged_weights, on the CPU, without the tied
-    copies save_pretrained leaves out) for save_model_atomically, which writes them as a plain model. Every rank
-    calls it (FSDP2 gathers)."""
+    copies save_pretrained leaves out) for save_model_atomically, which writes them as a plain model: on rank 0, the
+    only rank that writes; the other ranks get {} (a full copy per rank would cost world_size copies of the model in
+    host memory). Every rank calls it and walks every weight (FSDP2 gathers are collective)."""
     adapter = {name: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu()
                for name, t in peft.state_dict().items() if ".lora_" in name or ".modules_to_save." in name}
     tied = getattr(model, "all_tied_weights_keys", None) or {}
-    merged = {name: t.cpu() for name, t in merged_weights(model) if name not in tied}
+    merged = {}
+    for name, t in merged_weights(model):  # every rank takes part in each gather; rank 0 alone keeps the result
+        if rank == 0 and name not in tied:
+            merged[name] = t.cpu()
     path = os.path.join(args.output_dir, "adapter")
     if rank == 0:
         with disk_errors(path + ".tmp"):

@@ -221,12 +221,14 @@ class Args:
     vllm_dtype: str = "auto"
     """dtype of the vLLM engine; auto: bfloat16 on GPU with --bf16, else float32"""
     importance_sampling: Literal["auto", "none", "token_truncate", "token_mask", "sequence_mask"] = "auto"
-    """correction of the mismatch between the sampler's policy and the trainer's (TRL's
-    vllm_importance_sampling_mode), with w = pi_old / pi_sampler per token, detached: token_truncate weights each
-    token's policy loss by min(w, C); token_mask drops the tokens, sequence_mask the whole responses (w the product over
-    the response), whose ratio leaves [1/C, C]; none: no correction. auto: sequence_mask with --backend vllm, none with
-    hf (the loss exactly as without this option). The value loss is never weighted. The ratios are logged as
-    rollout/is_* whatever the choice (docs/vllm.md)"""
+    """correction of the mismatch between the sampler's policy and the trainer's, with w = pi_old / pi_sampler per
+    token, detached: token_truncate weights each token's policy loss by min(w, C); token_mask and sequence_mask are
+    rejection filters: they drop the tokens, or the whole responses (W, the product of w over the response), whose
+    ratio leaves [1/C, C] and weight what they keep by 1 (TRL's modes of these names drop only ratios above C and
+    weight what they keep by the ratio). W drifts with the length: at C = 3 long bf16 responses can be dropped (watch
+    rollout/is_seq_masked_frac). none: no correction. auto: sequence_mask with --backend vllm, none with hf (the loss
+    exactly as without this option). The value loss is never weighted. The ratios are logged as rollout/is_* whatever
+    the choice (docs/vllm.md)"""
     importance_sampling_cap: float = 3.0
     """C of --importance_sampling, > 1: the truncation of token_truncate and the band [1/C, C] the masks keep"""
 
@@ -405,6 +407,11 @@ def main(args: Args):
     same_tokenizer = tokenizers_match(tokenizer, rm_tokenizer)
     if rank == 0 and not same_tokenizer:
         print("the reward model's tokenizer differs from the policy's: responses reach it as text, re-tokenized")
+    value_path = args.value_model_name_or_path or (args.reward_model_name_or_path if same_tokenizer and not reward_fn
+                                                   else args.model_name_or_path)
+    if value_path != args.model_name_or_path:  # LoRA: the value model gets adapters too; its targets checked here
+        check_lora(args, AutoModelForSequenceClassification, value_path, "--value_model_name_or_path"
+                   if args.value_model_name_or_path else "the value model's --reward_model_name_or_path")
 
     # 1. prompts, checked before any model is loaded
     columns, eval_columns = {}, {}
@@ -431,8 +438,6 @@ def main(args: Args):
     reward_model = None if reward_fn else load_pretrained(
         AutoModelForSequenceClassification, args.reward_model_name_or_path, "--reward_model_name_or_path", args,
         trust_remote_code=args.trust_remote_code)
-    value_path = args.value_model_name_or_path or (args.reward_model_name_or_path if same_tokenizer and not reward_fn
-                                                   else args.model_name_or_path)
     torch.manual_seed(args.seed)  # a new value head is initialised identically on every rank
     value_model = load_pretrained(AutoModelForSequenceClassification, value_path, "--value_model_name_or_path", args,
                                   num_labels=1)
@@ -2106,10 +2111,11 @@ def add_lora(model, args, train_heads=False):
     """With --lora_r > 0, LoRA adapters (peft) on the layers of `model` that lora_targets chooses, put in place: the
     script goes on calling `model`, its linear layers now carry the adapters, and every other weight is frozen
     (requires_grad False) except, with `train_heads`, the heads (every top-level module outside model.base_model: a
-    reward or value model's score layer), trained whole as peft's modules_to_save. A is drawn from --seed (torch's
-    global RNG state is left as it was), B is zero: the model starts as the base model exactly. Returns the PeftModel
-    around it (for peft's disable_adapter and the adapter's save), or None with --lora_r 0 (nothing changes, peft is
-    not imported)."""
+    reward or value model's score layer), trained whole as peft's modules_to_save. A is drawn from --seed (the RNG
+    states of the CPU and of the current CUDA device, the one a rank uses, are left as they were; torch.manual_seed
+    reseeds any other CUDA device), B is zero: the model starts as the base model exactly. Returns the PeftModel around
+    it (for peft's disable_adapter and the adapter's save), or None with --lora_r 0 (nothing changes, peft is not
+    imported)."""
     if not args.lora_r:
         return None
     from peft import LoraConfig, get_peft_model
@@ -2118,7 +2124,7 @@ def add_lora(model, args, train_heads=False):
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         target_modules=lora_targets(model, args.lora_target_modules, "the model"),
                         modules_to_save=heads or None)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
         torch.manual_seed(args.seed)
         return get_peft_model(model, config)
 
@@ -2169,12 +2175,16 @@ def save_lora(model, peft, args, rank):
     """The final save of a LoRA run: the adapter alone in <output_dir>/adapter (adapter_config.json and
     adapter_model.safetensors, for peft's PeftModel.from_pretrained on the base model), written by rank 0 through a
     temporary folder renamed when complete; returns the merged weights (merged_weights, on the CPU, without the tied
-    copies save_pretrained leaves out) for save_model_atomically, which writes them as a plain model. Every rank
-    calls it (FSDP2 gathers)."""
+    copies save_pretrained leaves out) for save_model_atomically, which writes them as a plain model: on rank 0, the
+    only rank that writes; the other ranks get {} (a full copy per rank would cost world_size copies of the model in
+    host memory). Every rank calls it and walks every weight (FSDP2 gathers are collective)."""
     adapter = {name: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu()
                for name, t in peft.state_dict().items() if ".lora_" in name or ".modules_to_save." in name}
     tied = getattr(model, "all_tied_weights_keys", None) or {}
-    merged = {name: t.cpu() for name, t in merged_weights(model) if name not in tied}
+    merged = {}
+    for name, t in merged_weights(model):  # every rank takes part in each gather; rank 0 alone keeps the result
+        if rank == 0 and name not in tied:
+            merged[name] = t.cpu()
     path = os.path.join(args.output_dir, "adapter")
     if rank == 0:
         with disk_errors(path + ".tmp"):

@@ -215,6 +215,12 @@ def make(case, tmp):
             r"--lora_target_modules: --model_name_or_path .*tiny-gpt2's output layer lm_head shares its weights"),
         "sft: LoRA dropout 1": (sft, [*gpt2, "--lora_r", "4", "--lora_dropout", "1"],
                                 r"--lora_dropout must be in \[0, 1\), got 1.0"),
+        "ppo: LoRA target module the value model lacks": (
+            ppo, [*ppo_models, "--value_model_name_or_path", str(TINY_LLAMA), "--lora_r", "8", "--lora_target_modules",
+                  "c_attn"],
+            r"--lora_target_modules c_attn: --value_model_name_or_path .*tiny-llama.* has no linear layer named "
+            r"c_attn; its linear layers: \[.*'q_proj'"),
+        "sft.py: LoRA on random weights": (sft, [*lora, "--from_scratch"], r"--lora_r with --from_scratch"),
         "ppo: LoRA target module the policy lacks": (
             ppo, [*ppo_models, "--lora_r", "8", "--lora_target_modules", "query_key_value"],
             r"--lora_target_modules query_key_value: --model_name_or_path .*tiny-gpt2 has no linear layer named "
@@ -257,7 +263,8 @@ CASES = [
     "rebel: empty response", "rebel: ids outside the embedding table", "rebel: batch does not divide",
     "rebel: nonexistent model", "rebel: finished output",
     "sft: LoRA target module the model lacks", "sft: LoRA on an output layer tied to the embeddings",
-    "sft: LoRA dropout 1", "ppo: LoRA target module the policy lacks",
+    "sft: LoRA dropout 1", "ppo: LoRA target module the policy lacks", "ppo: LoRA target module the value model lacks",
+    "sft.py: LoRA on random weights",
     "sft: LoRA dropout of 1", "sft: LoRA on random weights", "reward: LoRA on random weights",
     "sft: LoRA target the model lacks", "reward: LoRA target the model lacks", "reward.py: LoRA target the model lacks",
     "rebel: LoRA target the model lacks", "dpo: LoRA target the model lacks",
