@@ -171,18 +171,16 @@ def test_arith_finished_stages_are_skipped(tmp_path, monkeypatch, capsys):
     args = arith_args(tmp_path, algorithms=("grpo",))
     out = args.output_dir
     plan = compare.stages(args)
-    data = next(s for s in plan if s.folder == f"{out}/data")
-    os.makedirs(data.folder)
-    open(os.path.join(data.folder, "train.jsonl"), "w").close()
-    assert not compare.finished(data)  # validation.jsonl is written last
-    open(os.path.join(data.folder, "validation.jsonl"), "w").close()
-    assert compare.finished(data)
-    labels = next(s for s in plan if s.folder == f"{out}/comparisons")
-    os.makedirs(labels.folder)
-    open(os.path.join(labels.folder, "train.jsonl"), "w").close()
-    assert not compare.finished(labels)  # summary.json is written last
-    open(os.path.join(labels.folder, "summary.json"), "w").close()
-    assert compare.finished(labels)
+    stages = {s.folder: s for s in plan}
+    # the problems' validation.jsonl and the comparisons' summary.json are written last: train.jsonl alone is not done
+    for folder, last in (("data", "validation.jsonl"), ("comparisons", "summary.json")):
+        stage = stages[f"{out}/{folder}"]
+        os.makedirs(stage.folder)
+        open(os.path.join(stage.folder, "train.jsonl"), "w").close()
+        assert not compare.finished(stage)
+        open(os.path.join(stage.folder, last), "w").close()
+        assert compare.finished(stage)
+    data = stages[f"{out}/data"]
     ran = []
     monkeypatch.setattr(compare, "run_stage", lambda stage, overwrite, env: ran.append(stage.folder) or
                         {"wall_s": 1.0, "peak_mib": 1.0})

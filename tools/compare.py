@@ -530,15 +530,16 @@ def collect(args, costs):
     return records
 
 
-def mean_std(values, fmt):
+def mean_std(values, fmt, se=False):
+    """mean ± standard deviation over seeds (se: ± the standard error of the mean); the mean alone for one seed."""
     values = [v for v in values if v is not None]
     if not values:
         return "n/a"
     mean = sum(values) / len(values)
     if len(values) == 1:
         return format(mean, fmt)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-    return f"{format(mean, fmt)} ± {format(std, fmt.lstrip('+'))}"
+    spread = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / (len(values) if se else 1))
+    return f"{format(mean, fmt)} ± {format(spread, fmt.lstrip('+'))}"
 
 
 def verdict(r):
@@ -733,18 +734,6 @@ def arith_collect(args, costs):
     return records
 
 
-def mean_se(values, fmt):
-    """mean ± standard error of the mean over seeds (the mean alone for one seed)."""
-    values = [v for v in values if v is not None]
-    if not values:
-        return "n/a"
-    mean = sum(values) / len(values)
-    if len(values) == 1:
-        return format(mean, fmt)
-    se = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
-    return f"{format(mean, fmt)} ± {format(se, fmt.lstrip('+'))}"
-
-
 def arith_groups(records):
     """{algorithm: [(value, [records of its seeds]), ...] in the order of the mean KL}"""
     groups = {}
@@ -777,8 +766,8 @@ def arith_table(records, args):
     reward = "the exact answer itself (--true_reward)" if args.true_reward else \
         f"the proxy reward model (comparisons with {args.flip_rate:g} of the labels flipped)"
     sft = list({r["seed"]: r for r in records}.values())
-    cell = lambda rs, key, fmt: mean_se([r[key] for r in rs], fmt)  # noqa: E731
-    delta = lambda rs, key: mean_se([r[key] - r[f"sft_{key}"] for r in rs if r[key] is not None], "+.3f")  # noqa: E731
+    cell = lambda rs, key, fmt: mean_std([r[key] for r in rs], fmt, se=True)  # noqa: E731
+    delta = lambda rs, key: mean_std([r[key] - r[f"sft_{key}"] for r in rs if r[key] is not None], "+.3f", se=True)  # noqa: E731
     lines = [f"Budget: {args.episodes:,} sampled and scored responses per run, trained against {reward}; seeds "
              f"{seeds}; held out: {args.eval_size} test problems (disjoint from training by (operation, a, b)); "
              f"trained on: the {ARITH_RL_PROMPTS} problems of the runs' prompts; sampled at temperature "

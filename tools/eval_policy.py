@@ -75,6 +75,7 @@ def main(args: Args):
                         temperature=args.temperature, reward_with_eos=args.reward_with_eos)
     config = ppo.Args(model_name_or_path=args.reference, reward_model_name_or_path=args.reward_model,
                       eval_size=args.eval_size, seed=args.seed, task=task)
+    gold = ppo.load_reward_fn(args.gold_reward_fn, "--gold_reward_fn") if args.gold_reward_fn else None  # early
     _, _, device = ppo.init_distributed()  # as in training: a GPU that torch cannot use stops here, no CPU fallback
     tokenizer = ppo.load_tokenizer(args.reference, "--reference")
     rm_tokenizer = ppo.load_tokenizer(args.reward_model, "--reward_model", needs_eos=False)
@@ -94,7 +95,6 @@ def main(args: Args):
     reward_model.config.pad_token_id = rm_tokenizer.pad_token_id
     rewards = ppo.Rewards(config, reward_model, None, tokenizer, rm_tokenizer, device)
     judge = ppo.SentimentIntensityAnalyzer()
-    gold = ppo.load_reward_fn(args.gold_reward_fn, "--gold_reward_fn") if args.gold_reward_fn else None
     os.makedirs(args.output_dir, exist_ok=True)
     rows, samples = [], []
     for step, (path, episode) in enumerate([(args.reference, 0), *zip(args.policies, args.episodes)]):
