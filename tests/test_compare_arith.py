@@ -89,13 +89,17 @@ def test_arith_stage_list(tmp_path):
     assert (gen1.split, gen1.start_idx, gen1.end_idx) == ("validation", 128, 256)
     assert parsed(by_folder[f"{out}/seed1/rebel_1/iter1/score"]).reward_model == f"{out}/reward"
     train = parsed(by_folder[f"{out}/seed1/rebel_1/iter1/train"])
-    assert (train.task.maxlen_prompt, train.task.maxlen, train.task.temperature) == (32, 16, 1.0)
+    assert (train.task.maxlen_prompt, train.task.maxlen, train.task.temperature, train.batch_size) == (32, 16, 1.0, 32)
     # --true_reward: the same runs trained against the exact answer, in their own folders; shared stages unchanged
     true = compare.stages(arith_args(tmp_path, true_reward=True))
     assert [s.folder for s in true[:10]] == folders[:10]
     grpo = parsed(next(s for s in true if s.folder == f"{out}/seed1-true/grpo_0.05"))
     assert grpo.reward_fn == compare.EXACT
     assert parsed(next(s for s in true if s.folder == f"{out}/seed1-true/data/iter0/score")).reward_fn == compare.EXACT
+    for run in ("rebel_1/iter1", "dpo_0.1/iter0"):  # a 0/1 reward gives fewer pairs: a smaller batch
+        train = parsed(next(s for s in true if s.folder == f"{out}/seed1-true/{run}/train"))
+        assert (train.batch_size, train.local_micro_batch_size) == (compare.TRUE_PAIRS_BATCH,) * 2
+    assert train.dpo.beta == 0.1 and train.lr == 3e-4
     with pytest.raises(SystemExit, match="more prompts"):  # the validation split has 256 problems
         compare.stages(arith_args(tmp_path, episodes=1088))
 
