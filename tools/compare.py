@@ -119,7 +119,8 @@ class Args:
     """folder that receives one subfolder per stage, stage_costs.json and report/"""
     true_reward: bool = False
     """arith: train every run against the exact answer itself (data/arith/reward.py:exact_answer) instead of the
-    proxy reward model: each algorithm's ceiling at the budget (runs under seed{s}-true/)"""
+    proxy reward model: each algorithm's ceiling at the budget (runs under seed{s}-true/; the offline and iterative
+    runs train with batches of TRUE_PAIRS_BATCH = 8 pairs, as a 0/1 reward gives fewer pairs)"""
     flip_rate: float = 0.2
     """arith: fraction of the proxy reward model's training comparisons whose label is flipped at random"""
     sft_epochs: int = 80
