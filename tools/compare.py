@@ -351,6 +351,8 @@ def arith_stages(args):
     result = arith_base_stages(args)
     task = {"task__maxlen_prompt": "32", "task__temperature": f"{args.temperature:g}"}
     per_iteration = args.episodes // args.iterations // args.num_responses
+    pair_task = {"task__maxlen": "16", **({"batch_size": str(TRUE_PAIRS_BATCH), "local_micro_batch_size":
+                                           str(TRUE_PAIRS_BATCH)} if args.true_reward else {})}
     for name, value, seed in runs(args):
         algo, folder, run = ALGORITHMS[name], run_folder(args, name, value, seed), (name, value, seed)
         common = [algo.strength, f"{value:g}", "--seed", str(seed)]
@@ -386,9 +388,7 @@ def arith_stages(args):
                     "--dataset", os.path.join(where, "score"), "--model_name_or_path", policy, "--prompt_format",
                     "text", "--maxlen_prompt", "32", "--maxlen", "16", "--test_size", "0.1", "--seed", str(seed)], run)]
             train = os.path.join(folder, f"iter{t}", "train")
-            batch = {"batch_size": str(TRUE_PAIRS_BATCH), "local_micro_batch_size": str(TRUE_PAIRS_BATCH)} \
-                if args.true_reward else {}
-            extra = with_settings(algo.extra, **task, task__maxlen="16", **batch)
+            extra = with_settings(algo.extra, **task, **pair_task)
             result.append(Stage(train, algo.script, ["--model_name_or_path", policy, "--task.dataset",
                                                      os.path.join(where, "filter"), *extra, *common], run))
             policy = train
